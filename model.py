@@ -1,0 +1,587 @@
+"""
+ModernBERT in one file: the architecture of Hugging Face's ModernBertForMaskedLM, computed on packed tokens.
+
+The model never sees padding. Every forward runs on a packed batch: `input_ids` of shape (total_tokens,)
+plus `cu_seqlens` (int32, (n_seqs + 1,), cumulative sequence lengths) and `max_seqlen`. Padded (B, S)
+input with an attention mask is unpacked before the embeddings and outputs are re-padded only where the
+caller asks for them. Attention is one function, `attention()`: on CUDA our Triton kernels (kernels/),
+elsewhere a plain PyTorch reference. Setting MODERNBERT_ATTENTION=reference (or `model.USE_KERNELS = False`)
+forces the reference everywhere.
+
+State-dict keys and config.json are Hugging Face's, so `from_pretrained` / `save_pretrained` interoperate
+with transformers without importing it.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+USE_KERNELS = os.environ.get("MODERNBERT_ATTENTION", "auto") != "reference"
+IGNORE_INDEX = -100
+
+# -----------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class ModernBertConfig:
+    vocab_size: int = 99574
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    local_attention: int = 128  # total window: query i sees key j iff |i - j| <= local_attention // 2
+    global_attn_every_n_layers: int = 3  # layer i is global iff i % n == 0
+    global_rope_theta: float = 10000.0
+    local_rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    norm_eps: float = 1e-5
+    pad_token_id: int = 4
+    cls_token_id: int = 5
+    sep_token_id: int = 6
+    mask_token_id: int = 3
+    embedding_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    mlp_dropout: float = 0.0
+    classifier_dropout: float = 0.0
+    classifier_pooling: str = "cls"  # "cls" or "mean", for sequence classification
+    num_labels: int = 2  # sequence classification: 1 = regression, C = classes
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+
+    def __post_init__(self):
+        assert self.hidden_size % self.num_attention_heads == 0, "hidden_size must divide into heads"
+        assert self.classifier_pooling in ("cls", "mean"), f"classifier_pooling {self.classifier_pooling!r}"
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def is_global(self, layer):
+        return layer % self.global_attn_every_n_layers == 0
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    # llm-jp/llm-jp-modernbert-base: ~187M parameters, 76.5M of them in the embedding
+    "llm-jp-modernbert-base": dict(vocab_size=99574, global_rope_theta=10000.0, local_rope_theta=10000.0,
+                                   pad_token_id=4, cls_token_id=5, sep_token_id=6, mask_token_id=3),
+    # answerdotai/ModernBERT-base (English)
+    "modernbert-base": dict(vocab_size=50368, global_rope_theta=160000.0, local_rope_theta=10000.0,
+                            pad_token_id=50283, cls_token_id=50281, sep_token_id=50282, mask_token_id=50284),
+    # a few-million-parameter model for the CPU demo and tests; vocab_size follows the demo tokenizer
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                 num_attention_heads=4, max_position_embeddings=8192),
+}
+
+# -----------------------------------------------------------------------------------------------------------
+# packing: padded (B, S) <-> packed (total_tokens,)
+
+
+def unpad(attention_mask):
+    """-> (indices of real tokens in the flattened (B*S,) batch, cu_seqlens int32 (B+1,), max_seqlen)."""
+    lengths = attention_mask.sum(dim=1, dtype=torch.int32)
+    indices = torch.nonzero(attention_mask.flatten(), as_tuple=False).flatten()
+    cu_seqlens = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    return indices, cu_seqlens, int(lengths.max()) if lengths.numel() else 0
+
+
+def repad(x, indices, batch, seqlen):
+    """(total_tokens, ...) -> (batch, seqlen, ...), zeros where the mask was 0."""
+    out = x.new_zeros(batch * seqlen, *x.shape[1:])
+    out[indices] = x
+    return out.view(batch, seqlen, *x.shape[1:])
+
+
+class Packing:
+    """Where every sequence lies in a packed batch; built once per forward and shared by all layers."""
+
+    def __init__(self, cu_seqlens, max_seqlen, total):
+        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        self.max_seqlen = int(max_seqlen)
+        lengths = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        self.seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths,
+                                               output_size=total)  # (total_tokens,)
+        self.positions = torch.arange(total, device=lengths.device) - self.cu_seqlens[:-1].long()[self.seq_ids]
+        self.lengths = lengths
+        self._cache = {}  # derived tensors of the reference attention, keyed by what they depend on
+
+    def cached(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# rotary embedding and attention
+
+
+def rope_cos_sin(positions, head_dim, theta, dtype):
+    """NeoX RoPE tables gathered per token: (total_tokens, head_dim) each, computed as transformers does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q, k, cos, sin):
+    """q, k (total_tokens, n_heads, head_dim); cos, sin (total_tokens, head_dim). Rotation in fp32."""
+    if q.is_cuda and USE_KERNELS:
+        from kernels import apply_rotary as apply_rotary_kernel
+        return apply_rotary_kernel(q, k, cos, sin)
+    cos, sin = cos[:, None, :].float(), sin[:, None, :].float()
+    q_rot = q.float() * cos + rotate_half(q.float()) * sin
+    k_rot = k.float() * cos + rotate_half(k.float()) * sin
+    return q_rot.to(q.dtype), k_rot.to(k.dtype)
+
+
+def attention(q, k, v, packing, window=None, dropout_p=0.0):
+    """Bidirectional attention inside each packed sequence; with `window`, query i sees key j iff |i-j| <= window.
+    q, k, v (total_tokens, n_heads, head_dim) -> (total_tokens, n_heads, head_dim)."""
+    if q.is_cuda and USE_KERNELS and dropout_p == 0.0:
+        from kernels import flash_attn_varlen
+        return flash_attn_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, window=window)
+    if window is None or 2 * window + 1 >= packing.max_seqlen:
+        return _global_attention_reference(q, k, v, packing, dropout_p)
+    return _local_attention_reference(q, k, v, packing, window, dropout_p)
+
+
+def _global_attention_reference(q, k, v, packing, dropout_p):
+    # one SDPA call per sequence: no padding and no mask
+    out = torch.empty_like(q)
+    bounds = packing.cached("bounds", lambda: packing.cu_seqlens.tolist())
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (n_heads, seqlen, head_dim)
+            out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p).transpose(0, 1)
+    return out
+
+
+def _local_attention_reference(q, k, v, packing, window, dropout_p, block=128):
+    # The packed stream is cut into query blocks of `block` tokens; each block attends to the keys in
+    # [block start - window, block end + window] of the stream, masked to its own sequence and window.
+    # Cost and memory grow with tokens x (block + 2 window), never with sequence length squared.
+    total, n_heads, head_dim = q.shape
+    n_blocks = -(-total // block)
+    span = block + 2 * window
+    padded = n_blocks * block
+    mask = packing.cached(("band", window, block), lambda: _band_mask(packing, window, block, n_blocks))
+    qb = F.pad(q, (0, 0, 0, 0, 0, padded - total)).view(n_blocks, block, n_heads, head_dim)
+    kb, vb = (F.pad(t, (0, 0, 0, 0, window, padded - total + window)).unfold(0, span, block) for t in (k, v))
+    # qb (n_blocks, block, n_heads, head_dim); kb, vb (n_blocks, n_heads, head_dim, span)
+    out = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(2, 3), vb.transpose(2, 3),
+                                         attn_mask=mask, dropout_p=dropout_p)  # (n_blocks, n_heads, block, head_dim)
+    return out.transpose(1, 2).reshape(padded, n_heads, head_dim)[:total]
+
+
+def _band_mask(packing, window, block, n_blocks):
+    """(n_blocks, 1, block, block + 2 window) bool: same sequence and |i - j| <= window. Positions past the
+    stream get sequence id -1 so that padded query rows still see themselves (no all-masked rows)."""
+    total = packing.seq_ids.numel()
+    device = packing.seq_ids.device
+    seq = F.pad(packing.seq_ids, (window, n_blocks * block - total + window), value=-1)
+    qi = torch.arange(n_blocks, device=device)[:, None] * block + torch.arange(block, device=device)  # padded index
+    kj = torch.arange(n_blocks, device=device)[:, None] * block + torch.arange(block + 2 * window, device=device)
+    q_seq, k_seq = seq[qi + window], seq[kj]
+    near = (qi[:, :, None] + window - kj[:, None, :]).abs() <= window
+    return (near & (q_seq[:, :, None] == k_seq[:, None, :]))[:, None]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# modules (names follow transformers' ModernBERT so checkpoints map key for key)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+        self.drop = nn.Dropout(config.embedding_dropout)
+
+    def forward(self, input_ids):
+        return self.drop(self.norm(self.tok_embeddings(input_ids)))
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_heads, self.head_dim = config.num_attention_heads, config.head_dim
+        self.window = None if config.is_global(layer) else config.local_attention // 2
+        self.theta = config.global_rope_theta if config.is_global(layer) else config.local_rope_theta
+        self.dropout = config.attention_dropout
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.out_drop = nn.Dropout(config.attention_dropout)
+
+    def forward(self, x, packing, rope):
+        qkv = self.Wqkv(x).view(-1, 3, self.n_heads, self.head_dim)  # (total_tokens, 3, n_heads, head_dim)
+        q, k, v = qkv.unbind(dim=1)
+        q, k = apply_rotary(q, k, *rope[self.theta])
+        y = attention(q, k, v, packing, self.window, self.dropout if self.training else 0.0)
+        return self.out_drop(self.Wo(y.reshape(x.shape)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.drop = nn.Dropout(config.mlp_dropout)
+        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        input, gate = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.drop(F.gelu(input) * gate))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        # layer 0 reads the embedding norm's output directly: no attn_norm (and no weight in checkpoints)
+        self.attn_norm = nn.Identity() if layer == 0 else nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+        self.mlp = MLP(config)
+
+    def forward(self, x, packing, rope):
+        x = x + self.attn(self.attn_norm(x), packing, rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Encoder(nn.Module):
+    """transformers' ModernBertModel: embeddings, layers, final norm, on packed tokens."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+
+    def forward(self, input_ids, packing):
+        x = self.embeddings(input_ids)  # (total_tokens, hidden)
+        thetas = {layer.attn.theta for layer in self.layers}
+        rope = {t: rope_cos_sin(packing.positions, self.config.head_dim, t, x.dtype) for t in thetas}
+        for layer in self.layers:
+            x = layer(x, packing, rope)
+        return self.final_norm(x)
+
+
+class PredictionHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=False)
+
+    def forward(self, x):
+        return self.norm(F.gelu(self.dense(x)))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# models
+
+
+class _Base(nn.Module):
+    """What the MLM and classification models share: the encoder, packing of inputs, pooling, I/O, init."""
+    architecture = None  # the transformers class name written to config.json
+
+    def _packed(self, input_ids, attention_mask, cu_seqlens, max_seqlen):
+        """-> (packed ids, Packing, indices or None). Accepts padded (B, S) or packed (total,) input."""
+        if input_ids.dim() == 1:
+            if cu_seqlens is None:
+                cu_seqlens = torch.tensor([0, input_ids.numel()], dtype=torch.int32, device=input_ids.device)
+                max_seqlen = input_ids.numel()
+            if max_seqlen is None:
+                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            return input_ids, Packing(cu_seqlens, max_seqlen, input_ids.numel()), None
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        indices, cu_seqlens, max_seqlen = unpad(attention_mask)
+        return input_ids.flatten()[indices], Packing(cu_seqlens, max_seqlen, indices.numel()), indices
+
+    def hidden_states(self, input_ids, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+        """Final-norm output: (B, S, H) for padded input (zeros at padding), (total_tokens, H) for packed."""
+        ids, packing, indices = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        h = self.model(ids, packing)
+        return h if indices is None else repad(h, indices, *input_ids.shape)
+
+    @staticmethod
+    def pool(h, packing, how):
+        """(total_tokens, H) -> (n_seqs, H): first token ("cls") or mean over each sequence's tokens."""
+        if how == "cls":
+            return h[packing.cu_seqlens[:-1].long()]
+        sums = h.new_zeros(len(packing.lengths), h.shape[-1]).index_add_(0, packing.seq_ids, h)
+        return sums / packing.lengths.clamp(min=1)[:, None].to(h.dtype)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Initialise every tensor as ModernBERT does, all truncated normal at +-cutoff std (cutoff 2):
+        - tok_embeddings, attn.Wqkv, mlp.Wi: std = initializer_range (0.02)
+        - attn.Wo, mlp.Wo, head.dense: std = initializer_range / sqrt(2 * n_layers)
+        - decoder.weight is tok_embeddings.weight (tied), so it keeps the embedding's init; decoder.bias = 0
+        - classifier.weight: std = hidden_size ** -0.5; classifier.bias = 0
+        - LayerNorm weights = 1 (none has a bias)."""
+        c = self.config
+        def normal(w, std):
+            nn.init.trunc_normal_(w, mean=0.0, std=std, a=-c.initializer_cutoff_factor * std, b=c.initializer_cutoff_factor * std)
+        std_in, std_out = c.initializer_range, c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
+        normal(self.model.embeddings.tok_embeddings.weight, std_in)
+        for layer in self.model.layers:
+            normal(layer.attn.Wqkv.weight, std_in)
+            normal(layer.mlp.Wi.weight, std_in)
+            normal(layer.attn.Wo.weight, std_out)
+            normal(layer.mlp.Wo.weight, std_out)
+        normal(self.head.dense.weight, std_out)
+        for m in self.modules():
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+        if hasattr(self, "decoder"):
+            nn.init.zeros_(self.decoder.bias)
+        if hasattr(self, "classifier"):
+            normal(self.classifier.weight, c.hidden_size ** -0.5)
+            nn.init.zeros_(self.classifier.bias)
+
+    def num_params(self, embeddings=True):
+        n = sum(p.numel() for p in self.parameters())  # parameters() counts the tied decoder weight once
+        return n if embeddings else n - self.model.embeddings.tok_embeddings.weight.numel()
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, eps=1e-6, device_type="cpu"):
+        """AdamW; weight decay only on the linear layers' weight matrices (not norms, biases or embeddings)."""
+        embedding = self.model.embeddings.tok_embeddings.weight
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 and p is not embedding]
+        no_decay = [p for p in params if p.dim() < 2 or p is embedding]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = device_type == "cuda"
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=fused)
+
+    # ---- Hugging Face interop ------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, **overrides):
+        """Load a Hugging Face ModernBERT directory (config.json + model.safetensors or pytorch_model.bin)."""
+        config = read_hf_config(path, **overrides)
+        model = cls(config)
+        state = read_hf_weights(path)
+        expected = {k: v for k, v in model.state_dict().items() if k != "decoder.weight"}
+        missing = [k for k in expected if k not in state]
+        if missing:
+            raise ValueError(f"{path}: checkpoint has no tensor {missing[0]!r} needed by {cls.__name__}"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
+        for key, tensor in expected.items():
+            if state[key].shape != tensor.shape:
+                raise ValueError(f"{path}: tensor {key!r} has shape {tuple(state[key].shape)}, "
+                                 f"config.json implies {tuple(tensor.shape)}")
+        unexpected = [k for k in state if k not in expected and k != "decoder.weight"]  # decoder.weight: tied
+        if unexpected:
+            raise ValueError(f"{path}: unexpected tensor {unexpected[0]!r} for {cls.__name__}")
+        model.load_state_dict({k: state[k] for k in expected}, strict=False)
+        return model
+
+    def save_pretrained(self, path):
+        """Write config.json and model.safetensors that transformers' AutoModel classes load."""
+        from safetensors.torch import save_file
+        os.makedirs(path, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "decoder.weight"}
+        tmp = os.path.join(path, "model.safetensors.tmp")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
+        config = hf_config_dict(self.config, self.architecture, next(self.parameters()).dtype)
+        tmp = os.path.join(path, "config.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(config, f, indent=2)
+        os.replace(tmp, os.path.join(path, "config.json"))
+
+
+class ModernBERT(_Base):
+    """Masked language model: encoder -> head -> decoder (tied to the embedding)."""
+    architecture = "ModernBertForMaskedLM"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Encoder(config)
+        self.head = PredictionHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, cu_seqlens=None, max_seqlen=None):
+        """Padded (B, S) [+ attention_mask] or packed (total,) + cu_seqlens. Returns (logits, loss):
+        with labels (-100 = ignore), logits only for the labelled positions (n_labelled, V) and their mean
+        cross-entropy; without, logits for every token ((B, S, V), zeros at padding, or (total, V))."""
+        ids, packing, indices = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        h = self.model(ids, packing)  # (total_tokens, hidden)
+        if labels is None:
+            logits = self.decoder(self.head(h))
+            return (logits if indices is None else repad(logits, indices, *input_ids.shape)), None
+        labels = labels.flatten() if indices is None else labels.flatten()[indices]
+        selected = labels != IGNORE_INDEX
+        logits = self.decoder(self.head(h[selected]))  # sparse prediction: the head runs on masked tokens only
+        loss = F.cross_entropy(logits.float(), labels[selected]) if logits.shape[0] else logits.sum() * 0.0
+        return logits, loss
+
+    def encode(self, input_ids, attention_mask=None, cu_seqlens=None, max_seqlen=None):
+        """Mean-pooled sentence embeddings (B, H) over the real tokens of each sequence (not normalised)."""
+        ids, packing, _ = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        return self.pool(self.model(ids, packing), packing, "mean")
+
+    def flops_per_token(self, seqlens, n_predicted):
+        """Forward FLOPs of a packed batch with these sequence lengths, divided by its token count. Matmuls
+        count 2 FLOPs per multiply-add; attention counts only the keys inside each layer's window; the
+        decoder only the predicted tokens."""
+        c = self.config
+        H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
+        tokens = sum(seqlens)
+        linear = c.num_hidden_layers * (3 * H * H + H * H + 2 * H * I + I * H) + H * H  # per token, + head.dense
+        flops = 2 * linear * tokens + 2 * (H * V) * n_predicted
+        for layer in self.model.layers:
+            keys = sum(visible_keys(s, layer.attn.window) for s in seqlens)
+            flops += 2 * 2 * H * keys  # q k^T and p v over every visible (query, key) pair
+        return flops / max(tokens, 1)
+
+    def estimate_mfu(self, seqlens, n_predicted, seconds, peak_flops=989e12):
+        """Model FLOPs utilisation of one training step (forward + backward = 3x forward)."""
+        return 3 * self.flops_per_token(seqlens, n_predicted) * sum(seqlens) / seconds / peak_flops
+
+
+def visible_keys(seqlen, window):
+    """Number of (query, key) pairs with |i - j| <= window in one sequence (all pairs when window is None)."""
+    if window is None or window >= seqlen:
+        return seqlen * seqlen
+    w = window
+    # full rows see 2w + 1 keys; the first and last w rows lose 1..w keys each
+    return seqlen * (2 * w + 1) - w * (w + 1)
+
+
+class ModernBertForSequenceClassification(_Base):
+    """Pooling ("cls" or "mean") -> head -> dropout -> classifier. num_labels == 1 is regression (MSE)."""
+    architecture = "ModernBertForSequenceClassification"
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Encoder(config)
+        self.head = PredictionHead(config)
+        self.drop = nn.Dropout(config.classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels, bias=True)
+        self.init_weights()
+
+    @classmethod
+    def from_mlm(cls, mlm, num_labels, pooling="cls"):
+        """A classifier that starts from a pretrained MLM's encoder and head, with a fresh classifier."""
+        model = cls(replace(mlm.config, num_labels=num_labels, classifier_pooling=pooling))
+        model.model.load_state_dict(mlm.model.state_dict())
+        model.head.load_state_dict(mlm.head.state_dict())
+        return model.to(next(mlm.parameters()).device)
+
+    def forward(self, input_ids, attention_mask=None, labels=None, cu_seqlens=None, max_seqlen=None):
+        """-> (logits (n_seqs, num_labels), loss or None)."""
+        ids, packing, _ = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
+        pooled = self.pool(self.model(ids, packing), packing, self.config.classifier_pooling)
+        logits = self.classifier(self.drop(self.head(pooled)))
+        if labels is None:
+            return logits, None
+        if self.config.num_labels == 1:
+            return logits, F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return logits, F.cross_entropy(logits.float(), labels)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Hugging Face config.json and weight files
+
+# what transformers' ModernBERT can vary that this file does not implement: (key, the only value supported)
+_FIXED = {"hidden_activation": "gelu", "classifier_activation": "gelu", "norm_bias": False, "attention_bias": False,
+          "mlp_bias": False, "decoder_bias": True, "classifier_bias": False}
+
+
+def read_hf_config(path, **overrides):
+    """config.json (either generation of transformers' keys) -> ModernBertConfig."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such model directory")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file}: missing (a Hugging Face model directory has config.json)")
+    try:
+        with open(file) as f:
+            hf = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if hf.get("model_type") != "modernbert":
+        raise ValueError(f"{file}: model_type {hf.get('model_type')!r} is not 'modernbert' "
+                         f"(architectures {hf.get('architectures')})")
+    for key, value in _FIXED.items():
+        if key in hf and hf[key] != value:
+            raise ValueError(f"{file}: {key} = {hf[key]!r} is not supported (only {value!r})")
+    names = {f.name for f in fields(ModernBertConfig)}
+    kwargs = {k: v for k, v in hf.items() if k in names and v is not None}
+    if "layer_types" in hf and hf["layer_types"]:  # newer transformers: explicit per-layer types
+        types = hf["layer_types"]
+        n = next((n for n in range(1, len(types) + 1)
+                  if types == ["full_attention" if i % n == 0 else "sliding_attention" for i in range(len(types))]), None)
+        if n is None:
+            raise ValueError(f"{file}: layer_types {types} is not 'global every n layers, from layer 0'")
+        kwargs["global_attn_every_n_layers"] = n
+    rope = hf.get("rope_parameters") or {}
+    if "full_attention" in rope:
+        kwargs["global_rope_theta"] = rope["full_attention"]["rope_theta"]
+        kwargs["local_rope_theta"] = rope.get("sliding_attention", {}).get("rope_theta", 10000.0)
+    for key in ("full_attention", "sliding_attention"):
+        if rope.get(key, {}).get("rope_type", "default") != "default":
+            raise ValueError(f"{file}: rope_type {rope[key]['rope_type']!r} is not supported (only 'default')")
+    kwargs.setdefault("global_rope_theta", 160000.0)  # transformers' defaults when a file names no theta
+    kwargs.setdefault("local_rope_theta", 10000.0)
+    if "id2label" in hf:
+        kwargs["num_labels"] = len(hf["id2label"])
+    if "classifier_pooling" in hf and hf["classifier_pooling"] not in ("cls", "mean"):
+        raise ValueError(f"{file}: classifier_pooling {hf['classifier_pooling']!r} is not 'cls' or 'mean'")
+    return ModernBertConfig(**{**kwargs, **overrides})
+
+
+def read_hf_weights(path):
+    """The state dict of model.safetensors or pytorch_model.bin in `path`."""
+    st, pt = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        try:
+            return load_file(st)
+        except Exception as e:
+            raise ValueError(f"{st}: unreadable safetensors file ({e})") from None
+    if os.path.isfile(pt):
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{pt}: unreadable PyTorch weights file ({e})") from None
+    raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+def hf_config_dict(config, architecture, dtype):
+    """ModernBertConfig -> config.json contents readable by old and new transformers alike."""
+    c = asdict(config)
+    n_layers, every = c["num_hidden_layers"], c["global_attn_every_n_layers"]
+    return {
+        "architectures": [architecture], "model_type": "modernbert",
+        **{k: v for k, v in c.items() if k != "num_labels"},
+        **_FIXED,
+        "bos_token_id": config.cls_token_id, "eos_token_id": config.sep_token_id,
+        "layer_types": ["full_attention" if i % every == 0 else "sliding_attention" for i in range(n_layers)],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": config.global_rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": config.local_rope_theta}},
+        "id2label": {str(i): f"LABEL_{i}" for i in range(config.num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(config.num_labels)},
+        "tie_word_embeddings": True,
+        "dtype": str(dtype).replace("torch.", ""),
+    }

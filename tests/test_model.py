@@ -1,0 +1,278 @@
+"""model.py against Hugging Face transformers' ModernBERT (the independent reference), fp32 on the CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import ModernBERT, ModernBertConfig, ModernBertForSequenceClassification, visible_keys
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+TOL = 1e-4
+
+# small configs covering windows (w = local_attention // 2 = 1, 2, 4, 64), global_attn_every_n_layers, thetas
+CONFIGS = [
+    dict(local_attention=8, global_attn_every_n_layers=3, global_rope_theta=160000.0, local_rope_theta=10000.0),
+    dict(local_attention=2, global_attn_every_n_layers=2, global_rope_theta=10000.0, local_rope_theta=10000.0),
+    dict(local_attention=4, global_attn_every_n_layers=1, global_rope_theta=5000.0, local_rope_theta=300.0),
+    dict(local_attention=128, global_attn_every_n_layers=3, global_rope_theta=10000.0, local_rope_theta=10000.0),
+]
+
+
+def tiny(**kw):
+    base = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                pad_token_id=4, cls_token_id=5, sep_token_id=6, mask_token_id=3)
+    return ModernBertConfig(**{**base, **kw})
+
+
+def hf_config(cfg, old_style, **extra):
+    """A transformers ModernBertConfig built from either generation of keyword names."""
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+              num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+              local_attention=cfg.local_attention, pad_token_id=cfg.pad_token_id, cls_token_id=cfg.cls_token_id,
+              sep_token_id=cfg.sep_token_id, bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id, **extra)
+    if old_style:
+        kw.update(global_attn_every_n_layers=cfg.global_attn_every_n_layers,
+                  global_rope_theta=cfg.global_rope_theta, local_rope_theta=cfg.local_rope_theta)
+    else:
+        n = cfg.global_attn_every_n_layers
+        kw.update(layer_types=["full_attention" if i % n == 0 else "sliding_attention" for i in range(cfg.num_hidden_layers)],
+                  rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.global_rope_theta},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": cfg.local_rope_theta}})
+    return transformers.ModernBertConfig(**kw)
+
+
+def batch(vocab, lengths, seed=0):
+    """Right-padded random batch with these lengths: (ids, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    S = max(lengths)
+    ids = torch.randint(7, vocab, (len(lengths), S), generator=g)
+    mask = torch.zeros(len(lengths), S, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    return ids.masked_fill(mask == 0, 4), mask
+
+
+def randomize(model, seed):
+    """Weights of unit scale (std fan_in^-1/2), non-trivial norms and biases, so attention is sharp and a
+    wrong rotary angle, window or norm shows up in the logits (0.02-std init makes attention near uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+            else:
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+LENGTHS = [1, 37, 150, 9, 2]  # odd lengths, one token, and a long row beside short ones
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)))
+def test_hf_to_ours_logits(tmp_path, i):
+    cfg = tiny(**CONFIGS[i])
+    torch.manual_seed(i)
+    hf = randomize(transformers.ModernBertForMaskedLM(hf_config(cfg, old_style=i % 2 == 0)), i).eval()
+    hf.save_pretrained(tmp_path)
+    ours = ModernBERT.from_pretrained(tmp_path).eval()
+    assert ours.config.global_attn_every_n_layers == cfg.global_attn_every_n_layers
+    assert ours.config.global_rope_theta == cfg.global_rope_theta and ours.config.local_rope_theta == cfg.local_rope_theta
+    ids, mask = batch(cfg.vocab_size, LENGTHS, seed=i)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out, _ = ours(ids, mask)
+    real = mask.bool()
+    assert (out[real] - ref[real]).abs().max() <= TOL
+    assert (out[~real] == 0).all()
+
+
+@pytest.mark.parametrize("i", range(len(CONFIGS)))
+def test_ours_to_hf_logits(tmp_path, i):
+    cfg = tiny(**CONFIGS[i])
+    torch.manual_seed(10 + i)
+    ours = randomize(ModernBERT(cfg), i).eval()
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    ids, mask = batch(cfg.vocab_size, LENGTHS[::-1], seed=i)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+        out, _ = ours(ids, mask)
+    real = mask.bool()
+    assert (out[real] - ref[real]).abs().max() <= TOL
+
+
+def test_old_style_config_json_is_read(tmp_path):
+    """A config.json of the first transformers generation: global_rope_theta etc. and no layer_types."""
+    cfg = tiny(local_attention=4, global_attn_every_n_layers=2, global_rope_theta=160000.0)
+    ModernBERT(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        conf.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    loaded = ModernBERT.from_pretrained(tmp_path).config
+    assert (loaded.global_attn_every_n_layers, loaded.global_rope_theta, loaded.local_rope_theta) == (2, 160000.0, 10000.0)
+
+
+def test_packed_equals_padded_and_gradients_match_hf(tmp_path):
+    cfg = tiny(local_attention=6, global_attn_every_n_layers=2)
+    torch.manual_seed(0)
+    ours = randomize(ModernBERT(cfg), 0)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path)
+    ids, mask = batch(cfg.vocab_size, [23, 5, 61, 1], seed=3)
+    labels = torch.full_like(ids, -100)
+    g = torch.Generator().manual_seed(1)
+    pick = (torch.rand(ids.shape, generator=g) < 0.3) & mask.bool()
+    labels[pick] = torch.randint(0, cfg.vocab_size, (int(pick.sum()),), generator=g)
+
+    # packed input: the same tokens laid end to end
+    real = mask.bool()
+    lengths = mask.sum(1)
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    logits_packed, loss_packed = ours(ids[real], labels=labels[real], cu_seqlens=cu, max_seqlen=int(lengths.max()))
+    logits_padded, loss_padded = ours(ids, mask, labels=labels)
+    assert torch.allclose(logits_packed, logits_padded, atol=1e-5) and torch.allclose(loss_packed, loss_padded, atol=1e-6)
+    full_packed, _ = ours(ids[real], cu_seqlens=cu)
+    full_padded, _ = ours(ids, mask)
+    assert torch.allclose(full_packed, full_padded[real], atol=1e-5)
+
+    # gradients of the unpadded path against transformers' padded model
+    loss_padded.backward()
+    hf_loss = F.cross_entropy(hf(input_ids=ids, attention_mask=mask).logits[pick], labels[pick])
+    hf_loss.backward()
+    assert abs(loss_padded.item() - hf_loss.item()) < 1e-5
+    ref = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        assert (p.grad - ref[name].grad).abs().max() <= 1e-5 * max(1.0, ref[name].grad.abs().max().item()), name
+
+
+def test_sparse_prediction_loss_equals_full_logits_loss():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = ModernBERT(cfg).eval()
+    ids, mask = batch(cfg.vocab_size, [30, 12, 44], seed=5)
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[1, 11], labels[2, 0], labels[2, 43] = 8, 9, 10, 11
+    with torch.no_grad():
+        sparse_logits, loss = model(ids, mask, labels=labels)
+        full, _ = model(ids, mask)
+    sel = labels != -100
+    assert sparse_logits.shape == (4, cfg.vocab_size)
+    assert torch.allclose(sparse_logits, full[sel], atol=1e-5)
+    assert torch.allclose(loss, F.cross_entropy(full[sel], labels[sel]), atol=1e-6)
+
+
+def test_local_attention_window_is_inclusive():
+    """Key at distance exactly w is seen, w + 1 is not: perturbing v at distance w + 1 changes nothing."""
+    from model import Packing, attention
+    torch.manual_seed(0)
+    w, T = 3, 20
+    q, k, v = (torch.randn(T, 2, 8) for _ in range(3))
+    packing = Packing(torch.tensor([0, T], dtype=torch.int32), T, T)
+    base = attention(q, k, v, packing, window=w)
+    v2 = v.clone(); v2[10 + w + 1] += 1.0; v2[10 - w - 1] += 1.0
+    assert torch.equal(attention(q, k, v2, packing, window=w)[10], base[10])
+    v3 = v.clone(); v3[10 + w] += 1.0
+    assert not torch.allclose(attention(q, k, v3, packing, window=w)[10], base[10])
+    # and it equals dense attention with an explicit |i - j| <= w mask
+    i = torch.arange(T)
+    allowed = (i[:, None] - i[None, :]).abs() <= w
+    s = torch.einsum("qhd,khd->hqk", q, k) / 8 ** 0.5
+    dense = torch.einsum("hqk,khd->qhd", s.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+    assert torch.allclose(base, dense, atol=1e-6)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_sequence_classification_matches_hf_both_ways(tmp_path, pooling, num_labels):
+    cfg = tiny(local_attention=4, classifier_pooling=pooling, num_labels=num_labels)
+    torch.manual_seed(1)
+    ours = randomize(ModernBertForSequenceClassification(cfg), 1).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours").eval()
+    assert hf.config.classifier_pooling == pooling and hf.num_labels == num_labels
+    ids, mask = batch(cfg.vocab_size, [17, 3, 40], seed=2)
+    with torch.no_grad():
+        assert (ours(ids, mask)[0] - hf(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
+    hf.save_pretrained(tmp_path / "hf")
+    back = ModernBertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (back(ids, mask)[0] - hf(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
+
+
+def test_from_mlm_and_encode(tmp_path):
+    cfg = tiny()
+    torch.manual_seed(2)
+    mlm = randomize(ModernBERT(cfg), 2).eval()
+    clf = ModernBertForSequenceClassification.from_mlm(mlm, num_labels=1, pooling="mean")
+    assert torch.equal(clf.model.embeddings.tok_embeddings.weight, mlm.model.embeddings.tok_embeddings.weight)
+    mlm.save_pretrained(tmp_path)
+    hf_base = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    ids, mask = batch(cfg.vocab_size, [8, 30, 1], seed=4)
+    with torch.no_grad():
+        h = hf_base(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        assert (mlm.encode(ids, mask) - ref).abs().max() <= TOL
+
+
+def test_loading_errors_name_file_and_tensor(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model directory"):
+        ModernBERT.from_pretrained(tmp_path / "missing")
+    cfg = tiny()
+    ModernBERT(cfg).save_pretrained(tmp_path / "m")
+    conf = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "config.json").write_text(json.dumps({**conf, "model_type": "bert"}))
+    with pytest.raises(ValueError, match=r"config\.json: model_type 'bert'"):
+        ModernBERT.from_pretrained(tmp_path / "bert")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, "hidden_activation": "silu"}))
+    with pytest.raises(ValueError, match="hidden_activation"):
+        ModernBERT.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, "intermediate_size": 80}))
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.Wi\.weight' has shape \(192, 64\)"):
+        ModernBERT.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match="no tensor 'classifier.weight'"):
+        ModernBertForSequenceClassification.from_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"model\.safetensors: unreadable"):
+        ModernBERT.from_pretrained(tmp_path / "m")
+
+
+def test_init_optimizer_groups_and_flops():
+    cfg = tiny(num_hidden_layers=8, hidden_size=256, intermediate_size=384, vocab_size=5000)
+    torch.manual_seed(0)
+    model = ModernBERT(cfg)
+    std_out = 0.02 / (2 * 8) ** 0.5
+    for w, std in [(model.model.embeddings.tok_embeddings.weight, 0.02), (model.model.layers[1].attn.Wqkv.weight, 0.02),
+                   (model.model.layers[3].mlp.Wo.weight, std_out), (model.head.dense.weight, std_out)]:
+        assert abs(w.std().item() / std - 0.88) < 0.05  # a normal truncated at 2 std has std 0.88 sigma
+        assert w.abs().max() <= 2 * std
+    assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
+    assert (model.decoder.bias == 0).all() and (model.model.final_norm.weight == 1).all()
+
+    opt = model.configure_optimizers(weight_decay=1e-5, learning_rate=1e-3, betas=(0.9, 0.98))
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[i].endswith(("Wqkv.weight", "Wo.weight", "Wi.weight", "dense.weight")) for i in decay)
+    assert all("norm" in names[i] or "bias" in names[i] or "tok_embeddings" in names[i] for i in no_decay)
+    assert len(decay) + len(no_decay) == len(names)
+
+    for s in (1, 5, 64, 129, 300):
+        for w in (None, 1, 64):
+            i = torch.arange(s)
+            brute = s * s if w is None else int(((i[:, None] - i[None, :]).abs() <= w).sum())
+            assert visible_keys(s, w) == brute
+
+
+def test_cpu_path_never_imports_triton():
+    code = ("import sys, torch; from model import ModernBERT, ModernBertConfig; "
+            "m = ModernBERT(ModernBertConfig.preset('tiny', vocab_size=100, local_attention=4)); "
+            "m(torch.randint(0, 100, (2, 20)))[0].sum().backward(); "
+            "assert not any(k == 'triton' or k.startswith(('triton.', 'kernels')) for k in sys.modules), 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
