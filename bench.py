@@ -1,0 +1,288 @@
+"""
+Benchmarks, each measured side by side with its baseline in one run and printed as a ratio.
+
+    python bench.py model       # our MLM step vs transformers' ModernBertForMaskedLM (CPU or GPU)
+    python bench.py attention   # Triton varlen attention vs SDPA / FlexAttention / varlen_attn (GPU)
+    python bench.py data        # prepare and loader throughput
+    python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
+    python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
+
+Each task is a function `bench_<task>(args)` below; `--out FILE` appends the printed results as JSON.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+
+def compare(fns, warmup=1, iters=5, sync=None):
+    """Median wall time in seconds of each function in the dict `fns`, measured in interleaved rounds so
+    that a change in machine load affects every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            if sync: sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync: sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def timeit(fn, warmup=1, iters=5, sync=None):
+    """Median wall time of fn() in seconds, after warmup calls."""
+    return compare({"fn": fn}, warmup, iters, sync)["fn"]
+
+
+def environment():
+    """What a result was measured on: device, date, commit, versions."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit, "device": device,
+            "torch": torch.__version__, "python": platform.python_version()}
+
+# ---------------------------------------------------------------------------------------------------------
+# benchmarks (one function each)
+
+
+def document_lengths(n, max_len, seed=0):
+    """n lengths in [8, max_len] from a log-normal like real documents, scaled so the padded (n, max_len)
+    batch is about half padding."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.exp(torch.randn(n, generator=g) * 0.9)
+    lengths = (raw / raw.mean() * 0.5 * max_len).round().clamp(8, max_len).long()
+    lengths[0] = max_len  # the batch is as long as its longest document
+    return lengths
+
+
+def bench_model(args):
+    """Forward + backward of one MLM step (30% of tokens labelled) on the same weights and padded batch:
+    ours (unpadded, sparse prediction) vs transformers' ModernBertForMaskedLM, default and sparse_prediction."""
+    import tempfile
+    import transformers
+    from model import ModernBERT, ModernBertConfig
+    layers, batch, max_len = (2, 4, 128) if args.quick else (6, 8, 512)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = ModernBertConfig.preset("llm-jp-modernbert-base", num_hidden_layers=layers)
+    torch.manual_seed(0)
+    ours = ModernBERT(config).to(device)
+    lengths = document_lengths(batch, max_len)
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(8, config.vocab_size, (batch, max_len)).masked_fill(mask == 0, config.pad_token_id)
+    labels = torch.where((torch.rand(batch, max_len) < 0.3) & mask.bool(), ids, -100)
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = {sparse: transformers.AutoModelForMaskedLM.from_pretrained(d, sparse_prediction=sparse).to(device)
+                  for sparse in (False, True)}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+
+    def step(model, hf):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss if hf else model(ids, mask, labels=labels)[1]
+        loss.backward()
+        return loss.item()
+
+    losses = {"ours": step(ours, False), **{f"hf_sparse={s}": step(m, True) for s, m in theirs.items()}}
+    assert max(losses.values()) - min(losses.values()) < 1e-3, f"the models disagree on the loss: {losses}"
+    t = compare({"ours": lambda: step(ours, False), False: lambda: step(theirs[False], True),
+                 True: lambda: step(theirs[True], True)}, iters=3 if args.quick else 5, sync=sync)
+    t_ours, t_hf = t.pop("ours"), t
+    real = int(lengths.sum())
+    print(f"llm-jp-modernbert-base shape with {layers} of its 22 layers; batch {batch} x {max_len}, "
+          f"{real} real tokens ({1 - real / (batch * max_len):.0%} padding), fwd+bwd, fp32, {device}")
+    print(f"{'model':<44}{'ms/step':>10}{'real tok/s':>12}{'ours faster':>13}")
+    rows = [("ours (unpadded, sparse prediction)", t_ours), ("transformers ModernBertForMaskedLM", t_hf[False]),
+            ("transformers, sparse_prediction=True", t_hf[True])]
+    for name, t in rows:
+        print(f"{name:<44}{t * 1e3:>10.1f}{real / t:>12.0f}{t / t_ours:>12.2f}x")
+    return {"layers": layers, "batch": batch, "max_len": max_len, "real_tokens": real, "ms_ours": t_ours * 1e3,
+            "ms_hf": t_hf[False] * 1e3, "ms_hf_sparse": t_hf[True] * 1e3,
+            "speedup": t_hf[False] / t_ours, "speedup_vs_sparse": t_hf[True] / t_ours}
+
+def bench_ppl(args):
+    """Pseudo-perplexity as evaluate.py computes it (distinct masked copies packed without padding, only the
+    masked token decoded) vs the same method done the plain way with transformers' ModernBertForMaskedLM
+    (batches of 5 masked copies, logits for every position). Same weights, fp32; the PPLs must agree."""
+    import tempfile
+
+    from transformers import AutoModelForMaskedLM
+
+    from evaluate import draw_positions, pseudo_perplexity
+    from model import ModernBERT, ModernBertConfig
+
+    torch.manual_seed(0)
+    # the llm-jp vocabulary (99,574 pieces) on a small trunk, so that a CPU run takes minutes
+    config = ModernBertConfig.preset("llm-jp-modernbert-base", hidden_size=256, intermediate_size=384,
+                                     num_hidden_layers=6, num_attention_heads=4)
+    lengths, n_positions = ([64, 256], 20) if args.quick else ([128, 512, 1024], 100)
+    specials = {config.pad_token_id, config.cls_token_id, config.sep_token_id, config.mask_token_id}
+    docs = [torch.cat([torch.tensor([config.cls_token_id]), torch.randint(8, config.vocab_size, (n - 2,)),
+                       torch.tensor([config.sep_token_id])]) for n in lengths]
+    positions = draw_positions(docs, specials, n_positions, seed=0)
+    ours = ModernBERT(config).eval()
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = AutoModelForMaskedLM.from_pretrained(d).eval()
+
+    @torch.no_grad()
+    def plain():
+        ppl = []
+        for ids, pos in zip(docs, positions):
+            ce = []
+            for chunk in pos.split(5):
+                copies = ids.repeat(len(chunk), 1)  # (copies, seqlen)
+                rows = torch.arange(len(chunk))
+                copies[rows, chunk] = config.mask_token_id
+                logits = theirs(input_ids=copies).logits  # (copies, seqlen, vocab)
+                ce.append(torch.nn.functional.cross_entropy(logits[rows, chunk], ids[chunk], reduction="none"))
+            ppl.append(torch.cat(ce).mean().exp().item())
+        return ppl
+
+    results = {}
+    def run_ours():
+        results["ours"] = pseudo_perplexity(ours, docs, positions)
+    def run_plain():
+        results["transformers"] = plain()
+    t_ours, t_plain = timeit(run_ours, warmup=0, iters=1), timeit(run_plain, warmup=0, iters=1)
+    worst = max(abs(a - b) / b for a, b in zip(results["ours"], results["transformers"]))
+    tokens = n_positions * sum(lengths)
+    print(f"model: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocab {config.vocab_size}; "
+          f"documents of {lengths} tokens, {n_positions} masked copies each ({tokens:,} tokens)")
+    print(f"{'ours (packed, distinct copies, masked tokens decoded)':<58} {t_ours:8.2f} s")
+    print(f"{'transformers (5 copies per batch, all tokens decoded)':<58} {t_plain:8.2f} s")
+    print(f"speed-up {t_plain / t_ours:.2f}x; PPL per document ours {[round(p, 2) for p in results['ours']]}, "
+          f"transformers {[round(p, 2) for p in results['transformers']]}; max relative difference {worst:.1e}")
+    assert worst < 1e-3, f"pseudo-perplexities disagree (relative difference {worst:.1e})"
+    return {"lengths": lengths, "positions": n_positions, "ours_s": t_ours, "transformers_s": t_plain,
+            "speedup": t_plain / t_ours, "max_rel_diff": worst}
+
+
+def bench_attention(args):
+    """Our Triton varlen attention against, in the same run: torch SDPA on the padded batch (flash backend,
+    global only), compiled FlexAttention with a document + sliding-window block mask (mask built outside the
+    timing), and torch's varlen_attn (FA2) where this torch has it. 64k packed tokens (--quick: 8k) in
+    sequences of 1k and of 8k, 12 heads, head_dim 64, bf16, global and window 64. FLOPs count the keys inside
+    the window only; fwd+bwd counts 3.5x the forward (5 matmuls backward, 2 forward)."""
+    if not torch.cuda.is_available():
+        sys.exit("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
+    import kernels
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        varlen_attn = None
+    flex = torch.compile(flex_attention)
+    n_heads, head_dim, total, reps = 12, 64, 8192 if args.quick else 65536, 10
+    print(f"{total:,} tokens, {n_heads} heads, head_dim {head_dim}, bf16; ms per call (median of 10 runs of "
+          f"{reps} calls); 'ours faster' = their time / our time; max |diff| = output vs ours")
+    print(f"{'seqlen':>6} {'window':>6}  {'implementation':<24} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>10} "
+          f"{'TFLOP/s':>8} {'ours faster: fwd, fwd+bwd':>25} {'max |diff|':>10}")
+    results = []
+    for seqlen in (1024, 8192):
+        batch = total // seqlen
+        cu = torch.arange(0, total + 1, seqlen, dtype=torch.int32, device="cuda")
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                       for _ in range(4))  # (total_tokens, n_heads, head_dim)
+        padded = lambda x: x.view(batch, seqlen, n_heads, head_dim).transpose(1, 2).contiguous()  # (B, H, L, D)
+        unpadded = lambda x: x.transpose(1, 2).reshape(total, n_heads, head_dim)
+        flat = lambda x: x.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, total_tokens, D)
+        unflat = lambda x: x[0].transpose(0, 1)
+        for window in (None, 64):
+            pos = torch.arange(seqlen)
+            w = seqlen if window is None else window
+            pairs = batch * int(((pos + w).clamp(max=seqlen - 1) - (pos - w).clamp(min=0) + 1).sum())
+            fwd_flops = 4 * pairs * head_dim * n_heads
+
+            def visible(b, h, q_idx, kv_idx):  # same document and inside the window
+                return (q_idx // seqlen == kv_idx // seqlen) & ((q_idx - kv_idx).abs() <= w)
+
+            block_mask = create_block_mask(visible, None, None, total, total, device="cuda", _compile=True)
+            contenders = {  # name: (layout in, layout out, attention on that layout)
+                "triton (ours)": (lambda x: x, lambda x: x,
+                                  lambda q, k, v: kernels.flash_attn_varlen(q, k, v, cu, seqlen, window=window)),
+                "flex_attention": (flat, unflat, lambda q, k, v: flex(q, k, v, block_mask=block_mask))}
+            if window is None:
+                def sdpa(q, k, v):
+                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                contenders["sdpa flash (padded)"] = (padded, unpadded, sdpa)
+            if varlen_attn is not None:
+                window_size = (-1, -1) if window is None else (window, window)
+                contenders["varlen_attn"] = (lambda x: x, lambda x: x, lambda q, k, v: varlen_attn(
+                    q, k, v, cu, cu, seqlen, seqlen, window_size=window_size))
+            ours = None  # (output, fwd s, fwd+bwd s) of the first contender, ours
+            for name, (to_layout, from_layout, attn) in contenders.items():
+                leaves = [to_layout(x).detach().requires_grad_() for x in (q, k, v)]
+                grad = to_layout(do)
+
+                def fwd():
+                    with torch.no_grad():
+                        for _ in range(reps):
+                            attn(*leaves)
+
+                def fwd_bwd():
+                    for _ in range(reps):
+                        torch.autograd.grad(attn(*leaves), leaves, grad)
+
+                try:
+                    out = from_layout(attn(*leaves).detach()).float()
+                    t_fwd = timeit(fwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
+                    t_all = timeit(fwd_bwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
+                except Exception as e:  # a baseline this torch or GPU cannot run is reported, not fatal
+                    if ours is None:
+                        raise
+                    print(f"{seqlen:>6} {str(window):>6}  {name:<24} failed: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:80]}")
+                    continue
+                ours = ours or (out, t_fwd, t_all)
+                row = {"seqlen": seqlen, "window": window, "impl": name, "fwd_ms": t_fwd * 1e3,
+                       "fwd_tflops": fwd_flops / t_fwd / 1e12, "fwd_bwd_ms": t_all * 1e3,
+                       "fwd_bwd_tflops": 3.5 * fwd_flops / t_all / 1e12, "ours_faster_fwd": t_fwd / ours[1],
+                       "ours_faster_fwd_bwd": t_all / ours[2], "max_abs_diff": (out - ours[0]).abs().max().item()}
+                results.append(row)
+                print(f"{seqlen:>6} {str(window):>6}  {name:<24} {row['fwd_ms']:8.3f} {row['fwd_tflops']:8.1f} "
+                      f"{row['fwd_bwd_ms']:10.3f} {row['fwd_bwd_tflops']:8.1f} {row['ours_faster_fwd']:7.2f}x "
+                      f"{row['ours_faster_fwd_bwd']:7.2f}x {row['max_abs_diff']:10.2e}")
+            fa = kernels.flash_attn
+            tuned = [(kern.fn.__name__, kern.best_config) for kern in (fa._fwd_kernel, fa._bwd_dq_kernel,
+                                                                        fa._bwd_dkdv_kernel)]
+            print(f"{'':15}autotuned (BLOCK_M x BLOCK_N, warps, stages): " + "; ".join(
+                f"{n} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} {c.num_warps} {c.num_stages}" for n, c in tuned))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def main():
+    tasks = {name[len("bench_"):]: fn for name, fn in globals().items() if name.startswith("bench_")}
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("task", choices=sorted(tasks))
+    parser.add_argument("--out", default=None, help="append results as one JSON line to this file")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
+    args = parser.parse_args()
+    env = environment()
+    print(f"# {args.task} on {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")
+    results = tasks[args.task](args)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"task": args.task, **env, "results": results}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""
+Triton kernels vs their plain PyTorch references.
+
+Without CUDA the kernels run in Triton's interpreter (numpy on the CPU, one program at a time), so shapes
+are tiny and the interpreter config uses blocks of 16 with 32-token work slots; lengths are chosen to cross
+block and slot edges. With CUDA the same tests run compiled, plus bf16 checks at training sizes.
+"""
+import itertools
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so set before importing them
+import kernels  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def packed(lengths, n_heads, head_dim, dtype, seed=0):
+    """Random q, k, v (total, n_heads, head_dim), upstream grad do, and cu_seqlens for these lengths."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(sum(lengths), n_heads, head_dim, generator=g).to(DEVICE, dtype) for _ in range(4))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    return q, k, v, do, cu
+
+
+def forward_backward(fn, q, k, v, do, *args, **kwargs):
+    """fn's output and (dq, dk, dv) for upstream gradient do."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, *args, **kwargs)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+
+
+def reference(q, k, v, do, cu, window=None, softmax_scale=None):
+    """attention_reference in fp32, one sequence at a time so that 8k-token sequences fit in memory."""
+    bounds = cu.tolist()
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        one = torch.tensor([0, end - start], dtype=torch.int32, device=q.device)
+        parts.append(forward_backward(kernels.attention_reference, *(x[start:end].float() for x in (q, k, v, do)),
+                                      one, end - start, window=window, softmax_scale=softmax_scale))
+    return [torch.cat(xs) for xs in zip(*parts)]
+
+
+def check_attention(lengths, n_heads, head_dim, dtype, window, softmax_scale=None, seed=0):
+    q, k, v, do, cu = packed(lengths, n_heads, head_dim, dtype, seed)
+    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
+                           softmax_scale=softmax_scale)
+    want = reference(q, k, v, do, cu, window, softmax_scale)
+    tol = {torch.float32: 5e-6, torch.float16: 3e-3}[dtype]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype and a.shape == q.shape, name
+        torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+# lengths: empty sequences at both ends, one token, a sequence spanning two 32-token work slots, and lengths
+# that are not multiples of the block size (16)
+LENGTHS = [0, 1, 17, 40, 5, 33, 0]
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("window", [None, 1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_flash_attn_matches_reference(dtype, window, head_dim):
+    check_attention(LENGTHS, 2, head_dim, dtype, window)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flash_attn_random_batches(seed):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 40, (5,), generator=g).tolist()
+    lengths[int(torch.randint(0, 5, (1,), generator=g))] = int(torch.randint(0, 2, (1,), generator=g))  # 0 or 1
+    window = [None, 0, 2, 5, 16, 40][int(torch.randint(0, 6, (1,), generator=g))]
+    check_attention(lengths, 3, 32, torch.float32, window, softmax_scale=0.3 + seed * 0.1, seed=seed)
+
+
+def test_flash_attn_head_dim_128():
+    check_attention([20, 1, 35], 1, 128, torch.float16, window=3)
+
+
+def test_flash_attn_window_zero_returns_v():
+    q, k, v, do, cu = packed([3, 18, 1], 2, 32, torch.float32)
+    torch.testing.assert_close(kernels.flash_attn_varlen(q, k, v, cu, 18, window=0), v, atol=1e-6, rtol=0)
+
+
+def test_flash_attn_strided_inputs_and_deterministic_backward():
+    # q, k, v as views of one packed qkv projection, the way a model produces them; the grads are
+    # computed without atomics, so they must repeat bit for bit
+    lengths = [25, 0, 30]
+    qkv = torch.randn(sum(lengths), 3, 2, 32, device=DEVICE)  # (total, 3, n_heads, head_dim)
+    q, k, v = qkv.unbind(1)
+    do = torch.randn(2, 32, sum(lengths), device=DEVICE).permute(2, 0, 1)  # non-contiguous upstream grad
+    cu = torch.tensor([0, 25, 25, 55], dtype=torch.int32, device=DEVICE)
+    first = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 30)
+    for a, b in zip(first, reference(q, k, v, do, cu)):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=5e-6)
+    for a, b in zip(first, forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 30)):
+        assert torch.equal(a, b)
+
+
+def test_flash_attn_all_sequences_empty():
+    q, k, v, do, cu = packed([0, 0], 2, 32, torch.float32)
+    out, dq, dk, dv = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 0)
+    assert out.shape == dq.shape == dk.shape == dv.shape == (0, 2, 32)
+
+
+def test_flash_attn_rejects_bad_arguments():
+    q, k, v, do, cu = packed([4], 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="head_dim"):
+        kernels.flash_attn_varlen(q[..., :24], k[..., :24], v[..., :24], cu, 4)
+    with pytest.raises(ValueError, match="window"):
+        kernels.flash_attn_varlen(q, k, v, cu, 4, window=-1)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        kernels.flash_attn_varlen(q, k, v, cu.long(), 4)
+
+
+def rope_inputs(total, n_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, dq, dk = (torch.randn(total, n_heads, head_dim, generator=g).to(DEVICE, dtype) for _ in range(4))
+    # arbitrary cos/sin rather than true rotations, so the transpose used in the backward is fully exercised
+    cos, sin = (torch.randn(total, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2))
+    return q, k, dq, dk, cos, sin
+
+
+def rope_forward_backward(fn, q, k, dq, dk, cos, sin):
+    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    q_rot, k_rot = fn(q, k, cos, sin)
+    return (q_rot.detach(), k_rot.detach(), *torch.autograd.grad((q_rot, k_rot), (q, k), (dq, dk)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_matches_reference(dtype):
+    q, k, dq, dk, cos, sin = rope_inputs(37, 3, 64, dtype)
+    q = torch.cat([q, q], 1)[:, ::2]  # a strided view, as from a packed qkv tensor
+    got = rope_forward_backward(kernels.apply_rotary, q, k, dq, dk, cos, sin)
+    want = rope_forward_backward(kernels.apply_rotary_reference, q, k, dq, dk, cos, sin)
+    tol = {torch.float32: 1e-6, torch.float16: 1e-3}[dtype]
+    for a, b in zip(got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def test_rotary_reference_is_rotate_half():
+    # x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), written out for one vector
+    x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    cos, sin = torch.tensor([[0.5, 0.25, 0.5, 0.25]]), torch.tensor([[1.0, 2.0, 1.0, 2.0]])
+    want = torch.tensor([[[1 * 0.5 - 3 * 1.0, 2 * 0.25 - 4 * 2.0, 3 * 0.5 + 1 * 1.0, 4 * 0.25 + 2 * 2.0]]])
+    q_rot, _ = kernels.apply_rotary_reference(x, x, cos, sin)
+    torch.testing.assert_close(q_rot, want)
+
+
+def low_precision_baseline(q, k, v, do, cu, window):
+    """Per-sequence torch SDPA in the inputs' dtype: how far a standard half-precision kernel lands from the
+    fp32 reference, the yardstick for ours."""
+    parts = []
+    bounds = cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        mask = None
+        if window is not None:
+            pos = torch.arange(end - start, device=q.device)
+            mask = (pos[:, None] - pos[None, :]).abs() <= window  # (L, L) bool
+
+        def sdpa(qs, ks, vs):  # (L, n_heads, head_dim) -> same
+            out = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
+                                                 attn_mask=mask)
+            return out.transpose(0, 1)
+
+        parts.append(forward_backward(sdpa, *(x[start:end] for x in (q, k, v, do))))
+    return [torch.cat(xs) for xs in zip(*parts)]
+
+
+@cuda_only
+@pytest.mark.parametrize("window", [None, 64])
+@pytest.mark.parametrize("lengths", [[1024] * 64, [8192] * 8, [3000, 0, 1, 777, 8192, 129, 4500]],
+                         ids=["64x1k", "8x8k", "mixed"])
+def test_flash_attn_gpu_bf16(lengths, window):
+    q, k, v, do, cu = packed(lengths, 12, 64, torch.bfloat16)
+    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window)
+    want = reference(q, k, v, do, cu, window)
+    base = low_precision_baseline(q, k, v, do, cu, window)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, base):
+        err, base_err = (a.float() - b).abs().max().item(), (c.float() - b).abs().max().item()
+        assert err <= 2 * base_err + 1e-3, f"{name}: max error {err:.3g} vs SDPA bf16 {base_err:.3g}"
+
+
+@cuda_only
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flash_attn_gpu_head_dims(dtype, head_dim):
+    lengths = [1, 0, 300, 2049, 64, 1000]
+    for window in (None, 64):
+        q, k, v, do, cu = packed(lengths, 4, head_dim, dtype)
+        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window)
+        want = reference(q, k, v, do, cu, window)
+        base = low_precision_baseline(q, k, v, do, cu, window)
+        for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, base):
+            err, base_err = (a.float() - b).abs().max().item(), (c.float() - b).abs().max().item()
+            assert err <= 2 * base_err + 1e-3, f"{name} window={window}: error {err:.3g} vs SDPA {base_err:.3g}"
+
+
+@cuda_only
+def test_rotary_gpu_bf16():
+    q, k, dq, dk, cos, sin = rope_inputs(65536, 12, 64, torch.bfloat16)
+    got = rope_forward_backward(kernels.apply_rotary, q, k, dq, dk, cos, sin)
+    want = rope_forward_backward(kernels.apply_rotary_reference, q, k, dq, dk, cos, sin)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
