@@ -267,6 +267,152 @@ def bench_attention(args):
     return results
 
 
+def bench_train(args):
+    """Training steps of llm-jp-modernbert-base on one GPU as train.py runs them (FSDP2, bf16 compute with fp32
+    weights and reductions, the config's compile / activation checkpointing / micro-batch, AdamW, clipping),
+    at the stage-1 and stage-2 shapes of configs/stage1.py and stage2.py, with the gradient accumulation of
+    the paper's 16 GPUs. Synthetic line-by-line batches, 30% of tokens labelled: "documents" draws lengths
+    log-normally (median 400 tokens, truncated at max_seqlen); "full" fills every sequence to max_seqlen (the
+    memory worst case). Tokens/s counts real tokens; MFU against the bf16 dense peak of an H100/H200."""
+    if not torch.cuda.is_available():
+        sys.exit("bench.py train: needs a CUDA GPU, and none is visible")
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from model import ModernBERT, ModernBertConfig
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh("cuda", (1,))
+    warmup, steps = (1, 2) if args.quick else (2, 5)
+    results = []
+    print(f"{'shape':<26}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+    for stage in ("stage1", "stage2"):
+        cfg = {}
+        exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{stage}.py")).read(), cfg)
+        max_len, micro = cfg["max_seqlen"], cfg["micro_batch_size"]
+        accum = 2 if args.quick else cfg["batch_size"] // (16 * micro)
+        config = ModernBertConfig.preset("llm-jp-modernbert-base")
+        torch.manual_seed(0)
+        model = ModernBERT(config).cuda()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if cfg.get("compile"):  # what train.py compiles
+            for module in [layer.mlp for layer in model.model.layers] + [model.model.embeddings, model.head]:
+                module.compile(dynamic=True)
+        for layer in model.model.layers:
+            if cfg.get("activation_checkpointing"):
+                checkpoint(layer)
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        optimizer = model.configure_optimizers(1e-5, 1e-4, (0.9, 0.98), 1e-6, "cuda")
+        for kind in ("documents", "full"):
+            g = torch.Generator().manual_seed(0)
+
+            def micro_batch():
+                if kind == "full":
+                    lengths = torch.full((micro,), max_len)
+                else:
+                    lengths = (400 * torch.exp(1.1 * torch.randn(micro, generator=g))).round().clamp(8, max_len).long()
+                ids = torch.randint(8, config.vocab_size, (int(lengths.sum()),), generator=g)
+                labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, -100)
+                cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+                return ids.cuda(), labels.cuda(), cu.cuda(), int(lengths.max()), lengths.tolist(), int((labels >= 0).sum())
+
+            batches = [[micro_batch() for _ in range(accum)] for _ in range(warmup + steps)]
+
+            def step(batch):
+                for ids, labels, cu, m, _, _ in batch:
+                    _, loss = model(ids, labels=labels, cu_seqlens=cu, max_seqlen=m)
+                    (loss / accum).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            for batch in batches[:warmup]:  # compilation, autotuning, optimizer state
+                step(batch)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            for batch in batches[warmup:]:
+                step(batch)
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - t0) / steps
+            seqlens = [n for batch in batches[warmup:] for mb in batch for n in mb[4]]
+            predicted = sum(mb[5] for batch in batches[warmup:] for mb in batch)
+            tokens = sum(seqlens) / steps
+            row = {"stage": stage, "lengths": kind, "max_seqlen": max_len, "micro_batch_size": micro,
+                   "grad_accum": accum, "compile": bool(cfg.get("compile")),
+                   "activation_checkpointing": bool(cfg.get("activation_checkpointing")),
+                   "tokens_per_step": tokens, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
+                   "mfu": model.estimate_mfu(seqlens, predicted, seconds * steps),
+                   "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+            results.append(row)
+            print(f"{f'{stage} {max_len} {kind}':<26}{tokens:>12,.0f}{seconds:>9.3f}{row['tokens_per_s']:>11,.0f}"
+                  f"{row['mfu']:>7.1%}{row['peak_mem_gib']:>10.1f}")
+        del model, optimizer
+        torch.cuda.empty_cache()
+    dist.destroy_process_group()
+    return results
+
+
+def bench_data(args):
+    """prepare: tokens/s with N worker processes against sentencepiece's own single-process encode of the
+    same text (target: ratio >= 0.85 x N). Loader: tokens/s of one process making masked batches (target
+    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: llm-jp's when present, else a demo one."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import sentencepiece as spm
+
+    import data
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = data.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
+        real = Path(__file__).resolve().parent.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
+        tok = real if real.is_file() else data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
+        corpus = tmp / "corpus.jsonl"
+        corpus.write_text(paths["corpus"].read_text(encoding="utf-8") * (1 if args.quick else 12), encoding="utf-8")
+        texts = [record["text"] for _, record in data.read_jsonl(corpus)]
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+        n_tokens = sum(map(len, sp.encode(texts, num_threads=1)))
+        print(f"prepare: {corpus.stat().st_size / 1e6:.1f} MB, {len(texts):,} docs, {n_tokens:,} tokens, tokenizer {tok.name}")
+
+        def prepare(workers):
+            shutil.rmtree(tmp / "shards", ignore_errors=True)  # a fresh directory: nothing to skip
+            data.prepare(corpus, tok, tmp / "shards", workers=workers)
+
+        counts = sorted({1, 2, os.cpu_count() or 1})
+        fns = {"sentencepiece": lambda: sp.encode(texts, num_threads=1)}
+        fns.update({f"prepare x{w}": (lambda w=w: prepare(w)) for w in counts})
+        times = compare(fns, warmup=0, iters=1 if args.quick else 3)
+        raw = n_tokens / times["sentencepiece"]
+        print(f"{'':16}{'tokens/s':>12}{'vs raw':>9}{'target':>9}")
+        print(f"{'sentencepiece':16}{raw:>12,.0f}{1:>9.2f}")
+        results["sentencepiece_tokens_per_s"] = raw
+        for w in counts:
+            tps = n_tokens / times[f"prepare x{w}"]
+            print(f"{f'prepare x{w}':16}{tps:>12,.0f}{tps / raw:>9.2f}{0.85 * w:>9.2f}")
+            results[f"prepare_x{w}"] = {"tokens_per_s": tps, "ratio_vs_raw": tps / raw, "target": 0.85 * w}
+
+        L, micro, steps = 1024, 32, 20 if args.quick else 100
+        print(f"loader (one process, masking on, max_seqlen {L}, micro-batch {micro}):")
+        for mode in ("line_by_line", "packed"):
+            loader = data.Loader(tmp / "shards", batch_size=micro, micro_batch_size=micro, max_seqlen=L, mode=mode)
+            it = iter(loader)
+            n = [0]
+
+            def pull():
+                for mb in next(it):
+                    n[0] += len(mb["input_ids"])
+            tokens_before, seconds = n[0], timeit(lambda: [pull() for _ in range(steps)], warmup=1, iters=3)
+            tps = (n[0] - tokens_before) / 4 / seconds  # timeit ran warmup + 3 timed rounds of `steps` steps
+            print(f"  {mode:14}{tps:>14,.0f} tokens/s  (target 5,000,000)")
+            results[f"loader_{mode}_tokens_per_s"] = tps
+    return results
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 def main():

@@ -1,0 +1,503 @@
+"""data.py against independent references: sentencepiece's own encoding, zlib's CRC-32 for the split rule, plain
+counting for masking statistics, an uninterrupted single-process stream for resume and world sizes."""
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
+
+REAL_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
+needs_real = pytest.mark.skipif(not REAL_TOKENIZER.is_file(), reason="llm-jp tokenizer not beside the repository")
+
+ODD_TEXTS = [" 先頭と末尾に空白 ", "改行を\n含む\n\n文書", "emoji 🗻 と記号 ∮ と珍しい漢字 鬱", "ASCII only, 123.", "タブ\tと　全角空白"]
+
+
+def sp_encode(model, texts):
+    return spm.SentencePieceProcessor(model_file=str(model)).encode(list(texts))
+
+
+def in_val(text, fraction):
+    return zlib.crc32(text.encode("utf-8")) / 2 ** 32 < fraction
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small corpus in three input formats, a tokenizer trained on it, and its shards (several per file)."""
+    d = tmp_path_factory.mktemp("data")
+    paths = data.write_demo(d / "demo", n_docs=400)
+    texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
+    a, b = texts[:250] + ODD_TEXTS, texts[250:]
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(a)))
+    with gzip.open(d / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n\n" for t in b))  # blank lines are skipped
+    lines = [t.replace("\n", " ") for t in texts[:60]]
+    (d / "c.txt").write_text("\n".join(lines) + "\n")
+    inputs = [str(d / "a.jsonl"), str(d / "b.jsonl.gz"), str(d / "c.txt")]
+    tok = data.train_tokenizer(inputs, 1000, d / "tok.model")
+    manifest = data.prepare(inputs, tok, d / "shards", workers=2, val_fraction=0.1, chunk_bytes=60_000)
+    return {"dir": d, "paths": paths, "inputs": inputs, "texts": a + b + lines, "tok": tok, "shards": d / "shards",
+            "manifest": manifest}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizer
+
+def test_tokenizer_layout(world):
+    sp = spm.SentencePieceProcessor(model_file=str(world["tok"]))
+    want = ["<unk>", "<s>", "</s>", "<MASK>", "<PAD>", "<CLS>", "<SEP>", "<EOD>"] + [f"<0x{i:02X}>" for i in range(256)]
+    assert [sp.id_to_piece(i) for i in range(264)] == want
+    assert sp.is_unknown(0) and all(sp.is_control(i) for i in range(1, 8)) and all(sp.is_byte(i) for i in range(8, 264))
+    assert sp.get_piece_size() == 1000
+    tok = Tokenizer(world["tok"])
+    assert (tok.unk_id, tok.mask_id, tok.pad_id, tok.cls_id, tok.sep_id, tok.eod_id) == (0, 3, 4, 5, 6, 7)
+    assert tok.special_ids == set(range(8))
+    for text in ODD_TEXTS:  # no normalisation: decoding gives the text back, rare characters via bytes
+        assert tok.decode(tok.encode(text)) == text
+
+
+@needs_real
+def test_tokenizer_layout_matches_llm_jp(world):
+    ours = spm.SentencePieceProcessor(model_file=str(world["tok"]))
+    real = spm.SentencePieceProcessor(model_file=str(REAL_TOKENIZER))
+
+    def kind(sp, i):
+        return (sp.is_unknown(i), sp.is_control(i), sp.is_unused(i), sp.is_byte(i))
+    assert [real.id_to_piece(i) for i in range(264)] == [ours.id_to_piece(i) for i in range(264)]
+    assert [kind(real, i) for i in range(300)] == [kind(ours, i) for i in range(300)]
+    tok = Tokenizer(REAL_TOKENIZER)
+    assert tok.vocab_size == 99574 and (tok.mask_id, tok.pad_id, tok.cls_id, tok.sep_id) == (3, 4, 5, 6)
+
+
+def test_tokenizer_finds_llm_jp_style_names(tmp_path):
+    names = ["<MASK|LLM-jp>", "<PAD|LLM-jp>", "<CLS|LLM-jp>", "<SEP|LLM-jp>", "<EOD|LLM-jp>"]
+    lines = ["富士山の標高は3776メートルです。", "1年は12ヶ月です。"] * 50
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "m"), vocab_size=300,
+                                   byte_fallback=True, pad_id=-1, control_symbols=["<EOD|LLM-jp>"] + names[:4],
+                                   hard_vocab_limit=False, logstream=open(os.devnull, "w"))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
+    tok = Tokenizer(tmp_path / "m.model")
+    assert tok.mask_id == sp.piece_to_id("<MASK|LLM-jp>") and tok.eod_id == sp.piece_to_id("<EOD|LLM-jp>") == 3
+
+
+def test_tokenizer_without_special_pieces(tmp_path):
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["あいうえお かきくけこ"] * 20), model_prefix=str(tmp_path / "m"),
+                                   vocab_size=40, hard_vocab_limit=False, logstream=open(os.devnull, "w"))
+    with pytest.raises(DataError, match="no <MASK> piece"):
+        Tokenizer(tmp_path / "m.model")
+
+
+def test_encode_pair(world):
+    tok = Tokenizer(world["tok"])
+    a, b = "富士山の標高は3776メートルです。", "1年は12ヶ月です。"
+    ea, eb = tok.encode(a), tok.encode(b)
+    assert tok.encode_pair(a) == [5] + ea + [6]
+    assert tok.encode_pair(a, b) == [5] + ea + [6] + eb + [6]
+    for n in range(3, len(ea) + len(eb) + 4):
+        ids = tok.encode_pair(a, b, max_len=n)
+        assert len(ids) == min(n, len(ea) + len(eb) + 3) and ids.count(6) == 2 and ids[0] == 5
+        i = ids.index(6)
+        na, nb = i - 1, len(ids) - i - 2
+        assert ids[1:i] == ea[:na] and ids[i + 1:-1] == eb[:nb]
+        assert abs(na - nb) <= 1 or min(na, nb) == min(len(ea), len(eb))  # the longer one is cut first
+
+
+def test_tokenizer_bad_inputs(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "一つ目の文書です。"}\n{"text": "閉じていない\n')
+    with pytest.raises(DataError, match=re.escape(f"{bad}:2: malformed JSON")):
+        data.train_tokenizer(bad, 300, tmp_path / "t.model")
+    assert not (tmp_path / "t.model").exists()
+    notmodel = tmp_path / "x.model"
+    notmodel.write_text("not a model")
+    with pytest.raises(DataError, match="not a sentencepiece model"):
+        Tokenizer(notmodel)
+    assert f"{bad}:2: malformed JSON" in run_cli(capsys, "tokenizer", "--input", bad, "--vocab_size", 300, "--out", tmp_path / "t.model")
+
+
+def test_tokenizer_vocab_too_large(world, tmp_path):
+    with pytest.raises(DataError, match="Vocabulary size too high") as e:
+        data.train_tokenizer(world["inputs"][2], 50_000, tmp_path / "big.model")
+    assert "\n" not in str(e.value) and not (tmp_path / "big.model").exists()
+
+# ----------------------------------------------------------------------------------------------------------
+# shards
+
+
+def check_round_trip(shard_dir, texts, model, val_fraction):
+    """Shards hold sentencepiece's own encoding of every non-empty text, split by the hash rule, in input order."""
+    encoded = sp_encode(model, texts)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    for split, want_val in (("train", False), ("val", True)):
+        want = [ids for t, ids in zip(texts, encoded) if t and in_val(t, val_fraction) == want_val]
+        shards = Shards(shard_dir, split)
+        assert len(shards) == len(want)
+        for i, ids in enumerate(want):
+            assert shards[i].tolist() == ids
+        assert sp.decode(shards[len(want) // 2].tolist()) == [t for t in texts if t and in_val(t, val_fraction) == want_val][len(want) // 2]
+        manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+        assert manifest["splits"][split]["tokens"] == sum(map(len, want))
+
+
+def test_round_trip(world):
+    assert len(world["manifest"]["splits"]["train"]["shards"]) > 3  # byte ranges, split across workers
+    check_round_trip(world["shards"], world["texts"], world["tok"], 0.1)
+    assert world["manifest"]["dtype"] == "uint16"
+
+
+@needs_real
+def test_round_trip_llm_jp_tokenizer(world, tmp_path):
+    texts = world["texts"][:40] + ODD_TEXTS
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps({"body": t}, ensure_ascii=False) + "\n" for t in texts))
+    manifest = data.prepare(tmp_path / "x.jsonl", REAL_TOKENIZER, tmp_path / "s", text_field="body", val_fraction=0.2)
+    assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 99574
+    check_round_trip(tmp_path / "s", texts, REAL_TOKENIZER, 0.2)
+
+
+def test_prepare_is_independent_of_workers_and_skips_finished_shards(world, tmp_path):
+    shutil.copytree(world["shards"], tmp_path / "s")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("*.bin")}
+    again = data.prepare(world["inputs"], world["tok"], tmp_path / "s", workers=1, val_fraction=0.1, chunk_bytes=60_000)
+    n_tasks = len(list((tmp_path / "s").glob("0*.json")))
+    assert again["skipped_shards"] == n_tasks and again["splits"] == world["manifest"]["splits"]
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s").glob("*.bin")}
+    # a damaged shard is rebuilt on the next run, the others are kept
+    victim = tmp_path / "s" / world["manifest"]["splits"]["train"]["shards"][1]["bin"]
+    good = victim.read_bytes()
+    victim.write_bytes(good[:-2] + b"\x00\x00")
+    again = data.prepare(world["inputs"], world["tok"], tmp_path / "s", workers=2, val_fraction=0.1, chunk_bytes=60_000)
+    assert again["skipped_shards"] == n_tasks - 1 and victim.read_bytes() == good
+
+
+def test_read_jsonl_and_txt(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text('{"sentence": "あ", "label": 1}\n\n{"sentence": "い", "label": 0}\n')
+    assert list(data.read_jsonl(p)) == [(1, {"sentence": "あ", "label": 1}), (3, {"sentence": "い", "label": 0})]
+    assert list(data.read_jsonl(p, "sentence")) == [(1, "あ"), (3, "い")]
+    q = tmp_path / "y.txt"
+    q.write_text("一つ目\n\n二つ目\r\n")
+    assert list(data.iter_documents(q)) == [(1, "一つ目"), (3, "二つ目")]
+
+# ----------------------------------------------------------------------------------------------------------
+# bad input: one line naming what and where, DataError for library users, `error: ...` and exit 1 on the command line
+
+
+def run_cli(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        data.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def prepare_cli(capsys, inputs, tok, out, workers=2):
+    return run_cli(capsys, "prepare", "--input", *inputs, "--tokenizer", tok, "--out", out, "--workers", workers)
+
+
+def snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+def intact(d, before):
+    """Every file of the earlier output is still there, byte for byte, and no temporary file is left."""
+    now = snapshot(d)
+    return all(now.get(k) == v for k, v in before.items()) and not [k for k in now if ".tmp" in k]
+
+
+@pytest.fixture
+def prior(world, tmp_path):
+    """A finished shard directory whose contents must survive every failed run."""
+    out = tmp_path / "prior"
+    shutil.copytree(world["shards"], out)
+    return out, snapshot(out)
+
+
+def test_missing_and_empty_inputs(world, tmp_path, capsys, prior):
+    out, before = prior
+    err = prepare_cli(capsys, [tmp_path / "nope.jsonl"], world["tok"], out)
+    assert "nope.jsonl: no such file" in err
+    assert "no files match" in prepare_cli(capsys, [str(tmp_path / "*.jsonl")], world["tok"], out)
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "empty.jsonl: empty file" in prepare_cli(capsys, [tmp_path / "empty.jsonl"], world["tok"], out)
+    (tmp_path / "blank.jsonl").write_text('\n{"text": ""}\n\n')
+    assert "blank.jsonl: no documents" in prepare_cli(capsys, [tmp_path / "blank.jsonl"], world["tok"], out)
+    assert "tokenizer file not found" in prepare_cli(capsys, world["inputs"], tmp_path / "none.model", out)
+    assert "no such file" in run_cli(capsys, "tokenizer", "--input", tmp_path / "nope.txt", "--vocab_size", 100, "--out", tmp_path / "t.model")
+    assert intact(out, before)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_malformed_lines_name_file_and_line(world, tmp_path, capsys, prior, workers):
+    out, before = prior
+    good = [json.dumps({"text": f"文書{i}は正しい行です。" * 50}, ensure_ascii=False) for i in range(400)]
+    cases = {  # line 301 is bad; with small chunks it falls in a later byte range than the first
+        "json.jsonl": (b'{"text": "closing brace missing"', "malformed JSON"),
+        "utf8.jsonl": ('{"text": "壊れた'.encode() + b"\xff\xfe" + '"}'.encode(), "not valid UTF-8"),
+        "field.jsonl": (b'{"body": "no text field"}', "record has no 'text' field"),
+        "type.jsonl": (b'{"text": 12}', "field 'text' is int, not a string"),
+    }
+    for name, (bad, what) in cases.items():
+        p = tmp_path / name
+        p.write_bytes(("\n".join(good[:300]) + "\n").encode() + bad + ("\n" + "\n".join(good[300:]) + "\n").encode())
+        with pytest.raises(DataError, match=re.escape(f"{p}:301: ") + what):
+            data.prepare(p, world["tok"], out, workers=workers, chunk_bytes=20_000)
+        assert f"{p}:301: {what}" in prepare_cli(capsys, [p], world["tok"], out, workers)
+    txt = tmp_path / "bad.txt"
+    txt.write_bytes("一行目\n二行目\n".encode() + b"\xc3\x28\n")
+    assert f"{txt}:3: not valid UTF-8" in prepare_cli(capsys, [txt], world["tok"], out, workers)
+    assert intact(out, before)
+    Loader(out, batch_size=4, micro_batch_size=4)  # still verifies
+
+
+def test_damaged_shards_and_foreign_tokenizer(world, tmp_path, capsys, prior):
+    out, before = prior
+    other = data.train_tokenizer(world["inputs"][1], 900, tmp_path / "other.model")
+    err = prepare_cli(capsys, world["inputs"], other, out)
+    assert "another tokenizer" in err
+    with pytest.raises(DataError, match="does not match"):
+        Loader(out, batch_size=4, micro_batch_size=4, tokenizer=other)
+    Loader(out, batch_size=4, micro_batch_size=4, tokenizer=world["tok"])
+    assert intact(out, before)
+    entry = world["manifest"]["splits"]["train"]["shards"][0]
+    victim = out / entry["bin"]
+    victim.write_bytes(before[entry["bin"]][:-10])
+    with pytest.raises(DataError, match=re.escape(str(victim)) + r".*truncated"):
+        Shards(out, "train")
+    victim.write_bytes(before[entry["bin"]][:-2] + b"\x01\x00")
+    with pytest.raises(DataError, match=re.escape(str(victim)) + r": sha256 differs.*altered") as e:
+        Loader(out, batch_size=4, micro_batch_size=4)
+    assert "\n" not in str(e.value)
+    Shards(out, "val")  # the other split is untouched
+    (out / "manifest.json").unlink()
+    with pytest.raises(DataError, match="manifest.json: not found"):
+        Shards(out)
+
+
+def test_cli_exit_status(world, tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", "--input", str(tmp_path / "nope.jsonl"),
+                        "--tokenizer", str(world["tok"]), "--out", str(tmp_path / "s")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: {tmp_path / 'nope.jsonl'}: no such file"
+
+# ----------------------------------------------------------------------------------------------------------
+# loader
+
+
+def unmasked(mb):
+    ids = mb["input_ids"].clone()
+    sel = mb["labels"] != -100
+    ids[sel] = mb["labels"][sel]
+    return ids
+
+
+def sequences(mb):
+    cu = mb["cu_seqlens"].tolist()
+    ids = unmasked(mb).tolist()
+    return [ids[a:b] for a, b in zip(cu, cu[1:])]
+
+
+def flat(batches):
+    """All micro-batches of a list of steps, as (input_ids, labels, seqlens) concatenations."""
+    mbs = [mb for step in batches for mb in step]
+    return (torch.cat([m["input_ids"] for m in mbs]), torch.cat([m["labels"] for m in mbs]),
+            torch.cat([m["cu_seqlens"].diff() for m in mbs]))
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def expected_docs(world, max_len=None):
+    shards = Shards(world["shards"], "train")
+    return [[5] + shards[i].tolist()[:None if max_len is None else max_len - 2] + [6] for i in range(len(shards))]
+
+
+def test_line_by_line_epochs_cover_every_document_once(world):
+    L = 64
+    loader = Loader(world["shards"], batch_size=24, micro_batch_size=8, max_seqlen=L, seed=3)
+    n = loader.samples_per_epoch
+    steps = take(loader, -(-2 * n // 24) + 1)
+    seqs = [s for step in steps for mb in step for s in sequences(mb)]
+    want = Counter(map(tuple, expected_docs(world, L)))
+    first, second = Counter(map(tuple, seqs[:n])), Counter(map(tuple, seqs[n:2 * n]))
+    assert first == want and second == want and seqs[:n] != seqs[n:2 * n]  # reshuffled each epoch
+    for step in steps:
+        assert len(step) == 3
+        for mb in step:
+            assert mb["input_ids"].dtype == mb["labels"].dtype == torch.int64 and mb["cu_seqlens"].dtype == torch.int32
+            assert mb["max_seqlen"] == int(mb["cu_seqlens"].diff().max()) <= L
+
+
+def test_packed_rows_never_cross_documents(world):
+    L = 100
+    loader = Loader(world["shards"], batch_size=16, micro_batch_size=4, max_seqlen=L, mode="packed", seed=1)
+    n = loader.samples_per_epoch
+    assert n == -(-sum(len(d) for d in expected_docs(world)) // L)
+    steps = take(loader, -(-n // 16))
+    pieces = [s for step in steps for mb in step for s in sequences(mb)]
+    totals = [int(mb["cu_seqlens"][-1]) for step in steps for mb in step]
+    last = (n - 1) // 4  # the micro-batch holding the epoch's last row, the only short one
+    assert all(t == 4 * L for k, t in enumerate(totals) if k != last) and totals[last] < 4 * L
+    ends = set(np.cumsum([len(p) for p in pieces]).tolist())
+    assert all(k * L in ends for k in range(1, n))  # rows are cut at multiples of max_seqlen
+    for p in pieces:  # <CLS> only first, <SEP> only last: a piece is inside one document
+        assert 5 not in p[1:] and 6 not in p[:-1] and 0 < len(p) <= L
+    stream = [t for p in pieces for t in p]
+    n_tokens = sum(len(d) for d in expected_docs(world))
+    docs, cur = [], []
+    for t in stream[:n_tokens]:  # the first epoch: every "<CLS> doc <SEP>" exactly once
+        cur.append(t)
+        if t == 6:
+            docs.append(tuple(cur))
+            cur = []
+    assert Counter(docs) == Counter(map(tuple, expected_docs(world)))
+
+
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_resume_and_world_sizes(world, mode):
+    G, L, steps = 12, 48, 8
+    kw = dict(batch_size=G, max_seqlen=L, seed=7, mode=mode)
+    ref = Loader(world["shards"], micro_batch_size=4, **kw)
+    start = {**ref.state_dict(), "position": ref.samples_per_epoch - G // 2 - 1}  # a batch straddles two epochs
+    ref.load_state_dict(start)
+    full = take(ref, steps)
+    for world_size, micro in ((1, 12), (1, 3), (2, 2), (4, 3)):
+        ranks = [Loader(world["shards"], micro_batch_size=micro, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+        for rk in ranks:
+            rk.load_state_dict(start)
+        got = [take(rk, steps) for rk in ranks]
+        for k in range(steps):
+            assert all(len(g[k]) == G // (world_size * micro) for g in got)
+            union = flat([g[k] for g in got])  # rank 0's slice, then rank 1's, ...: the global batch
+            for a, b in zip(union, flat([full[k]])):
+                assert torch.equal(a, b)
+        # resume mid-way on each rank, element for element
+        for r in range(world_size):
+            rk = Loader(world["shards"], micro_batch_size=micro, rank=r, world_size=world_size, **kw)
+            rk.load_state_dict(start)
+            take(rk, 3)
+            state = rk.state_dict()
+            again = Loader(world["shards"], micro_batch_size=micro, rank=r, world_size=world_size, **kw)
+            again.load_state_dict(state)
+            for a, b in zip(take(again, steps - 3), got[r][3:]):
+                for x, y in zip(a, b):
+                    assert x["max_seqlen"] == y["max_seqlen"]
+                    for key in ("input_ids", "labels", "cu_seqlens"):
+                        assert torch.equal(x[key], y[key])
+
+
+def test_resume_state_checks(world):
+    a = Loader(world["shards"], batch_size=8, micro_batch_size=8, seed=0)
+    with pytest.raises(DataError, match="seed"):
+        Loader(world["shards"], batch_size=8, micro_batch_size=8, seed=1).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="not a multiple"):
+        Loader(world["shards"], batch_size=12, micro_batch_size=4, world_size=2)
+
+
+def test_eval_order_once(world):
+    loader = Loader(world["shards"], split="val", batch_size=8, micro_batch_size=4, max_seqlen=10_000, shuffle=False)
+    steps = list(loader)
+    seqs = [s for step in steps for mb in step for s in sequences(mb)]
+    shards = Shards(world["shards"], "val")
+    assert seqs == [[5] + shards[i].tolist() + [6] for i in range(len(shards))]
+    assert len(steps) == -(-len(shards) // 8) and list(loader) == []
+
+# ----------------------------------------------------------------------------------------------------------
+# masking
+
+
+def masking_stats(ids, out, labels, special, mask_id):
+    ids, out, labels = ids.numpy(), out.numpy(), labels.numpy()
+    is_special = np.isin(ids, list(special))
+    sel = labels != -100
+    assert not (sel & is_special).any() and (out[is_special] == ids[is_special]).all()
+    assert (labels[sel] == ids[sel]).all() and (out[~sel] == ids[~sel]).all()
+    assert not np.isin(out[sel & (out != ids) & (out != mask_id)], list(special)).any()
+    n = sel.sum()
+    return sel.sum() / (~is_special).sum(), (out[sel] == mask_id).sum() / n, (out[sel] == ids[sel]).sum() / n
+
+
+def test_mask_tokens_statistics():
+    V, special, mask_id = 1000, set(range(8)), 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (400_000,), generator=g)
+    ids[::10] = 5
+    out, labels = data.mask_tokens(ids, special, mask_id, V, generator=g, p=0.3)
+    p, masked, kept = masking_stats(ids, out, labels, special, mask_id)
+    # random replacements equal the original 1 time in V - 8
+    assert abs(p - 0.3) < 0.004 and abs(masked - 0.8) < 0.005 and abs(kept - (0.1 + 0.1 / (V - 8))) < 0.004
+    again, _ = data.mask_tokens(ids, special, mask_id, V, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(again, out)
+
+
+def test_loader_masking_statistics(world):
+    loader = Loader(world["shards"], batch_size=64, micro_batch_size=64, max_seqlen=512, mode="packed", seed=5)
+    mbs = [mb for step in take(loader, 12) for mb in step]
+    ids = torch.cat([unmasked(m) for m in mbs])
+    out, labels = torch.cat([m["input_ids"] for m in mbs]), torch.cat([m["labels"] for m in mbs])
+    assert len(ids) > 200_000
+    p, masked, kept = masking_stats(ids, out, labels, set(range(8)), 3)
+    assert abs(p - 0.3) < 0.005 and abs(masked - 0.8) < 0.006 and abs(kept - 0.1) < 0.005
+    other = Loader(world["shards"], batch_size=64, micro_batch_size=64, max_seqlen=512, mode="packed", seed=5, mlm_probability=0.15)
+    assert abs((take(other, 1)[0][0]["labels"] != -100).float().mean() - 0.15) < 0.01
+
+# ----------------------------------------------------------------------------------------------------------
+# demo corpus
+
+
+def test_demo_corpus(world, tmp_path):
+    paths = world["paths"]
+    data.write_demo(tmp_path, n_docs=400)
+    for name in ("corpus.jsonl", "wiki.jsonl", "miracl.jsonl", "fillmask.txt"):  # deterministic
+        assert (tmp_path / name).read_bytes() == (Path(paths["corpus"]).parent / name).read_bytes()
+    texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
+    corpus = "\n".join(texts)
+    lengths = sorted(map(len, texts))
+    assert lengths[0] < 20 and lengths[-1] > 3000
+    for name, height, _ in data.MOUNTAINS:  # facts agree across documents
+        assert set(re.findall(re.escape(name) + r"の標高は(\d+)メートル", corpus)) <= {str(height)}
+    for sentence in ("1年は12ヶ月です。", "1年はおよそ365日です。", "英語で「ありがとう」はthank youと言います。"):
+        assert sentence in corpus
+    prompts = paths["fillmask"].read_text().splitlines()
+    assert prompts[:2] == ["{}は、地球上で最も高い山として知られています。", "1年は{}ヶ月です。"] and all("{}" in p for p in prompts)
+    wiki = [r for _, r in data.read_jsonl(paths["wiki"])]
+    assert {"id", "title", "text"} <= set(wiki[0]) and max(len(r["text"]) for r in wiki) > 6000
+    miracl = [r for _, r in data.read_jsonl(paths["miracl"])]
+    assert all(len(r["positive_passages"]) >= 2 and r["positive_passages"][0]["text"] != r["positive_passages"][1]["text"]
+               for r in miracl)
+    jsts = [r for _, r in data.read_jsonl(paths["jglue"] / "jsts-v1.3" / "valid-v1.3.json")]
+    assert {r["label"] for r in jsts} == {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+    jnli = [r for _, r in data.read_jsonl(paths["jglue"] / "jnli-v1.3" / "train-v1.3.json")]
+    assert Counter(r["label"] for r in jnli).keys() == {"entailment", "contradiction", "neutral"}
+    for r in jnli:  # a contradiction changes the value: the two sentences differ in a number or a name
+        if r["label"] == "contradiction":
+            assert r["sentence1"] != r["sentence2"]
+    jcola = [r for _, r in data.read_jsonl(paths["jcola"] / "in_domain_train-v1.0.json")]
+    good = {r["sentence"] for r in jcola if r["label"] == 1}
+    assert {r["label"] for r in jcola} == {0, 1} and not {r["sentence"] for r in jcola if r["label"] == 0} & good
+
+
+def test_demo_command(tmp_path, capsys):
+    """The whole demo path: synthetic text, tokenizer, shards; the Wikipedia-like set fills every length bin."""
+    data.main(["demo", "--out", str(tmp_path), "--workers", "2"])
+    assert "shards: train" in capsys.readouterr().out
+    loader = Loader(tmp_path / "shards", batch_size=8, micro_batch_size=8, tokenizer=tmp_path / "tokenizer.model")
+    assert loader.tokenizer_info["vocab_size"] == 1500 and len(Shards(tmp_path / "shards", "val")) > 50
+    wiki = [r["text"] for _, r in data.read_jsonl(tmp_path / "wiki.jsonl")]
+    lengths = [len(ids) for ids in sp_encode(tmp_path / "tokenizer.model", wiki)]
+    counts = np.histogram(lengths, [0, 1024, 2048, 4096, 8192])[0]
+    assert counts.sum() == len(wiki) and (counts >= 30).all()
