@@ -1,0 +1,449 @@
+"""evaluate.py: every metric against an independent computation (numpy, plain loops, transformers), the
+published file layouts, errors for people, and every task end to end on the demo data with a tiny model."""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import evaluate as ev
+from model import ModernBERT, ModernBertConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+LLMJP = ROOT.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run several times faster on one thread (no thread synchronisation per small operation),
+    all the more so on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(vocab_size, seed=0, **kw):
+    torch.manual_seed(seed)
+    ids = dict(pad_token_id=4, cls_token_id=5, sep_token_id=6, mask_token_id=3)
+    return ModernBERT(ModernBertConfig.preset("tiny", vocab_size=vocab_size, **{**ids, **kw})).eval()
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
+
+
+DEMO_RUN = """out_dir = "out/demo"
+model = "tiny"
+data_dir = "data/demo/shards"
+tokenizer = "data/demo/tokenizer.model"
+max_seqlen = 64
+batch_size = 4
+micro_batch_size = 4
+max_steps = 2
+warmup_steps = 1
+log_every = 1
+checkpoint_every = 2
+eval_every = 2
+eval_batches = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A directory laid out as a user's checkout after the demo data and a (two-step) demo training run:
+    data/demo/ (demo sets, a small tokenizer, shards) and out/demo/ (train.py's ckpt_2/, hf/, metrics.jsonl)."""
+    if not hasattr(data, "write_demo"):
+        pytest.skip("data.write_demo is not available")
+    root = tmp_path_factory.mktemp("checkout")
+    d = root / "data" / "demo"
+    paths = data.write_demo(d, n_docs=400)
+    tok_path = data.train_tokenizer(paths["corpus"], 1000, d / "tokenizer.model")
+    data.prepare(paths["corpus"], tok_path, d / "shards", val_fraction=0.05)
+    (root / "demo_run.py").write_text(DEMO_RUN)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "demo_run.py"], cwd=root, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root
+
+
+def run_cli(root, *argv):
+    """evaluate.py's main() run from `root` (so the default paths are root's data/demo and out/demo)."""
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        ev.main([str(a) for a in argv])
+    finally:
+        os.chdir(cwd)
+
+
+def report(root, task, out="out/eval"):
+    return json.loads((root / out / f"{task}.json").read_text())
+
+# -----------------------------------------------------------------------------------------------------------
+# metrics against independent computations
+
+
+def test_recall_mrr_on_a_hand_made_ranking():
+    gold_ranks = [1, 2, 3, 10, 11, 12, 1, 5, 7, 4, 12, 9]
+    n = len(gold_ranks)
+    scores = torch.full((n, n), 0.1, dtype=torch.float64)
+    for i, r in enumerate(gold_ranks):
+        scores[i, i] = 0.5
+        others = [j for j in range(n) if j != i]
+        scores[i, others[:r - 1]] = 0.9  # r - 1 entries above the gold one
+    recall, mrr = ev.recall_mrr(scores)
+    assert recall == pytest.approx(sum(r <= 10 for r in gold_ranks) / n)
+    assert mrr == pytest.approx(sum(1 / r for r in gold_ranks if r <= 10) / n)
+    # ties count against the query: constant scores put every gold entry last
+    assert ev.recall_mrr(torch.zeros(n, n)) == (0.0, 0.0)
+
+
+def test_pearson_spearman_against_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    y = x + rng.normal(size=50)
+    assert ev.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+    ranks = lambda v: np.argsort(np.argsort(v)).astype(float)  # no ties in continuous data
+    assert ev.spearman(x, y) == pytest.approx(np.corrcoef(ranks(x), ranks(y))[0, 1], abs=1e-12)
+    assert ev.spearman(x, np.exp(x)) == pytest.approx(1.0)
+    assert ev.average_ranks([3.0, 1.0, 2.0, 2.0]).tolist() == [4.0, 1.0, 2.5, 2.5]
+
+
+def test_mcc_is_the_phi_coefficient():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(0, 2, 200)
+    pred = np.where(rng.random(200) < 0.7, gold, 1 - gold)
+    assert ev.mcc(pred, gold) == pytest.approx(np.corrcoef(pred, gold)[0, 1], abs=1e-12)
+    assert ev.mcc(gold, gold) == pytest.approx(1.0)
+    assert ev.mcc(np.ones(10), gold[:10]) == 0.0  # constant predictions: defined as 0
+
+
+def test_alignment_and_uniformity_against_the_formula():
+    g = torch.Generator().manual_seed(0)
+    x, y = (F.normalize(torch.randn(20, 8, generator=g), dim=-1) for _ in range(2))
+    expected_align = sum(float(((x[i] - y[i]) ** 2).sum()) for i in range(20)) / 20
+    z = torch.cat([x, y]).numpy().astype(np.float64)
+    terms = [math.exp(-2 * float(((z[i] - z[j]) ** 2).sum())) for i in range(40) for j in range(40) if i != j]
+    assert ev.alignment(x, y) == pytest.approx(expected_align, rel=1e-6)
+    assert ev.uniformity(torch.cat([x, y])) == pytest.approx(math.log(sum(terms) / len(terms)), rel=1e-6)
+
+
+def levenshtein(a, b):
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def test_edit_distance_against_a_plain_dp():
+    rng = random.Random(0)
+    alphabet = "abcあいう日本"
+    for _ in range(60):  # lengths around the 64-character word boundaries of the bit-parallel algorithm
+        q = "".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 7, 63, 64, 65, 129])))
+        corpus = ["".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 5, 64, 90]))) for _ in range(6)]
+        assert ev.edit_distances(q, corpus).tolist() == [levenshtein(q, c) for c in corpus]
+    sim = ev.edit_similarity(["kitten"], ["sitting", "kitten", ""])
+    assert sim.tolist() == [[pytest.approx(1 - 3 / 7), 1.0, pytest.approx(0.0)]]
+
+
+def test_jaccard_against_python_sets():
+    queries, corpus = ["日本の山", "abc", ""], ["山の日本", "abd", "xyz", ""]
+    got = ev.jaccard_similarity(queries, corpus)
+    for i, q in enumerate(queries):
+        for j, c in enumerate(corpus):
+            union = set(q) | set(c)
+            assert got[i, j].item() == pytest.approx(len(set(q) & set(c)) / len(union) if union else 0.0)
+
+# -----------------------------------------------------------------------------------------------------------
+# pseudo-perplexity
+
+
+def known_model(log_probs):
+    """A model whose prediction at every position is `log_probs`: the head's LayerNorm has weight 0, so the
+    logits are the decoder bias."""
+    model = tiny_model(len(log_probs), num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.embeddings.tok_embeddings.weight.normal_()
+        model.head.norm.weight.zero_()
+        model.decoder.bias.copy_(log_probs)
+    return model
+
+
+def doc(tokens):
+    return torch.tensor([5] + list(tokens) + [6])
+
+
+def test_pseudo_perplexity_of_a_model_with_a_known_answer():
+    V = 50
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(V, generator=g).log_softmax(-1)
+    model = known_model(log_probs)
+    docs = [doc(torch.randint(8, V, (n,), generator=g).tolist()) for n in (3, 40, 150, 17)] + [doc([11] * 30)]
+    positions = ev.draw_positions(docs, {3, 4, 5, 6}, 100, seed=0)
+    for p, d in zip(positions, docs):
+        assert len(p) == 100 and 0 < p.min() and p.max() < len(d) - 1  # never <CLS> or <SEP>
+    got = ev.pseudo_perplexity(model, docs, positions, token_budget=600)  # several packed forwards
+    expected = [math.exp(-log_probs[d[p]].double().mean().item()) for d, p in zip(docs, positions)]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got[-1] == pytest.approx(math.exp(-log_probs[11].item()), rel=1e-5)  # one repeated token: 1 / p
+    uniform = ev.pseudo_perplexity(known_model(torch.full((V,), -math.log(V))), docs, positions)
+    assert uniform == pytest.approx([V] * len(docs), rel=1e-5)
+
+
+def test_pseudo_perplexity_matches_transformers_computed_naively(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(120, local_attention=8, num_hidden_layers=3)  # sequences longer than the local window
+    with torch.no_grad():
+        model.decoder.bias.normal_()
+    model.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    g = torch.Generator().manual_seed(1)
+    docs = [doc(torch.randint(8, 120, (n,), generator=g).tolist()) for n in (5, 37, 90)]
+    positions = ev.draw_positions(docs, {3, 4, 5, 6}, 12, seed=3)
+    expected = []
+    with torch.no_grad():
+        for d, pos in zip(docs, positions):
+            ce = []
+            for p in pos.tolist():  # one masked copy at a time, every position decoded
+                x = d.clone()
+                x[p] = 3
+                ce.append(F.cross_entropy(theirs(input_ids=x[None]).logits[0, p], d[p]).item())
+            expected.append(math.exp(sum(ce) / len(ce)))
+    assert ev.pseudo_perplexity(model, docs, positions, token_budget=100) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tok(demo):
+    return data.Tokenizer(demo / "data" / "demo" / "tokenizer.model")
+
+
+def test_length_bins_and_sampling(tmp_path, tok):
+    texts = ["あ" * n for n in (1, 5, 30, 200, 400)]
+    lengths = [len(tok.encode(t)) + 2 for t in texts]
+    path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    edges = [0, lengths[1], lengths[3], 10 ** 6]
+    bins = ev.sample_by_length(tok, path, edges, per_bin=10, seed=0)
+    assert [sorted(i for i, _ in b) for b in bins] == [["0", "1"], ["2", "3"], ["4"]]  # (lo, hi] bins
+    assert [len(x) for _, x in bins[0]] == lengths[:2]
+    assert sum(len(b) for b in ev.sample_by_length(tok, path, edges, per_bin=1, seed=0)) == 3
+
+# -----------------------------------------------------------------------------------------------------------
+# published layouts and errors for people
+
+
+def test_miracl_pairs_and_retrieval_with_a_known_answer(tmp_path, tok):
+    rows = [{"query_id": str(i), "query": "q", "negative_passages": [],
+             "positive_passages": [{"docid": f"{i}#0", "title": "t", "text": t}, {"docid": f"{i}#1", "title": "t", "text": t}]}
+            for i, t in enumerate(["日本の山", "長い川の話", "東京は首都", "月は十二ヶ月", "英語の言葉", "惑星の大きさ",
+                                   "猫と犬", "琵琶湖は湖", "富士山", "信濃川", "北海道", "沖縄県"])]
+    rows.insert(3, {"query_id": "x", "query": "q", "negative_passages": [],
+                    "positive_passages": [{"docid": "x#0", "title": "t", "text": "ひとつだけ"}]})
+    path = write_jsonl(tmp_path / "miracl.jsonl", rows)
+    pairs = ev.read_miracl_pairs(path)
+    assert len(pairs) == 12 and pairs[0] == ("日本の山", "日本の山")
+    model = tiny_model(tok.vocab_size)
+    # every query is its own passage: identical embeddings, so each gold entry ranks first
+    assert ev.retrieval_scores(model, tok, path) == {"recall@10": 1.0, "mrr@10": 1.0, "n_queries": 12}
+
+
+def write_jglue(root, jsts_label=3.2, jnli_label="neutral", n=4):
+    for version in ("v1.1", "v1.3"):  # the newest version present is read
+        for split in ("train", "valid"):
+            write_jsonl(root / "JGLUE" / "datasets" / f"jsts-{version}" / f"{split}-{version}.json",
+                        [{"sentence_pair_id": str(i), "yjcaptions_id": "x", "sentence1": "犬が走る", "sentence2": "猫が歩く",
+                          "label": jsts_label if i == 1 else float(i)} for i in range(n)])
+            write_jsonl(root / "JGLUE" / "datasets" / f"jnli-{version}" / f"{split}-{version}.json",
+                        [{"sentence_pair_id": str(i), "yjcaptions_id": "x", "sentence1": "犬が走る", "sentence2": "動物が動く",
+                          "label": jnli_label if i == 1 else ["entailment", "contradiction", "neutral"][i % 3]}
+                         for i in range(n)])
+    for split in ("train", "valid"):
+        write_jsonl(root / "JCoLA" / "data" / "jcola-v1.0" / f"in_domain_{split}-v1.0.json",
+                    [{"uid": i, "source": "x", "label": i % 2, "diacritic": "g", "sentence": "猫が鳴いた。",
+                      "original": "", "translation": "", "gloss": False, "linguistic_phenomenon": {}} for i in range(n)])
+
+
+class FakeTok:
+    cls_id, sep_id = 5, 6
+
+    def encode_pair(self, a, b=None, max_len=None):
+        return [5] + [ord(c) % 50 + 8 for c in a] + [6] + ([ord(c) % 50 + 8 for c in b] + [6] if b else [])
+
+
+def test_jglue_and_jcola_layouts(tmp_path):
+    write_jglue(tmp_path)
+    files = {t: ev.jglue_files(t, tmp_path / "JGLUE", tmp_path / "JCoLA") for t in ev.JGLUE}
+    assert files["jsts"][0] == tmp_path / "JGLUE/datasets/jsts-v1.3/train-v1.3.json"
+    assert files["jcola"][1] == tmp_path / "JCoLA/data/jcola-v1.0/in_domain_valid-v1.0.json"
+    jsts = ev.read_jglue(files["jsts"][0], "jsts", FakeTok(), 512, None)
+    assert [y for _, y in jsts] == [0.0, 3.2, 2.0, 3.0]
+    assert jsts[0][0].tolist() == FakeTok().encode_pair("犬が走る", "猫が歩く")
+    assert [y for _, y in ev.read_jglue(files["jnli"][1], "jnli", FakeTok(), 512, None)] == [0, 2, 2, 0]
+    assert [y for _, y in ev.read_jglue(files["jcola"][0], "jcola", FakeTok(), 512, 3)] == [0, 1, 0]
+    with pytest.raises(SystemExit, match=r"jsts-v1\.3/train-v1\.3\.json: missing"):
+        (tmp_path / "JGLUE/datasets/jsts-v1.3/train-v1.3.json").unlink()
+        ev.jglue_files("jsts", tmp_path / "JGLUE", tmp_path / "JCoLA")
+
+
+@pytest.mark.parametrize("bad, where", [(dict(jnli_label="maybe"), "jnli-v1.3/train-v1.3.json:2"),
+                                        (dict(jsts_label="high"), "jsts-v1.3/train-v1.3.json:2")])
+def test_bad_jglue_label_names_file_and_line(tmp_path, bad, where):
+    write_jglue(tmp_path, **bad)
+    task = "jnli" if "jnli" in where else "jsts"
+    with pytest.raises(SystemExit) as e:
+        ev.read_jglue(ev.jglue_files(task, tmp_path / "JGLUE", None)[0], task, FakeTok(), 512, None)
+    assert where in str(e.value) and "\n" not in str(e.value)
+
+
+def test_malformed_record_is_one_line_with_file_and_line(tmp_path, demo):
+    good = {"query_id": "1", "query": "q", "positive_passages": [{"docid": "a", "title": "", "text": "x"}] * 2}
+    write_jsonl(tmp_path / "miracl.jsonl", [good, good, '{"query_id": "3", "positive_passages": [', good])
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--task", "retrieval", "--model",
+                        str(demo / "out/demo/hf"), "--data", "miracl.jsonl"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "miracl.jsonl:3: malformed JSON" in r.stderr
+    with pytest.raises(SystemExit, match=r"miracl\.jsonl:2: record has no field 'positive_passages'"):
+        ev.read_miracl_pairs(write_jsonl(tmp_path / "miracl.jsonl", [good, {"query": "q"}]))
+
+
+def test_missing_model_and_bad_task_are_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--task", "ppl"], cwd=tmp_path,
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "out/demo/hf" in r.stderr and "python train.py configs/demo.py" in r.stderr
+    with pytest.raises(SystemExit, match=r"^error: --task perplexity: unknown task"):
+        ev.main(["--task", "perplexity"])
+    with pytest.raises(SystemExit, match=r"^error: --model nowhere: no such directory$"):
+        ev.find_weights("nowhere")
+
+
+def test_run_directory_resolves_to_export_else_newest_checkpoint(tmp_path):
+    for step in (2, 10):
+        (tmp_path / f"ckpt_{step}").mkdir()
+        (tmp_path / f"ckpt_{step}" / "meta.json").write_text("{}")
+    (tmp_path / "ckpt_30.tmp").mkdir()  # an unfinished checkpoint
+    assert ev.find_weights(tmp_path) == ("ckpt", tmp_path / "ckpt_10")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert ev.find_weights(tmp_path) == ("hf", tmp_path / "hf")
+    assert ev.find_weights(tmp_path / "ckpt_2") == ("ckpt", tmp_path / "ckpt_2")
+
+
+def test_curves_join_stages(tmp_path, capsys):
+    s1 = write_jsonl(tmp_path / "s1" / "metrics.jsonl", [{"step": 10, "loss": 5.0}, {"step": 100, "loss": 3.0},
+                                                          {"step": 100, "val_acc": 0.4, "recall@10": 0.1, "mrr@10": 0.05}])
+    write_jsonl(tmp_path / "s2" / "metrics.jsonl", [{"step": 10, "loss": 2.5}, {"step": 50, "val_acc": 0.5}])
+    ev.main(["--task", "curves", "--run", str(s1.parent), str(tmp_path / "s2"), "--out", str(tmp_path / "eval")])
+    r = json.loads((tmp_path / "eval" / "curves.json").read_text())["results"]["curves"]
+    assert r["points"]["loss"] == [[10, 5.0], [100, 3.0], [110, 2.5]]
+    assert r["points"]["val_acc"] == [[100, 0.4], [150, 0.5]]
+    assert r["stage_starts"] == [10, 110]
+    assert "0.5000 @ 150" in capsys.readouterr().out
+
+# -----------------------------------------------------------------------------------------------------------
+# end to end on the demo data
+
+
+def test_every_task_on_the_demo_data(demo, capsys):
+    run_cli(demo, "--task", "all", "--plot", "--quick", "--limit", "12", "--docs_per_bin", "2", "--positions", "5",
+            "--pairs", "6", "--lrs", "1e-4", "3e-4", "--max_len", "64", "--bins", "0,128,400,1000")
+    out = capsys.readouterr().out
+    for task in ev.TASKS:
+        r = report(demo, task)
+        assert r["task"] == task and r["settings"]
+    try:
+        import matplotlib  # noqa: F401
+        assert (demo / "out/eval/ppl.png").is_file()
+    except ImportError:
+        assert "matplotlib is not installed" in out
+    assert report(demo, "mlm")["results"]["out/demo/hf"]["masked_tokens"] > 0
+    ppl = report(demo, "ppl")["results"]["out/demo/hf"]
+    assert all(d["ppl"] > 1 for d in ppl["docs"]) and all(b["n"] <= 2 for b in ppl["bins"])
+    jglue = report(demo, "jglue")["results"]["out/demo/hf"]
+    for t, metric in ev.MAIN_METRIC.items():
+        assert len(jglue[t]["grid"]) == 4  # one run per LR, scored after epochs 1 and 2
+        assert jglue[t]["best"][metric] == max(g[metric] for g in jglue[t]["grid"])
+    assert jglue["average"] == pytest.approx(np.mean([jglue[t]["best"][m] for t, m in ev.MAIN_METRIC.items()]))
+    retrieval = report(demo, "retrieval")["results"]
+    assert set(retrieval) == {"out/demo/hf", "[edit distance]", "[Jaccard]"}
+    assert len(report(demo, "fillmask")["results"]["out/demo/hf"][0]["top"]) == 5
+    assert report(demo, "lengths")["results"]["out/demo/hf"]["n"] == len(ppl["docs"])
+    curves = report(demo, "curves")["results"]["curves"]["points"]  # train.py's metrics.jsonl
+    assert [s for s, _ in curves["loss"]] == [1, 2] and [s for s, _ in curves["val_acc"]] == [0, 2]
+
+
+def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
+    """The same weights as a directory saved by transformers and as train.py's own checkpoint (DCP shards)."""
+    transformers = pytest.importorskip("transformers")
+    tok = demo / "data/demo/tokenizer.model"
+    transformers.AutoModelForMaskedLM.from_pretrained(demo / "out/demo/hf").save_pretrained(tmp_path / "tf")
+    results = {}
+    for name, path in (("tf", tmp_path / "tf"), ("ours", demo / "out/demo/ckpt_2")):
+        run_cli(demo, "--task", "ppl", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
+                "--limit", "6", "--docs_per_bin", "2", "--positions", "4")
+        run_cli(demo, "--task", "retrieval", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
+                "--limit", "6", "--no_baselines")
+        results[name] = [report(tmp_path, t, name)["results"][str(path)] for t in ("ppl", "retrieval")]
+    assert results["tf"] == results["ours"]
+
+
+def test_fillmask_top_predictions_of_a_known_model(tmp_path, tok):
+    log_probs = torch.full((tok.vocab_size,), -20.0)
+    top = tok.encode("山")[-1]
+    log_probs[top], log_probs[tok.sep_id] = 0.0, -1.0
+    model = known_model(log_probs.log_softmax(-1))
+    model.config.pad_token_id, model.config.cls_token_id = tok.pad_id, tok.cls_id
+    model.config.sep_token_id, model.config.mask_token_id = tok.sep_id, tok.mask_id
+    model.save_pretrained(tmp_path / "m")
+    prompts = write_jsonl(tmp_path / "prompts.txt", ["日本の{}です。", "{}は高い"])
+    run_cli(tmp_path, "--task", "fillmask", "--model", "m", "--tokenizer", tok.path, "--data", prompts, "--topk", "2")
+    for r in report(tmp_path, "fillmask")["results"]["m"]:
+        assert [t["id"] for t in r["top"]] == [top, tok.sep_id]
+        assert r["top"][0]["prob"] == pytest.approx(1 / (1 + math.exp(-1) + (tok.vocab_size - 2) * math.exp(-20)))
+
+
+def test_fillmask_prompt_tokenized_as_running_text():
+    if not LLMJP.is_file():
+        pytest.skip("the llm-jp tokenizer is not present")
+    tok = data.Tokenizer(LLMJP)
+    sp = tok.sp
+    ids = ev.prompt_ids(tok, "1年は{}ヶ月です。")
+    pieces = ["▁1", "年", "は", None, "ヶ月", "です。"]  # no start-of-text "▁" after the mask
+    assert ids == [tok.cls_id] + [sp.piece_to_id(p) if p else tok.mask_id for p in pieces] + [tok.sep_id]
+    assert ev.prompt_ids(tok, "{}は、地球上")[:2] == [tok.cls_id, tok.mask_id]
+
+
+def test_mlm_matches_a_per_sequence_computation(demo, tok):
+    wiki = demo / "data/demo/wiki.jsonl"
+    run_cli(demo, "--task", "mlm", "--data", wiki, "--limit", "5", "--max_len", "64", "--seed", "3",
+            "--token_budget", "100", "--out", "out/mlm")
+    got = report(demo, "mlm", "out/mlm")["results"]["out/demo/hf"]
+    model = ModernBERT.from_pretrained(demo / "out/demo/hf").eval()
+    g = torch.Generator().manual_seed(3)
+    losses, hits = [], []
+    for _, r in zip(range(5), data.read_jsonl(wiki)):
+        ids = torch.tensor(tok.encode_pair(r[1]["text"], max_len=64))
+        x, y = data.mask_tokens(ids, tok.special_ids, tok.mask_id, tok.vocab_size, g, p=0.3)
+        with torch.no_grad():
+            logits = model(x[None])[0][0]  # (seqlen, V): every position, one padded sequence
+        sel = y != -100
+        losses += F.cross_entropy(logits[sel], y[sel], reduction="none").tolist()
+        hits += (logits[sel].argmax(-1) == y[sel]).tolist()
+    assert got["masked_tokens"] == len(losses)
+    assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    assert got["accuracy"] == pytest.approx(sum(hits) / len(hits))
