@@ -967,14 +967,8 @@ def run_task(task, args, entries):
     columns = list(results) if task in ("retrieval", "curves") else [e.name for e in entries]
     print_table(task, columns if task != "curves" else ["final value @ step"], rows)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
-    if args.plot:
-        try:
-            figure = plot(task, report, out)
-        except ImportError:
-            print("matplotlib is not installed: no figure (pip install matplotlib)")
-        else:
-            if figure:
-                print(f"wrote {figure}")
+    if args.plot and (figure := plot(task, report, out)):
+        print(f"wrote {figure}")
     print()
 
 
@@ -1016,6 +1010,12 @@ def main(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     tasks = list(TASKS) if args.task == "all" else [args.task]
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("matplotlib is not installed: no figures (pip install matplotlib)\n")
+            args.plot = False
     if args.task not in TASKS + ("all",):
         fail(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
     if args.task == "all" and args.data:
