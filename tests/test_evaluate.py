@@ -63,8 +63,6 @@ eval_batches = 1
 def demo(tmp_path_factory):
     """A directory laid out as a user's checkout after the demo data and a (two-step) demo training run:
     data/demo/ (demo sets, a small tokenizer, shards) and out/demo/ (train.py's ckpt_2/, hf/, metrics.jsonl)."""
-    if not hasattr(data, "write_demo"):
-        pytest.skip("data.write_demo is not available")
     root = tmp_path_factory.mktemp("checkout")
     d = root / "data" / "demo"
     paths = data.write_demo(d, n_docs=400)
