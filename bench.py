@@ -268,6 +268,28 @@ def bench_attention(args):
                                                                         fa._bwd_dkdv_kernel)]
             print(f"{'':15}autotuned (BLOCK_M x BLOCK_N, warps, stages): " + "; ".join(
                 f"{n} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} {c.num_warps} {c.num_stages}" for n, c in tuned))
+
+    # RoPE runs as its own kernel before attention; its share of attention's time is what fusing it into the
+    # attention kernels' Q/K loads could save at most (and fusing repeats the rotation per query block)
+    qkv = torch.randn(total, 3, n_heads, head_dim, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    cos, sin = (torch.randn(total, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    grads = [torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+
+    def rope_fwd():
+        with torch.no_grad():
+            for _ in range(reps):
+                kernels.apply_rotary(qkv[:, 0], qkv[:, 1], cos, sin)
+
+    def rope_fwd_bwd():
+        for _ in range(reps):
+            torch.autograd.grad(kernels.apply_rotary(qkv[:, 0], qkv[:, 1], cos, sin), qkv, grads)
+
+    t_fwd = timeit(rope_fwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
+    t_all = timeit(rope_fwd_bwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
+    ours = {(r["seqlen"], r["window"]): r["fwd_bwd_ms"] for r in results if r["impl"] == "triton (ours)"}
+    shares = ", ".join(f"{t_all * 1e3 / ms:.1%} of ours at seqlen {L} window {w}" for (L, w), ms in ours.items())
+    print(f"RoPE kernel on q and k: fwd {t_fwd * 1e3:.3f} ms, fwd+bwd {t_all * 1e3:.3f} ms = {shares}")
+    results.append({"impl": "rope (separate kernel)", "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_all * 1e3})
     return results
 
 

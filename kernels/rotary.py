@@ -6,6 +6,12 @@ out = x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1), i.e. for th
 The map is linear in x, and its transpose is the same formula with (sin1, sin2) replaced by (-sin2, -sin1),
 so one kernel does both directions. Each program rotates a block of tokens for every head, loading that
 block's cos/sin once; arithmetic in fp32, result cast back to x's dtype.
+
+Why a pass of its own rather than rotating inside attention's Q/K loads: the attention forward loads each
+key block once per query block that sees it (seqlen / BLOCK_M times in a global layer), and so do both
+backward passes, so rotating there repeats the rotation that often, on the same CUDA cores as the softmax.
+This pass reads and writes q and k once each way. `bench.py attention` prints its time as a share of the
+attention's, the most that fusing could save.
 """
 import os
 

@@ -7,6 +7,9 @@ block and slot edges. With CUDA the same tests run compiled, plus bf16 checks at
 """
 import itertools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +119,16 @@ def test_flash_attn_rejects_bad_arguments():
         kernels.flash_attn_varlen(q, k, v, cu, 4, window=-1)
     with pytest.raises(ValueError, match="cu_seqlens"):
         kernels.flash_attn_varlen(q, k, v, cu.long(), 4)
+
+
+def test_kernels_compile_for_hopper():
+    # the interpreter above checks what the kernels compute, not that they compile for a GPU: build every
+    # autotune config for sm_90 (H100) at the model's head_dim, in a process without the interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "kernels.compile", "--arch", "90", "--head_dim", "64", "--check"],
+                         cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "0 problem(s)" in run.stdout
 
 
 def rope_inputs(total, n_heads, head_dim, dtype, seed=0):
