@@ -5,8 +5,9 @@ The model never sees padding. Every forward runs on a packed batch: `input_ids` 
 plus `cu_seqlens` (int32, (n_seqs + 1,), cumulative sequence lengths) and `max_seqlen`. Padded (B, S)
 input with an attention mask is unpacked before the embeddings and outputs are re-padded only where the
 caller asks for them. Attention is one function, `attention()`: on CUDA our Triton kernels (kernels/),
-elsewhere a plain PyTorch reference. Setting MODERNBERT_ATTENTION=reference (or `model.USE_KERNELS = False`)
-forces the reference everywhere.
+elsewhere a plain PyTorch reference. MODERNBERT_ATTENTION (or `model.ATTENTION`) switches: `auto` (that
+default), `reference` (the reference everywhere) or `kernels` (the kernels everywhere; on a CPU only with
+TRITON_INTERPRET=1, which is how the tests run the model on them without a GPU).
 
 State-dict keys and config.json are Hugging Face's, so `from_pretrained` / `save_pretrained` interoperate
 with transformers without importing it.
@@ -20,7 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-USE_KERNELS = os.environ.get("MODERNBERT_ATTENTION", "auto") != "reference"
+ATTENTION = os.environ.get("MODERNBERT_ATTENTION", "auto")
+if ATTENTION not in ("auto", "reference", "kernels"):
+    raise ValueError(f"MODERNBERT_ATTENTION must be auto, reference or kernels, got {ATTENTION!r}")
 IGNORE_INDEX = -100
 
 # -----------------------------------------------------------------------------------------------------------
@@ -138,9 +141,17 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def use_kernels(x):
+    """Whether attention and RoPE on tensor x run in the Triton kernels (see ATTENTION at the top)."""
+    if ATTENTION == "kernels" and not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("MODERNBERT_ATTENTION=kernels on CPU tensors needs TRITON_INTERPRET=1 (Triton's "
+                           "interpreter; the kernels compile for CUDA GPUs only)")
+    return ATTENTION == "kernels" or (ATTENTION == "auto" and x.is_cuda)
+
+
 def apply_rotary(q, k, cos, sin):
     """q, k (total_tokens, n_heads, head_dim); cos, sin (total_tokens, head_dim). Rotation in fp32."""
-    if q.is_cuda and USE_KERNELS:
+    if use_kernels(q):
         from kernels import apply_rotary as apply_rotary_kernel
         return apply_rotary_kernel(q, k, cos, sin)
     cos, sin = cos[:, None, :].float(), sin[:, None, :].float()
@@ -152,7 +163,7 @@ def apply_rotary(q, k, cos, sin):
 def attention(q, k, v, packing, window=None, dropout_p=0.0):
     """Bidirectional attention inside each packed sequence; with `window`, query i sees key j iff |i-j| <= window.
     q, k, v (total_tokens, n_heads, head_dim) -> (total_tokens, n_heads, head_dim)."""
-    if q.is_cuda and USE_KERNELS and dropout_p == 0.0:
+    if use_kernels(q) and dropout_p == 0.0:
         from kernels import flash_attn_varlen
         return flash_attn_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, window=window)
     if window is None or 2 * window + 1 >= packing.max_seqlen:

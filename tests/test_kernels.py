@@ -121,6 +121,31 @@ def test_flash_attn_rejects_bad_arguments():
         kernels.flash_attn_varlen(q, k, v, cu.long(), 4)
 
 
+def test_model_on_kernels_matches_reference(monkeypatch):
+    # the model's way into the kernels (q, k, v as strided views of one projection, per-token RoPE tables,
+    # window = local_attention // 2 on local layers) against the same model on the PyTorch reference, in
+    # fp32: in half precision the two paths' rounding differs by as much as a wrong window would
+    import model
+    config = model.ModernBertConfig.preset("tiny", vocab_size=97, hidden_size=64, num_attention_heads=2,
+                                           intermediate_size=96, num_hidden_layers=3, local_attention=8)
+    net = model.ModernBERT(config).to(DEVICE)
+    lengths = [5, 0, 40, 17, 1]
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, 97, (sum(lengths),), generator=g).to(DEVICE)
+    labels = torch.where(torch.rand(ids.shape, generator=g).to(DEVICE) < 0.5, ids, model.IGNORE_INDEX)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    runs = {}
+    for mode in ("reference", "kernels"):
+        monkeypatch.setattr(model, "ATTENTION", mode)
+        net.zero_grad()
+        logits, loss = net(ids, labels=labels, cu_seqlens=cu, max_seqlen=max(lengths))
+        loss.backward()
+        runs[mode] = [logits, *(p.grad.clone() for p in net.parameters())]
+    for i, (a, b) in enumerate(zip(runs["kernels"], runs["reference"])):
+        err = ((a - b).abs().max() / b.abs().max()).item()  # relative to the tensor's largest magnitude
+        assert err <= 1e-5, f"tensor {i} (0 = logits, then parameter grads): relative error {err:.3g}"
+
+
 def test_kernels_compile_for_hopper():
     # the interpreter above checks what the kernels compute, not that they compile for a GPU: build every
     # autotune config for sm_90 (H100) at the model's head_dim, in a process without the interpreter
