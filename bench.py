@@ -226,10 +226,10 @@ def bench_attention(args):
                     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
                 contenders["sdpa flash (padded)"] = (padded, unpadded, sdpa)
-            if varlen_attn is not None:
-                window_size = (-1, -1) if window is None else (window, window)
+            if varlen_attn is not None:  # window_size only where needed: older torch lacks the argument
+                band = {} if window is None else {"window_size": (window, window)}
                 contenders["varlen_attn"] = (lambda x: x, lambda x: x, lambda q, k, v: varlen_attn(
-                    q, k, v, cu, cu, seqlen, seqlen, window_size=window_size))
+                    q, k, v, cu, cu, seqlen, seqlen, **band))
             ours = None  # (output, fwd s, fwd+bwd s) of the first contender, ours
             for name, (to_layout, from_layout, attn) in contenders.items():
                 leaves = [to_layout(x).detach().requires_grad_() for x in (q, k, v)]
