@@ -241,6 +241,33 @@ def test_flash_attn_gpu_head_dims(dtype, head_dim):
 
 
 @cuda_only
+def test_flash_attn_gpu_int64_offsets():
+    # 2**31 elements before the last two sequences: their element offsets overflow int32, so the kernels
+    # must form them in int64 (8 tensors of 4.3 GB live at once)
+    if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
+        pytest.skip("needs a GPU with 60 GiB of memory")
+    n_heads, head_dim = 16, 64
+    lengths = [4096] * 512 + [777, 300]  # 512 x 4096 x 16 x 64 = 2**31
+    total = sum(lengths)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    for window in (None, 64):
+        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 4096, window=window)
+        for i in (0, len(lengths) - 2, len(lengths) - 1):  # the first sequence, and the two past 2**31
+            start, end = cu[i].item(), cu[i + 1].item()
+            one = torch.tensor([0, end - start], dtype=torch.int32, device="cuda")
+            inputs = [x[start:end] for x in (q, k, v, do)]
+            want = reference(*inputs, one, window)
+            base = low_precision_baseline(*inputs, one, window)
+            for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, base):
+                err, base_err = (a[start:end].float() - b).abs().max().item(), (c.float() - b).abs().max().item()
+                assert err <= 2 * base_err + 1e-3, f"{name} seq {i} window {window}: {err:.3g} vs SDPA {base_err:.3g}"
+        del got
+
+
+@cuda_only
 def test_rotary_gpu_bf16():
     q, k, dq, dk, cos, sin = rope_inputs(65536, 12, 64, torch.bfloat16)
     got = rope_forward_backward(kernels.apply_rotary, q, k, dq, dk, cos, sin)
