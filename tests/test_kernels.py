@@ -111,6 +111,25 @@ def test_flash_attn_all_sequences_empty():
     assert out.shape == dq.shape == dk.shape == dv.shape == (0, 2, 32)
 
 
+def test_work_table_and_autotune_bucket():
+    # one row (seq_start, seq_end, slot_start) per SLOT tokens of each sequence, longest sequence first,
+    # zero rows after; written out here with a plain loop
+    fa = kernels.flash_attn
+    lengths = [3, 0, 2 * fa.SLOT + 1, fa.SLOT, 1, 0, fa.SLOT + 5]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    table = fa._work_table(cu, sum(lengths)).tolist()
+    want = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep batch order
+        start = sum(lengths[:i])
+        want += [[start, start + lengths[i], slot] for slot in range(start, start + lengths[i], fa.SLOT)]
+    assert table[:len(want)] == want
+    assert all(row == [0, 0, 0] for row in table[len(want):])
+    # autotuning is keyed on max_seqlen's power-of-two bucket, so a new max_seqlen rarely re-tunes
+    q = torch.empty(1, 1, 32)
+    bucket = lambda max_seqlen: fa._launch_args(q, None, max_seqlen)["SEQ_BUCKET"]
+    assert bucket(600) == bucket(1024) == 1024 and bucket(1025) == 2048
+
+
 def test_flash_attn_rejects_bad_arguments():
     q, k, v, do, cu = packed([4], 1, 32, torch.float32)
     with pytest.raises(ValueError, match="head_dim"):
