@@ -102,7 +102,9 @@ class Tokenizer:
                 raise DataError(f"{path}: tokenizer has no <{name}> piece (needs the llm-jp special-piece layout)")
         self.mask_id, self.pad_id, self.cls_id, self.sep_id, self.eod_id = (ids[n] for n in SPECIAL_NAMES)
         self.unk_id = self.sp.unk_id()
-        self.special_ids = {i for i in range(self.vocab_size) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+        ids = list(range(self.vocab_size))  # one call per question for the whole vocabulary, not one per id
+        control, unknown = self.sp.is_control(ids), self.sp.is_unknown(ids)
+        self.special_ids = {i for i in ids if control[i] or unknown[i]}
         self._sha256 = None
 
     @property
@@ -186,7 +188,8 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
 # reading inputs
 
 def _open_binary(path):
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+    # a large buffer: the default 8 KiB makes readline() refill many times for each long document
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb", buffering=1 << 20)
 
 
 def _line_number(path, pos):
@@ -234,6 +237,10 @@ def _parse_line(path, pos, line, kind, text_field):
         return s if s.strip() else None
     if not s.strip():
         return None
+    if text_field is not None:
+        text = _plain_text(s, text_field)
+        if text is not None:
+            return text
     try:
         record = json.loads(s)
     except json.JSONDecodeError as e:
@@ -248,6 +255,33 @@ def _parse_line(path, pos, line, kind, text_field):
         kind = type(text).__name__
         raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
     return text
+
+
+@functools.lru_cache(maxsize=None)
+def _record_head(text_field):
+    return "{" + json.dumps(text_field) + ': "'
+
+
+def _plain_text(s, text_field):
+    """record[text_field] for a JSON line s laid out as json.dumps writes {text_field: str, ...}, or None if s
+    is not such a line or is malformed (the caller then runs json.loads, which says what is wrong). Only the
+    string is decoded, by json's own scanner; fields after it are parsed to check the line and that they do
+    not repeat text_field (the last of duplicate keys wins)."""
+    head = _record_head(text_field)
+    if not s.startswith(head):
+        return None
+    try:
+        text, end = json.decoder.scanstring(s, len(head))
+        rest = s[end:].strip(" \t\r\n")  # JSON's whitespace
+        if rest == "}":
+            return text
+        if rest.startswith(","):
+            others = json.loads("{" + rest[1:])
+            if others and text_field not in others:  # {} would mean a trailing comma
+                return text
+    except ValueError:
+        pass
+    return None
 
 
 def _input_kind(path):
@@ -331,9 +365,9 @@ class _ShardWriter:
         if not docs:
             return
         lengths = [len(d) for d in docs]
-        data = np.concatenate(docs).astype(self.dtype).tobytes()
-        self.f.write(data)
-        self.hash.update(data)
+        ids = np.concatenate(docs, dtype=self.dtype, casting="unsafe")  # every id < vocab size fits the dtype
+        self.f.write(ids)  # files and hashes take the array's buffer: no copy to bytes
+        self.hash.update(ids)
         ends = np.cumsum(lengths) + self.offsets[-1]
         self.offsets.extend(ends.tolist())
 

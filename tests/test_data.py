@@ -192,6 +192,48 @@ def test_read_jsonl_and_txt(tmp_path):
     q.write_text("一つ目\n\n二つ目\r\n")
     assert list(data.iter_documents(q)) == [(1, "一つ目"), (3, "二つ目")]
 
+
+def json_text(line, field):
+    """The reference: record[field] by json.loads, or None where the line is not a record with a string field."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    text = record.get(field) if isinstance(record, dict) else None
+    return text if isinstance(text, str) else None
+
+
+def test_text_field_fast_path_agrees_with_json_loads():
+    """_plain_text answers record[field] exactly as json.loads does, or None (json.loads then decides), on
+    escapes, surrogates, fields in any order, nested and duplicate keys, malformed lines and every prefix."""
+    texts = ["plain", 'say "hi"', "back\\slash \\n not a newline", "改行\nと\tタブ\rと\x00制御文字", "emoji 🗻 𝔘",
+             "\u2028\u2029\x85", "", " ", "\\", '"', "\\\"", "\ud800 lone", "end \\"]
+    lines = []
+    for field in ("text", "body", 'odd "key"', "本文"):
+        for t in texts:
+            for ascii_only in (True, False):
+                dump = lambda obj, **kw: json.dumps(obj, ensure_ascii=ascii_only, **kw)  # noqa: E731
+                lines += [(field, dump({field: t})), (field, dump({field: t}, separators=(",", ":"))),
+                          (field, dump({field: t, "meta": {field: "nested", "n": [1, {field: 2}]}})),
+                          (field, dump({"id": 1, field: t})), (field, dump({field: t, "x": None}) + " \t\r\n"),
+                          (field, dump({field: t})[:-1] + ', ' + dump(field) + ': "last wins"}'),
+                          (field, dump({field: t})[:-1] + ', ' + dump(field) + ': 5}'),
+                          (field, dump({field: t})[:-1] + ", }"), (field, dump({field: t}) + " extra"),
+                          (field, dump({field: t})[:-1] + ', "x": }'), (field, dump({field: 7, "x": t}))]
+    lines += [("text", '{"text": "bad \\x escape"}'), ("text", '{"text": "bad \\u12"}'), ("text", '{"text": "raw\ttab"}'),
+              ("text", '{"text": "a", "m": 1e999}'), ("text", '{"text": "a", "m": NaN}'), ("text", '{"text" : "a"}'),
+              ("text", '{"text": "\\ud83d\\uddfb"}'), ("text", '{"text": "\\udc00\\ud800"}'), ("text", '{"text": "a"}}')]
+    lines += [(f, line[:n]) for f, line in lines[:60] for n in range(len(line))]  # every truncation
+    fast = 0
+    for field, line in lines:
+        got = data._plain_text(line, field)
+        if got is not None:
+            fast += 1
+            assert got == json_text(line, field), (field, line)
+    assert fast > 250  # the common layouts take the fast path
+    assert data._plain_text('{"text": "a", "text": "b"}', "text") is None  # duplicates: json.loads decides
+    assert data._plain_text('{"text": "a",}', "text") is None
+
 # ----------------------------------------------------------------------------------------------------------
 # bad input: one line naming what and where, DataError for library users, `error: ...` and exit 1 on the command line
 
