@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -35,15 +36,14 @@ ATTENTION = (flash_attn._fwd_kernel, flash_attn._bwd_dq_kernel, flash_attn._bwd_
 
 def _signature(fn, dtype):
     """Triton type of each runtime argument, read off the kernels' naming: upper-case names are pointers."""
-    types = {"TABLE": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    types = {"TABLE": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "SEQ_BUCKET": "i32", "qk_scale": "fp32",
+             "sm_scale": "fp32"}
     sig = {}
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
             sig[name] = "constexpr"
-        elif name in types:
-            sig[name] = types[name]
         else:
-            sig[name] = f"*{dtype}" if name.isupper() and name != "SEQ_BUCKET" else "i32"
+            sig[name] = types.get(name, f"*{dtype}" if name.isupper() else "i32")
     return sig
 
 
@@ -59,62 +59,61 @@ def compile_kernel(fn, arch, constants, num_warps, num_stages, dtype="bf16"):
 
 def resources(compiled):
     """(shared bytes, registers per thread, stack bytes per thread) of a compiled kernel; stack is spilling."""
-    cubin = compiled.asm["cubin"]
-    path = f"/tmp/kernels_compile_{os.getpid()}.cubin"
-    with open(path, "wb") as f:
-        f.write(cubin)
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
         out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
                              capture_output=True, text=True, check=True).stdout
-    finally:
-        os.remove(path)
     regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", out).groups()
     return compiled.metadata.shared, int(regs), int(stack)
 
 
+def specialisations(head_dims, windows):
+    """What a launch may compile: (kernel name, head_dim, window, block, fn, constexprs, num_warps, num_stages)
+    for the RoPE kernel and for every autotune config of the attention kernels."""
+    for head_dim in head_dims:
+        yield ("_rotary_kernel", head_dim, "", str(rotary.BLOCK_T), rotary._rotary_kernel,
+               dict(HALF=head_dim // 2, BLOCK_T=rotary.BLOCK_T, TRANSPOSE=False), 4, 1)
+        for kernel in ATTENTION:
+            for window in windows:
+                for config in kernel.configs:
+                    block = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                    constants = dict(HEAD_DIM=head_dim, WINDOW=window, SLOT=flash_attn.SLOT, PRECISION="tf32",
+                                     **config.kwargs)
+                    yield (kernel.fn.__name__, head_dim, window, block, kernel.fn, constants, config.num_warps,
+                           config.num_stages)
+
+
 def report(archs, head_dims, windows, dtype="bf16"):
-    """Compile every config; print one row each; return the problems found as strings."""
+    """Compile every specialisation; print one row each; return the problems found as strings."""
     problems = []
+    fitting = {}  # (arch, kernel, head_dim, window) -> how many of its configs fit without spilling
     print(f"{'arch':>5} {'kernel':<17} {'head':>4} {'window':>6} {'block':>8} {'warps':>5} {'stages':>6} "
           f"{'shared KiB':>10} {'regs':>5} {'spill B':>7}  fits")
     for arch in archs:
-        limit = SHARED_LIMIT[arch]
-        for head_dim in head_dims:
-            compiled = compile_kernel(rotary._rotary_kernel, arch, dict(HALF=head_dim // 2, BLOCK_T=rotary.BLOCK_T,
-                                                                        TRANSPOSE=False), 4, 1, dtype)
+        for name, head_dim, window, block, fn, constants, warps, stages in specialisations(head_dims, windows):
+            row = f"{arch:>5} {name:<17} {head_dim:>4} {window:>6} {block:>8}"
+            group = (arch, name, head_dim, window)
+            fitting.setdefault(group, 0)
+            try:
+                compiled = compile_kernel(fn, arch, constants, warps, stages, dtype)
+            except Exception as e:  # a compile error is a finding, reported with the config
+                while e.__cause__ is not None:  # Triton chains an error through each call site
+                    e = e.__cause__
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
+                problems.append(f"sm_{arch} {name} head_dim {head_dim} window {window} {block}: "
+                                f"{type(e).__name__}: {lines[-1]}")
+                print(f"{row}  does not compile")
+                continue
             shared, regs, stack = resources(compiled)
-            print(f"{arch:>5} {'_rotary_kernel':<17} {head_dim:>4} {'':>6} {rotary.BLOCK_T:>8} {4:>5} {1:>6} "
-                  f"{shared / 1024:>10.1f} {regs:>5} {stack:>7}  {'yes' if stack == 0 else 'SPILLS'}")
-            if stack:
-                problems.append(f"sm_{arch} _rotary_kernel head_dim {head_dim}: spills {stack} bytes")
-            for kernel in ATTENTION:
-                for window in windows:
-                    good = 0
-                    for config in kernel.configs:
-                        constants = dict(HEAD_DIM=head_dim, WINDOW=window, SLOT=flash_attn.SLOT,
-                                         PRECISION="tf32", **config.kwargs)
-                        name = kernel.fn.__name__
-                        block = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                        try:
-                            compiled = compile_kernel(kernel.fn, arch, constants, config.num_warps,
-                                                      config.num_stages, dtype)
-                        except Exception as e:  # a compile error is a finding, reported with the config
-                            while e.__cause__ is not None:  # Triton chains an error through each call site
-                                e = e.__cause__
-                            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [""]
-                            problems.append(f"sm_{arch} {name} head_dim {head_dim} window {window} {block}: "
-                                            f"{type(e).__name__}: {lines[-1]}")
-                            print(f"{arch:>5} {name:<17} {head_dim:>4} {window:>6} {block:>8}  does not compile")
-                            continue
-                        shared, regs, stack = resources(compiled)
-                        fits = shared <= limit and stack == 0
-                        good += fits
-                        verdict = "yes" if fits else ("SPILLS" if shared <= limit else "over shared limit")
-                        print(f"{arch:>5} {name:<17} {head_dim:>4} {window:>6} {block:>8} {config.num_warps:>5} "
-                              f"{config.num_stages:>6} {shared / 1024:>10.1f} {regs:>5} {stack:>7}  {verdict}")
-                    if not good:
-                        problems.append(f"sm_{arch} {kernel.fn.__name__} head_dim {head_dim} window {window}: "
-                                        f"no config fits {limit // 1024} KiB of shared memory without spilling")
+            over = shared > SHARED_LIMIT[arch]
+            fitting[group] += not over and stack == 0
+            verdict = "over shared limit" if over else ("SPILLS" if stack else "yes")
+            print(f"{row} {warps:>5} {stages:>6} {shared / 1024:>10.1f} {regs:>5} {stack:>7}  {verdict}")
+    problems += [f"sm_{arch} {name} head_dim {head_dim} window {window}: no config fits "
+                 f"{SHARED_LIMIT[arch] // 1024} KiB of shared memory without spilling"
+                 for (arch, name, head_dim, window), n in fitting.items() if not n]
     return problems
 
 
