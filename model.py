@@ -166,7 +166,7 @@ def attention(q, k, v, packing, window=None, dropout_p=0.0):
     if use_kernels(q) and dropout_p == 0.0:
         from kernels import flash_attn_varlen
         return flash_attn_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, window=window)
-    if window is None or 2 * window + 1 >= packing.max_seqlen:
+    if window is None or window >= packing.max_seqlen - 1:  # no pair of tokens is farther apart than the window
         return _global_attention_reference(q, k, v, packing, dropout_p)
     return _local_attention_reference(q, k, v, packing, window, dropout_p)
 
