@@ -452,13 +452,13 @@ class ModernBERT(_Base):
 
     def flops_per_token(self, seqlens, n_predicted):
         """Forward FLOPs of a packed batch with these sequence lengths, divided by its token count. Matmuls
-        count 2 FLOPs per multiply-add; attention counts only the keys inside each layer's window; the
-        decoder only the predicted tokens."""
+        count 2 FLOPs per multiply-add; attention counts only the keys inside each layer's window; the MLM
+        head and decoder only the predicted tokens (all of them when no labels are given)."""
         c = self.config
         H, I, V = c.hidden_size, c.intermediate_size, c.vocab_size
         tokens = sum(seqlens)
-        linear = c.num_hidden_layers * (3 * H * H + H * H + 2 * H * I + I * H) + H * H  # per token, + head.dense
-        flops = 2 * linear * tokens + 2 * (H * V) * n_predicted
+        linear = c.num_hidden_layers * (3 * H * H + H * H + 2 * H * I + I * H)  # per token: Wqkv, Wo, Wi, Wo
+        flops = 2 * linear * tokens + 2 * (H * H + H * V) * n_predicted  # head.dense and decoder
         for layer in self.model.layers:
             keys = sum(visible_keys(s, layer.attn.window) for s in seqlens)
             flops += 2 * 2 * H * keys  # q k^T and p v over every visible (query, key) pair

@@ -21,8 +21,6 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
 
-REAL_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
-needs_real = pytest.mark.skipif(not REAL_TOKENIZER.is_file(), reason="llm-jp tokenizer not beside the repository")
 
 ODD_TEXTS = [" 先頭と末尾に空白 ", "改行を\n含む\n\n文書", "emoji 🗻 と記号 ∮ と珍しい漢字 鬱", "ASCII only, 123.", "タブ\tと　全角空白"]
 
@@ -70,16 +68,15 @@ def test_tokenizer_layout(world):
         assert tok.decode(tok.encode(text)) == text
 
 
-@needs_real
-def test_tokenizer_layout_matches_llm_jp(world):
+def test_tokenizer_layout_matches_llm_jp(world, llmjp_tokenizer):
     ours = spm.SentencePieceProcessor(model_file=str(world["tok"]))
-    real = spm.SentencePieceProcessor(model_file=str(REAL_TOKENIZER))
+    real = spm.SentencePieceProcessor(model_file=str(llmjp_tokenizer))
 
     def kind(sp, i):
         return (sp.is_unknown(i), sp.is_control(i), sp.is_unused(i), sp.is_byte(i))
     assert [real.id_to_piece(i) for i in range(264)] == [ours.id_to_piece(i) for i in range(264)]
     assert [kind(real, i) for i in range(300)] == [kind(ours, i) for i in range(300)]
-    tok = Tokenizer(REAL_TOKENIZER)
+    tok = Tokenizer(llmjp_tokenizer)
     assert tok.vocab_size == 99574 and (tok.mask_id, tok.pad_id, tok.cls_id, tok.sep_id) == (3, 4, 5, 6)
 
 
@@ -159,13 +156,12 @@ def test_round_trip(world):
     assert world["manifest"]["dtype"] == "uint16"
 
 
-@needs_real
-def test_round_trip_llm_jp_tokenizer(world, tmp_path):
+def test_round_trip_llm_jp_tokenizer(world, tmp_path, llmjp_tokenizer):
     texts = world["texts"][:40] + ODD_TEXTS
     (tmp_path / "x.jsonl").write_text("".join(json.dumps({"body": t}, ensure_ascii=False) + "\n" for t in texts))
-    manifest = data.prepare(tmp_path / "x.jsonl", REAL_TOKENIZER, tmp_path / "s", text_field="body", val_fraction=0.2)
+    manifest = data.prepare(tmp_path / "x.jsonl", llmjp_tokenizer, tmp_path / "s", text_field="body", val_fraction=0.2)
     assert manifest["dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] == 99574
-    check_round_trip(tmp_path / "s", texts, REAL_TOKENIZER, 0.2)
+    check_round_trip(tmp_path / "s", texts, llmjp_tokenizer, 0.2)
 
 
 def test_prepare_is_independent_of_workers_and_skips_finished_shards(world, tmp_path):

@@ -18,7 +18,6 @@ import evaluate as ev
 from model import ModernBERT, ModernBertConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-LLMJP = ROOT.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -415,10 +414,8 @@ def test_fillmask_top_predictions_of_a_known_model(tmp_path, tok):
         assert r["top"][0]["prob"] == pytest.approx(1 / (1 + math.exp(-1) + (tok.vocab_size - 2) * math.exp(-20)))
 
 
-def test_fillmask_prompt_tokenized_as_running_text():
-    if not LLMJP.is_file():
-        pytest.skip("the llm-jp tokenizer is not present")
-    tok = data.Tokenizer(LLMJP)
+def test_fillmask_prompt_tokenized_as_running_text(llmjp_tokenizer):
+    tok = data.Tokenizer(llmjp_tokenizer)
     sp = tok.sp
     ids = ev.prompt_ids(tok, "1年は{}ヶ月です。")
     pieces = ["▁1", "年", "は", None, "ヶ月", "です。"]  # no start-of-text "▁" after the mask

@@ -8,9 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import transformers
+from torch.utils.flop_counter import FlopCounterMode
+
+import model
 from model import ModernBERT, ModernBertConfig, ModernBertForSequenceClassification, visible_keys
 
-transformers = pytest.importorskip("transformers")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
 TOL = 1e-4
 
@@ -106,6 +110,28 @@ def test_ours_to_hf_logits(tmp_path, i):
     assert (out[real] - ref[real]).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("path", ["reference", "kernels"])
+@pytest.mark.parametrize("w", [4, 64])
+def test_window_edge_lengths_match_hf(tmp_path, monkeypatch, path, w):
+    """Sequences of w+1 .. 2w+2 tokens, where a local layer sees some but not all of its sequence: alone, and
+    as the longest of a batch, on the reference path and on the kernels, against transformers."""
+    cfg = tiny(local_attention=2 * w, global_attn_every_n_layers=2, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(w)
+    hf = randomize(transformers.ModernBertForMaskedLM(hf_config(cfg, old_style=False)), w).eval()
+    hf.save_pretrained(tmp_path)
+    ours = ModernBERT.from_pretrained(tmp_path).to(DEVICE).eval()
+    monkeypatch.setattr(model, "ATTENTION", path)
+    for n in (w + 1, w + 2, 2 * w, 2 * w + 1, 2 * w + 2):
+        for lengths in ([n], [n // 2, n, 3, w + 1]):
+            ids, mask = batch(cfg.vocab_size, lengths, seed=n)
+            with torch.no_grad():
+                ref = hf(input_ids=ids, attention_mask=mask).logits
+                out = ours(ids.to(DEVICE), mask.to(DEVICE))[0].cpu()
+            real = mask.bool()
+            err = (out[real] - ref[real]).abs().max().item()
+            assert err <= TOL, f"{path}, window {w}, lengths {lengths}: max logit error {err:.3g}"
+
+
 def test_old_style_config_json_is_read(tmp_path):
     """A config.json of the first transformers generation: global_rope_theta etc. and no layer_types."""
     cfg = tiny(local_attention=4, global_attn_every_n_layers=2, global_rope_theta=160000.0)
@@ -136,10 +162,11 @@ def test_packed_equals_padded_and_gradients_match_hf(tmp_path):
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
     logits_packed, loss_packed = ours(ids[real], labels=labels[real], cu_seqlens=cu, max_seqlen=int(lengths.max()))
     logits_padded, loss_padded = ours(ids, mask, labels=labels)
-    assert torch.allclose(logits_packed, logits_padded, atol=1e-5) and torch.allclose(loss_packed, loss_padded, atol=1e-6)
+    # padded input is unpadded before the embeddings, so both run the very same computation
+    assert torch.equal(logits_packed, logits_padded) and torch.equal(loss_packed, loss_padded)
     full_packed, _ = ours(ids[real], cu_seqlens=cu)
     full_padded, _ = ours(ids, mask)
-    assert torch.allclose(full_packed, full_padded[real], atol=1e-5)
+    assert torch.equal(full_packed, full_padded[real])
 
     # gradients of the unpadded path against transformers' padded model
     loss_padded.backward()
@@ -268,6 +295,31 @@ def test_init_optimizer_groups_and_flops():
             i = torch.arange(s)
             brute = s * s if w is None else int(((i[:, None] - i[None, :]).abs() <= w).sum())
             assert visible_keys(s, w) == brute
+
+
+def test_flops_per_token_counts_what_runs():
+    """MFU's numerator. Against torch's own FLOP counter on a model with global layers only (the counter
+    sees every matmul, including the SDPA products), then by hand for the window's share."""
+    seqlens, predicted = [7, 30, 12], [0, 5, 20, 40]
+    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32)
+    ids = torch.randint(7, 300, (49,), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[predicted] = ids[predicted]
+    for with_labels in (True, False):
+        net = ModernBERT(tiny(vocab_size=300, num_hidden_layers=3, global_attn_every_n_layers=1))
+        with FlopCounterMode(display=False) as counter:
+            net(ids, labels=labels if with_labels else None, cu_seqlens=cu, max_seqlen=30)
+        n_predicted = len(predicted) if with_labels else 49
+        assert round(net.flops_per_token(seqlens, n_predicted) * 49) == counter.get_total_flops()
+
+    # H 64, I 96, V 300, 3 layers with window 4 on layers 1 and 2: per token 2 * (3HH + HH + 2HI + IH)
+    # per layer; the head and decoder 2 * (HH + HV) per predicted token; 4 H per visible (query, key) pair
+    net = ModernBERT(tiny(vocab_size=300, num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=8))
+    linear = 3 * 2 * (4 * 64 * 64 + 3 * 64 * 96) * 49 + 2 * (64 * 64 + 64 * 300) * 4
+    full = 7 * 7 + 30 * 30 + 12 * 12
+    windowed = (49 - 6) + (30 * 9 - 2 * 10) + (12 * 9 - 2 * 10)  # 7 tokens: 6 pairs are 5 or 6 apart; longer
+    # ones: 9 keys per query, less 4 + 3 + 2 + 1 at each end
+    assert round(net.flops_per_token(seqlens, 4) * 49) == linear + 4 * 64 * (full + 2 * windowed)
 
 
 def test_cpu_path_never_imports_triton():

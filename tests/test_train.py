@@ -243,23 +243,34 @@ def test_config_error_from_the_command_line_exits(tmp_path):
 
 
 def test_stage_configs_follow_the_paper():
-    """SPEC 3: (max length, steps, global batch, peak LR, warmup) per stage; AdamW 0.9/0.98, eps 1e-6, wd 1e-5."""
+    """Table 1: (max length, steps, global batch, peak LR, warmup) per stage; AdamW 0.9/0.98, eps 1e-6, wd 1e-5."""
+    paper = ((0.9, 0.98), 1e-6, 1e-5, 1.0, 0.3)  # betas, eps, weight decay, clipping, masking rate
     for name, recipe in (("stage1", (1024, 500_000, 3328, 5e-4, 24_000)), ("stage2", (8192, 200_000, 384, 5e-5, 24_000))):
         cfg, _ = train.load_config([name])
         assert (cfg.max_seqlen, cfg.max_steps, cfg.batch_size, cfg.lr, cfg.warmup_steps) == recipe
-        assert (cfg.betas, cfg.eps, cfg.weight_decay, cfg.grad_clip, cfg.mlm_probability) == ((0.9, 0.98), 1e-6, 1e-5, 1.0, 0.3)
+        assert (cfg.betas, cfg.eps, cfg.weight_decay, cfg.grad_clip, cfg.mlm_probability) == paper
         assert cfg.model == "llm-jp-modernbert-base" and cfg.mode == "line_by_line"
     stage1, _ = train.load_config(["stage1"])
     stage2, _ = train.load_config(["stage2"])
     assert not stage1.init_from and stage2.init_from == f"{stage1.out_dir}/hf"
+    # the demo sets none of these, so it trains with the defaults: they must be the paper's too
+    for cfg in (train.Config(), train.load_config(["demo"])[0]):
+        assert (cfg.betas, cfg.eps, cfg.weight_decay, cfg.grad_clip, cfg.mlm_probability) == paper
 
 
-def test_real_tokenizer_gives_the_released_vocabulary():
-    path = REPO.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
-    if not path.is_file():
-        pytest.skip(f"{path} is not here")
-    config = train.model_config(train.Config(), data.Tokenizer(path))
-    # SPEC 1-2: 99,574 pieces; <PAD> 4, <CLS> 5, <SEP> 6, <MASK> 3
+def test_lr_schedule_written_out():
+    """Linear warmup to the peak over warmup_steps (the first step already moves), then linear decay that
+    reaches 0 at max_steps; lr_at(step) is the rate of the update that makes step + 1."""
+    cfg = train.Config(lr=1.0, warmup_steps=4, max_steps=10)
+    expected = [0.25, 0.5, 0.75, 1.0, 1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]
+    assert [train.lr_at(cfg, s) for s in range(10)] == pytest.approx(expected, abs=1e-12)
+    cfg = train.Config(lr=2.0, warmup_steps=0, max_steps=4)
+    assert [train.lr_at(cfg, s) for s in range(4)] == pytest.approx([2.0, 1.5, 1.0, 0.5], abs=1e-12)
+
+
+def test_real_tokenizer_gives_the_released_vocabulary(llmjp_tokenizer):
+    config = train.model_config(train.Config(), data.Tokenizer(llmjp_tokenizer))
+    # the released tokenizer: 99,574 pieces; <PAD> 4, <CLS> 5, <SEP> 6, <MASK> 3
     assert (config.vocab_size, config.pad_token_id, config.cls_token_id, config.sep_token_id, config.mask_token_id) == \
         (99574, 4, 5, 6, 3)
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (768, 22, 1152)
