@@ -30,10 +30,16 @@ SLOT = 32 if INTERPRET else 128  # tokens per work-table row; every block size d
 LOG2E = 1.4426950408889634
 
 
+# autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) of each kernel on a GPU
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 4)]
+DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]
+DKDV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
+
+
 def _configs(shapes):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates; one small config in the interpreter."""
+    """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config in the interpreter."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
+        shapes = [(16, 16, 1, 1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
@@ -71,8 +77,7 @@ def _fwd_inner(acc, l_i, m_i, q, Kh, Vh, stride_kt, stride_vt, offs_m, offs_d, l
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                                   (64, 32, 4, 4), (128, 64, 8, 4)]), key=AUTOTUNE_KEY)
+@triton.autotune(configs=_configs(FWD_CONFIGS), key=AUTOTUNE_KEY)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, TABLE, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_ot, stride_oh, total, qk_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
@@ -140,8 +145,7 @@ def _dq_inner(dq, q, do, lse, delta, Kh, Vh, stride_kt, stride_vt, offs_m, offs_
     return dq
 
 
-@triton.autotune(configs=_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
-                                   (64, 32, 4, 3)]), key=AUTOTUNE_KEY)
+@triton.autotune(configs=_configs(DQ_CONFIGS), key=AUTOTUNE_KEY)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, TABLE, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                    stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, total,
@@ -216,8 +220,7 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs
     return dk, dv
 
 
-@triton.autotune(configs=_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3),
-                                   (64, 64, 4, 3), (32, 64, 4, 3)]), key=AUTOTUNE_KEY)
+@triton.autotune(configs=_configs(DKDV_CONFIGS), key=AUTOTUNE_KEY)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -258,16 +261,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, stride_qt, stride_q
     tl.store(DV + h * stride_dvh + tok * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=rows)
 
 
-_table_cache = None  # (cu_seqlens, its version, total, table): every layer of a step passes the same cu_seqlens
-
-
-def _work_table(cu_seqlens, total):
+def work_table(cu_seqlens, total):
     """int32 (rows, 3): (seq_start, seq_end, slot_start) per SLOT tokens of each sequence, longest first;
-    rows past the real ones are (0, 0, 0). Built on the device with no host sync."""
-    global _table_cache
-    c = _table_cache
-    if c is not None and c[0] is cu_seqlens and c[1] == cu_seqlens._version and c[2] == total:
-        return c[3]
+    rows past the real ones are (0, 0, 0). Built on the device with no host sync, from cu_seqlens as it is
+    now: a caller may build it once and pass it to every layer of one forward (model.py does), but nothing
+    here caches it, since an in-place edit of cu_seqlens (through .data, a numpy alias, a CUDA graph replay)
+    need not bump any version a cache could check."""
     torch._assert_async(cu_seqlens[-1] == total)  # fails on the device when cu_seqlens and q disagree
     cu = cu_seqlens.long()
     batch = cu.numel() - 1
@@ -281,27 +280,34 @@ def _work_table(cu_seqlens, total):
     slot_start = starts[seq] + (idx - slots_end[seq] + n_slots[seq]) * SLOT
     table = torch.stack([starts[seq], starts[seq] + lens[seq], slot_start], 1) * used[:, None]
     table = table[torch.argsort(torch.where(used, lens[seq], -1), descending=True, stable=True)]
-    table = table.to(torch.int32).contiguous()
-    _table_cache = (cu_seqlens, cu_seqlens._version, total, table)
-    return table
+    return table.to(torch.int32).contiguous()
 
 
 def _launch_args(q, window, max_seqlen):
-    """Compile-time and key arguments shared by the three kernels."""
-    return dict(SEQ_BUCKET=triton.next_power_of_2(max(max_seqlen, 16)), HEAD_DIM=q.shape[-1],
-                WINDOW=-1 if window is None else window, SLOT=SLOT,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    """Compile-time and key arguments shared by the three kernels. A window layer's work per program does
+    not depend on the sequence length, so its autotuning key leaves the length bucket out (SEQ_BUCKET 0)."""
+    if q.dtype == torch.float32:  # tensor cores in TF32 only where torch's matmuls may use them too
+        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    else:
+        precision = "tf32"  # ignored: fp16/bf16 operands go to the tensor cores as they are
+    return dict(SEQ_BUCKET=0 if window is not None else triton.next_power_of_2(max(max_seqlen, 16)),
+                HEAD_DIM=q.shape[-1], WINDOW=-1 if window is None else window, SLOT=SLOT, PRECISION=precision)
+
+
+def _grid(table, n_heads, block):
+    """SLOT // block programs per work-table row (the kernels find their row that way), times heads."""
+    assert SLOT % block == 0, f"work slots of {SLOT} tokens do not split into blocks of {block}"
+    return table.shape[0] * (SLOT // block), n_heads
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, window, softmax_scale):
+    def forward(ctx, q, k, v, table, max_seqlen, window, softmax_scale):
         total, n_heads, head_dim = q.shape
-        table = _work_table(cu_seqlens, total)
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (total_tokens, n_heads, head_dim)
         lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)  # log2 units
-        grid = lambda meta: (table.shape[0] * (SLOT // meta["BLOCK_M"]), n_heads)
+        grid = lambda meta: _grid(table, n_heads, meta["BLOCK_M"])
         _fwd_kernel[grid](q, k, v, o, lse, table, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                           v.stride(1), o.stride(0), o.stride(1), total, softmax_scale * LOG2E,
                           **_launch_args(q, window, max_seqlen))
@@ -319,22 +325,25 @@ class _FlashAttnVarlen(torch.autograd.Function):
         delta = torch.empty_like(lse)  # (n_heads, total) rowsum(dO * O), written by the dQ pass
         scales = (ctx.softmax_scale * LOG2E, ctx.softmax_scale)
         consts = _launch_args(q, ctx.window, ctx.max_seqlen)
-        grid = lambda meta: (table.shape[0] * (SLOT // meta["BLOCK_M"]), n_heads)
+        grid = lambda meta: _grid(table, n_heads, meta["BLOCK_M"])
         _bwd_dq_kernel[grid](q, k, v, o, do, dq, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
                              k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), do.stride(0),
                              do.stride(1), dq.stride(0), dq.stride(1), total, *scales, **consts)
-        grid = lambda meta: (table.shape[0] * (SLOT // meta["BLOCK_N"]), n_heads)
+        grid = lambda meta: _grid(table, n_heads, meta["BLOCK_N"])
         _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
                                k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
                                dk.stride(1), dv.stride(0), dv.stride(1), total, *scales, **consts)
         return dq, dk, dv, None, None, None, None
 
 
-def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None):
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None, table=None):
     """Attention over packed sequences. q, k, v (total_tokens, n_heads, head_dim) fp16/bf16/fp32 on one
-    device; cu_seqlens int32 (batch+1,) with cu_seqlens[-1] == total_tokens; max_seqlen an int (sets the
-    autotuning bucket); window None (global) or w >= 0 (query i sees key j iff |i - j| <= w); softmax_scale
-    defaults to head_dim ** -0.5. Returns (total_tokens, n_heads, head_dim) in q's dtype."""
+    device; cu_seqlens int32 (batch+1,) with cu_seqlens[-1] == total_tokens; max_seqlen an int >= the longest
+    sequence (sets the autotuning bucket); window None (global) or w >= 0 (query i sees key j iff
+    |i - j| <= w); softmax_scale defaults to head_dim ** -0.5; table: work_table(cu_seqlens, total_tokens)
+    if the caller already has it, else built here. fp32 inputs use TF32 tensor cores when
+    torch.get_float32_matmul_precision() allows it, else exact fp32 on the CUDA cores (several times slower,
+    see kernels/README.md). Returns (total_tokens, n_heads, head_dim) in q's dtype."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"flash_attn_varlen: q, k, v must share one (total_tokens, n_heads, head_dim) shape, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -353,7 +362,14 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scal
         raise ValueError(f"flash_attn_varlen: window must be None or an int >= 0, got {window!r}")
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _FlashAttnVarlen.apply(q, k, v, cu_seqlens, int(max_seqlen), window, scale)
+    total = q.shape[0]
+    if window is not None and window >= min(int(max_seqlen), total) - 1:
+        # no two tokens of a sequence are farther apart than the window: global attention, which visits the
+        # same keys without the band's masks, and keeps the band's bounds (start + block + window) in int32
+        window = None
+    if table is None:
+        table = work_table(cu_seqlens, total)
+    return _FlashAttnVarlen.apply(q, k, v, table, int(max_seqlen), window, scale)
 
 
 def attention_reference(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None):
