@@ -36,6 +36,18 @@ DQ_CONFIGS = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3),
 DKDV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
 
 
+# exact fp32 (PRECISION "ieee") multiplies on the CUDA cores with both operand tiles in registers: every
+# config above spills there (0.2-12 KB per thread on sm_90 at head_dim 64), so exact fp32 tunes over small
+# blocks that do not (`python -m kernels.compile --dtype fp32` shows which)
+FWD_CONFIGS_IEEE = [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1)]
+DQ_CONFIGS_IEEE = [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+DKDV_CONFIGS_IEEE = [(16, 64, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)]
+_SHAPES = {"_fwd_kernel": (FWD_CONFIGS, FWD_CONFIGS_IEEE), "_bwd_dq_kernel": (DQ_CONFIGS, DQ_CONFIGS_IEEE),
+           "_bwd_dkdv_kernel": (DKDV_CONFIGS, DKDV_CONFIGS_IEEE)}
+# SEQ_BUCKET: next power of two of max_seqlen (0 for window layers); the autotuner adds the tensors' dtypes
+AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "WINDOW", "PRECISION"]
+
+
 def _configs(shapes):
     """triton.Configs of (BLOCK_M, BLOCK_N, num_warps, num_stages); one small config in the interpreter."""
     if INTERPRET:
@@ -43,7 +55,18 @@ def _configs(shapes):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-AUTOTUNE_KEY = ["SEQ_BUCKET", "HEAD_DIM", "WINDOW"]  # SEQ_BUCKET: next power of two of max_seqlen
+def autotune_configs(kernel, precision):
+    """The configs a launch of `kernel` (an autotuned kernel of this module) tunes over at `precision`."""
+    fast, exact = _SHAPES[kernel.fn.__name__]
+    return _configs(exact if precision == "ieee" else fast)
+
+
+def _autotune(name, extra_key=(), **kwargs):
+    """triton.autotune over both config lists of kernel `name`, pruned at launch to the list for PRECISION."""
+    fast, exact = (_configs(shapes) for shapes in _SHAPES[name])
+    prune = lambda configs, named_args, **launch: exact if launch["PRECISION"] == "ieee" else fast
+    return triton.autotune(configs=fast if INTERPRET else fast + exact, key=AUTOTUNE_KEY + list(extra_key),
+                           prune_configs_by={"early_config_prune": prune}, **kwargs)
 
 
 @triton.jit
@@ -77,7 +100,7 @@ def _fwd_inner(acc, l_i, m_i, q, Kh, Vh, stride_kt, stride_vt, offs_m, offs_d, l
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(FWD_CONFIGS), key=AUTOTUNE_KEY)
+@_autotune("_fwd_kernel")
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, TABLE, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                 stride_ot, stride_oh, total, qk_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
@@ -145,7 +168,7 @@ def _dq_inner(dq, q, do, lse, delta, Kh, Vh, stride_kt, stride_vt, offs_m, offs_
     return dq
 
 
-@triton.autotune(configs=_configs(DQ_CONFIGS), key=AUTOTUNE_KEY)
+@_autotune("_bwd_dq_kernel")
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, TABLE, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt,
                    stride_vh, stride_ot, stride_oh, stride_dot, stride_doh, stride_dqt, stride_dqh, total,
@@ -187,10 +210,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, TABLE, stride_qt, stride_qh, 
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, lo, hi, seq_end,
-                qk_scale, WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """Add the contributions of query blocks [lo, hi) to one key block's dk (unscaled) and dv."""
+def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n, offs_d, lo,
+                hi, seq_end, qk_scale, WINDOW: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+                PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Add the contributions of query blocks [lo, hi) to one key block's dk (unscaled) and dv; with ATOMIC_DQ,
+    also add this key block's share of each query block's dq (unscaled) to the fp32 buffer DQ atomically."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query tokens
         q_ptrs = Qh + offs_m[:, None].to(tl.int64) * stride_qt + offs_d[None, :]
@@ -217,15 +241,23 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)  # (BLOCK_M, HEAD_DIM)
+            dq_ptrs = DQh + offs_m[:, None].to(tl.int64) * stride_dqt + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_m[:, None] < seq_end, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(configs=_configs(DKDV_CONFIGS), key=AUTOTUNE_KEY)
+@_autotune("_bwd_dkdv_kernel", ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])  # atomic dq: each timing run starts from zeros
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, stride_qt, stride_qh, stride_kt, stride_kh,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, TABLE, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                     total, qk_scale, sm_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr, WINDOW: tl.constexpr,
-                     SLOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     stride_dqt, stride_dqh, total, qk_scale, sm_scale, SEQ_BUCKET, HEAD_DIM: tl.constexpr,
+                     WINDOW: tl.constexpr, SLOT: tl.constexpr, PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0) // (SLOT // BLOCK_N)
     h = tl.program_id(1).to(tl.int64)
     seq_start = tl.load(TABLE + 3 * row)
@@ -245,20 +277,40 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, TABLE, stride_qt, stride_q
     DOh = DO + h * stride_doh
     LSEh = LSE + h * total
     DELTAh = DELTA + h * total
+    DQh = DQ_ACC + h * stride_dqh
     if WINDOW >= 0:
         lo = tl.maximum(seq_start, k_start - WINDOW)
         hi = tl.minimum(seq_end, k_start + BLOCK_N + WINDOW)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d, lo, hi,
-                             seq_end, qk_scale, WINDOW, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n,
+                             offs_d, lo, hi, seq_end, qk_scale, WINDOW, True, BLOCK_M, PRECISION, ATOMIC_DQ)
     else:
         full_end = seq_start + (seq_end - seq_start) // BLOCK_M * BLOCK_M
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d,
-                             seq_start, full_end, seq_end, qk_scale, WINDOW, False, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, stride_qt, stride_dot, offs_n, offs_d,
-                             full_end, seq_end, seq_end, qk_scale, WINDOW, True, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n,
+                             offs_d, seq_start, full_end, seq_end, qk_scale, WINDOW, False, BLOCK_M, PRECISION,
+                             ATOMIC_DQ)
+        dk, dv = _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot, stride_dqt, offs_n,
+                             offs_d, full_end, seq_end, seq_end, qk_scale, WINDOW, True, BLOCK_M, PRECISION,
+                             ATOMIC_DQ)
     tl.store(DK + h * stride_dkh + tok * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
              mask=rows)
     tl.store(DV + h * stride_dvh + tok * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=rows)
+
+
+DELTA_BLOCK, DELTA_WARPS = (16 if INTERPRET else 64), 4  # tokens per program of the delta kernel, warps
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total, HEAD_DIM: tl.constexpr,
+                      BLOCK_T: tl.constexpr):
+    """delta = rowsum(dO * O) per (head, token), for the atomic-dq backward (the dQ pass does it otherwise)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) tokens
+    h = tl.program_id(1).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_t < total
+    tok = offs_t[:, None].to(tl.int64)
+    o = tl.load(O + h * stride_oh + tok * stride_ot + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(DO + h * stride_doh + tok * stride_dot + offs_d[None, :], mask=rows[:, None], other=0.0)
+    tl.store(DELTA + h * total + offs_t, tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), mask=rows)
 
 
 def work_table(cu_seqlens, total):
@@ -303,7 +355,7 @@ def _grid(table, n_heads, block):
 class _FlashAttnVarlen(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, table, max_seqlen, window, softmax_scale):
+    def forward(ctx, q, k, v, table, max_seqlen, window, softmax_scale, deterministic):
         total, n_heads, head_dim = q.shape
         o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # (total_tokens, n_heads, head_dim)
         lse = torch.empty((n_heads, total), dtype=torch.float32, device=q.device)  # log2 units
@@ -313,6 +365,7 @@ class _FlashAttnVarlen(torch.autograd.Function):
                           **_launch_args(q, window, max_seqlen))
         ctx.save_for_backward(q, k, v, o, lse, table)
         ctx.window, ctx.max_seqlen, ctx.softmax_scale = window, max_seqlen, softmax_scale
+        ctx.deterministic = deterministic
         return o
 
     @staticmethod
@@ -322,28 +375,41 @@ class _FlashAttnVarlen(torch.autograd.Function):
         if do.stride(-1) != 1:
             do = do.contiguous()
         dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-        delta = torch.empty_like(lse)  # (n_heads, total) rowsum(dO * O), written by the dQ pass
+        delta = torch.empty_like(lse)  # (n_heads, total) rowsum(dO * O)
         scales = (ctx.softmax_scale * LOG2E, ctx.softmax_scale)
         consts = _launch_args(q, ctx.window, ctx.max_seqlen)
-        grid = lambda meta: _grid(table, n_heads, meta["BLOCK_M"])
-        _bwd_dq_kernel[grid](q, k, v, o, do, dq, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
-                             k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), do.stride(0),
-                             do.stride(1), dq.stride(0), dq.stride(1), total, *scales, **consts)
+        if ctx.deterministic:  # a dQ pass (which also writes delta), then the dK/dV pass: 7 products per block pair
+            grid = lambda meta: _grid(table, n_heads, meta["BLOCK_M"])
+            _bwd_dq_kernel[grid](q, k, v, o, do, dq, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
+                                 k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), do.stride(0),
+                                 do.stride(1), dq.stride(0), dq.stride(1), total, *scales, **consts)
+            dq_acc = torch.zeros(0, dtype=torch.float32, device=q.device)  # unused
+        else:  # delta, then one pass adding dq atomically in fp32: 5 products per block pair, as FlashAttention-2
+            _bwd_delta_kernel[(triton.cdiv(total, DELTA_BLOCK), n_heads)](
+                o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total, HEAD_DIM=head_dim,
+                BLOCK_T=DELTA_BLOCK, num_warps=DELTA_WARPS, num_stages=1)
+            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # (total, n_heads, head_dim)
         grid = lambda meta: _grid(table, n_heads, meta["BLOCK_N"])
-        _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
+        _bwd_dkdv_kernel[grid](q, k, v, do, dk, dv, dq_acc, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
                                k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1), dk.stride(0),
-                               dk.stride(1), dv.stride(0), dv.stride(1), total, *scales, **consts)
-        return dq, dk, dv, None, None, None, None
+                               dk.stride(1), dv.stride(0), dv.stride(1), n_heads * head_dim, head_dim, total,
+                               *scales, ATOMIC_DQ=not ctx.deterministic, **consts)
+        if not ctx.deterministic:
+            dq = (dq_acc * ctx.softmax_scale).to(q.dtype)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None, table=None):
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None, table=None,
+                      deterministic=True):
     """Attention over packed sequences. q, k, v (total_tokens, n_heads, head_dim) fp16/bf16/fp32 on one
     device; cu_seqlens int32 (batch+1,) with cu_seqlens[-1] == total_tokens; max_seqlen an int >= the longest
     sequence (sets the autotuning bucket); window None (global) or w >= 0 (query i sees key j iff
     |i - j| <= w); softmax_scale defaults to head_dim ** -0.5; table: work_table(cu_seqlens, total_tokens)
     if the caller already has it, else built here. fp32 inputs use TF32 tensor cores when
     torch.get_float32_matmul_precision() allows it, else exact fp32 on the CUDA cores (several times slower,
-    see kernels/README.md). Returns (total_tokens, n_heads, head_dim) in q's dtype."""
+    see the module docstring). deterministic=False takes the FlashAttention-2 style backward: one pass, dq
+    added atomically in fp32 (fewer products, but the order of the additions, so dq's last bits, vary from
+    run to run). Returns (total_tokens, n_heads, head_dim) in q's dtype."""
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"flash_attn_varlen: q, k, v must share one (total_tokens, n_heads, head_dim) shape, "
                          f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -369,7 +435,7 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scal
         window = None
     if table is None:
         table = work_table(cu_seqlens, total)
-    return _FlashAttnVarlen.apply(q, k, v, table, int(max_seqlen), window, scale)
+    return _FlashAttnVarlen.apply(q, k, v, table, int(max_seqlen), window, scale, bool(deterministic))
 
 
 def attention_reference(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None):

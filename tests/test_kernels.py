@@ -56,10 +56,10 @@ def reference(q, k, v, do, cu, window=None, softmax_scale=None):
 TOLERANCE = {torch.float32: 5e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def check_attention(lengths, n_heads, head_dim, dtype, window, softmax_scale=None, seed=0):
+def check_attention(lengths, n_heads, head_dim, dtype, window, softmax_scale=None, seed=0, deterministic=True):
     q, k, v, do, cu = packed(lengths, n_heads, head_dim, dtype, seed)
     got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
-                           softmax_scale=softmax_scale)
+                           softmax_scale=softmax_scale, deterministic=deterministic)
     want = reference(q, k, v, do, cu, window, softmax_scale)
     tol = TOLERANCE[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -86,6 +86,13 @@ def test_flash_attn_random_batches(seed):
     lengths[int(torch.randint(0, 5, (1,), generator=g))] = int(torch.randint(0, 2, (1,), generator=g))  # 0 or 1
     window = [None, 0, 2, 5, 16, 40][int(torch.randint(0, 6, (1,), generator=g))]
     check_attention(lengths, 3, 32, torch.float32, window, softmax_scale=0.3 + seed * 0.1, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_flash_attn_atomic_dq_backward(dtype, window):
+    # the FlashAttention-2 style backward: one dK/dV pass that also adds each block pair's dq atomically
+    check_attention(LENGTHS, 2, 32, dtype, window, softmax_scale=0.4, deterministic=False)
 
 
 def test_flash_attn_head_dim_128():
@@ -371,12 +378,13 @@ def test_flash_attn_sees_cu_seqlens_edited_in_place():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_every_autotune_config_matches_reference(monkeypatch, dtype):
     # only the autotuner's pick runs on a GPU, so a config that computes the wrong thing could hide: pin round
-    # i's config of each kernel and check it. The interpreter ignores warps and stages (kernels.compile builds
+    # i's config of each kernel (half-precision and exact-fp32 lists) and check it. The interpreter ignores warps and stages (kernels.compile builds
     # those); GPU work slots (128 tokens) so that every block size fits, and a 130-token sequence crosses them
     fa = kernels.flash_attn
     monkeypatch.setattr(fa, "SLOT", 128)
-    kinds = [(fa._fwd_kernel, fa.FWD_CONFIGS), (fa._bwd_dq_kernel, fa.DQ_CONFIGS),
-             (fa._bwd_dkdv_kernel, fa.DKDV_CONFIGS)]
+    kinds = [(fa._fwd_kernel, fa.FWD_CONFIGS + fa.FWD_CONFIGS_IEEE),
+             (fa._bwd_dq_kernel, fa.DQ_CONFIGS + fa.DQ_CONFIGS_IEEE),
+             (fa._bwd_dkdv_kernel, fa.DKDV_CONFIGS + fa.DKDV_CONFIGS_IEEE)]
     for i in range(max(len(shapes) for _, shapes in kinds)):
         for kernel, shapes in kinds:
             m, n, warps, stages = shapes[i % len(shapes)]
