@@ -254,12 +254,14 @@ def check_against_sdpa(got, want, base, what):
 
 
 @cuda_only
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two_pass", "atomic_dq"])
 @pytest.mark.parametrize("window", [None, 64])
 @pytest.mark.parametrize("lengths", [[1024] * 64, [8192] * 8, [3000, 0, 1, 777, 8192, 129, 4500]],
                          ids=["64x1k", "8x8k", "mixed"])
-def test_flash_attn_gpu_bf16(lengths, window):
+def test_flash_attn_gpu_bf16(lengths, window, deterministic):
     q, k, v, do, cu = packed(lengths, 12, 64, torch.bfloat16)
-    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window)
+    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
+                           deterministic=deterministic)
     want = reference(q, k, v, do, cu, window)
     base = low_precision_baseline(q, k, v, do, cu, window)
     check_against_sdpa(got, want, base, f"window {window}")
@@ -281,18 +283,18 @@ def test_flash_attn_gpu_head_dims(dtype, head_dim):
 @cuda_only
 def test_flash_attn_gpu_int64_offsets():
     # 2**31 elements before the last two sequences: their element offsets overflow int32, so the kernels
-    # must form them in int64 (8 tensors of 4.3 GB live at once)
+    # must form them in int64 (8 tensors of 4.3 GB live at once; short sequences keep the work small)
     if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
         pytest.skip("needs a GPU with 60 GiB of memory")
     n_heads, head_dim = 16, 64
-    lengths = [4096] * 512 + [777, 300]  # 512 x 4096 x 16 x 64 = 2**31
+    lengths = [128] * 16384 + [777, 300]  # 16384 x 128 x 16 x 64 = 2**31
     total = sum(lengths)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
                    for _ in range(4))
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
     for window in (None, 64):
-        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 4096, window=window)
+        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 777, window=window)
         for i in (0, len(lengths) - 2, len(lengths) - 1):  # the first sequence, and the two past 2**31
             start, end = cu[i].item(), cu[i + 1].item()
             one = torch.tensor([0, end - start], dtype=torch.int32, device="cuda")
