@@ -8,8 +8,10 @@ marks where each starts. Query i sees key j iff both are in the same sequence an
 Forward, one program per (query block, head): stream the visible key blocks, keep the running row max m
 and row sum l of exp(s - m) in fp32 (online softmax; base 2 with log2(e) folded into the scale), rescale
 the fp32 accumulator when m grows, then store O and the log-sum-exp LSE = m + log2(l) per row.
-Backward, deterministic (no atomics): a dQ pass, one program per query block, which also stores
-delta = rowsum(dO * O); then a dK/dV pass, one program per key block. Both recompute P = exp2(s - LSE).
+Backward, deterministic (no atomics, the default): a dQ pass, one program per query block, which also
+stores delta = rowsum(dO * O); then a dK/dV pass, one program per key block. Both recompute P = exp2(s - LSE).
+With deterministic=False, FlashAttention-2's backward instead: a small pass for delta, then the dK/dV pass
+also adds dS K to an fp32 dq buffer with atomic adds.
 
 Work list: a small int32 table with one row (seq_start, seq_end, slot_start) per SLOT tokens of each
 sequence, longest sequence first. A kernel with block size B runs SLOT // B programs per row, so short
@@ -17,7 +19,26 @@ sequences get only their own blocks, the long global-attention programs start fi
 is built on the device without reading cu_seqlens back, and it suits whatever block size autotuning picks.
 Only blocks that intersect the sequence and the window band are visited (loop bounds), so a local layer
 costs tokens x window. Element masks are applied on the last partial block (global) or the band blocks
-(window) only.
+(window) only. A window that covers every sequence (w >= max_seqlen - 1) runs as global attention.
+
+What each choice should cost, on paper until a GPU measures it (`python bench.py gpu` times both backwards):
+- Two-pass backward: 7 matrix products per (query block, key block) pair (S and dP are recomputed in both
+  passes) where FlashAttention-2 does 5: 40% more backward tensor-core work, fwd+bwd 9 : 7 = +29% when
+  compute-bound, in exchange for bit-identical gradients run to run and no fp32 dq buffer.
+- Atomic dq (deterministic=False): saves those 2 products, but adds per pair BLOCK_M x head_dim fp32 atomic
+  adds to L2 (head_dim x L^2 / BLOCK_N per head and global layer: for L = 8192, head_dim 64, BLOCK_N 128,
+  134 MB of atomic traffic per head against ~4e10 FLOPs of products, the same order of time on an H100),
+  plus zeroing, scaling and casting an fp32 dq (12 bytes per element). Which wins is for the GPU to say.
+- Work table: ~10 small device ops per forward (model.py builds it once per forward for all layers), tens
+  of microseconds; longest-first order shortens the tail of a batch whose longest sequence has most work.
+- Autotuning: 6 + 5 + 6 configs (and 6 more for the atomic backward), compiled once per head_dim, dtype and
+  window (~0.6 s each for sm_90 on one CPU core, `python -m kernels.compile`), timed once per key: global
+  layers per power-of-two bucket of max_seqlen, window layers once (their work per block does not grow with
+  the length).
+- fp32 inputs: with torch.get_float32_matmul_precision() "high" or "medium" the products run on TF32 tensor
+  cores (about half bf16's rate on an H100); at the default "highest" they run exactly on the CUDA cores
+  (67 TFLOP/s fp32 FMA against ~990 dense bf16 on an H100 SXM, and small blocks to avoid spilling): expect
+  an fp32 evaluation's attention to be 15x or more slower than bf16's. Train and evaluate in bf16.
 """
 import os
 
