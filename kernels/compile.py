@@ -7,6 +7,7 @@ that a change no longer compiles for one, no longer fits its shared memory, or s
 
     python -m kernels.compile                            # sm_80 and sm_90, head_dim 64 and 128, bf16
     python -m kernels.compile --arch 90 --head_dim 64 --check
+    python -m kernels.compile --arch 90 --dtype fp32     # the exact-fp32 configs (torch's default precision)
 
 --check exits 1 unless every config compiles and each (kernel, head_dim, window) keeps at least one config
 that fits the chip's shared memory without spilling (the autotuner skips configs that do not fit, so one
@@ -36,8 +37,8 @@ ATTENTION = (flash_attn._fwd_kernel, flash_attn._bwd_dq_kernel, flash_attn._bwd_
 
 def _signature(fn, dtype):
     """Triton type of each runtime argument, read off the kernels' naming: upper-case names are pointers."""
-    types = {"TABLE": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEQ_BUCKET": "i32", "qk_scale": "fp32",
-             "sm_scale": "fp32"}
+    types = {"TABLE": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEQ_BUCKET": "i32",
+             "qk_scale": "fp32", "sm_scale": "fp32"}
     sig = {}
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
@@ -104,7 +105,8 @@ def report(archs, head_dims, windows, dtype="bf16"):
     print(f"{'arch':>5} {'kernel':<26} {'head':>4} {'window':>6} {'block':>8} {'warps':>5} {'stages':>6} "
           f"{'shared KiB':>10} {'regs':>5} {'spill B':>7}  fits")
     for arch in archs:
-        for name, head_dim, window, block, fn, constants, warps, stages in specialisations(head_dims, windows, precision):
+        for name, head_dim, window, block, fn, constants, warps, stages in specialisations(head_dims, windows,
+                                                                                          precision):
             row = f"{arch:>5} {name:<26} {head_dim:>4} {window:>6} {block:>8}"
             group = (arch, name, head_dim, window)
             fitting.setdefault(group, 0)

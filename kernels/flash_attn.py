@@ -32,7 +32,7 @@ What each choice should cost, on paper until a GPU measures it (`python bench.py
 - Work table: ~10 small device ops per forward (model.py builds it once per forward for all layers), tens
   of microseconds; longest-first order shortens the tail of a batch whose longest sequence has most work.
 - Autotuning: 6 + 5 + 6 configs (and 6 more for the atomic backward), compiled once per head_dim, dtype and
-  window (~0.6 s each for sm_90 on one CPU core, `python -m kernels.compile`), timed once per key: global
+  window (~1 s each for sm_90 on one CPU core, `python -m kernels.compile`), timed once per key: global
   layers per power-of-two bucket of max_seqlen, window layers once (their work per block does not grow with
   the length).
 - fp32 inputs: with torch.get_float32_matmul_precision() "high" or "medium" the products run on TF32 tensor
@@ -272,7 +272,7 @@ def _dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, DQh, stride_qt, stride_dot,
     return dk, dv
 
 
-@_autotune("_bwd_dkdv_kernel", ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])  # atomic dq: each timing run starts from zeros
+@_autotune("_bwd_dkdv_kernel", ["ATOMIC_DQ"], reset_to_zero=["DQ_ACC"])  # each timing run adds to zeros
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ_ACC, LSE, DELTA, TABLE, stride_qt, stride_qh, stride_kt, stride_kh,
                      stride_vt, stride_vh, stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -395,11 +395,12 @@ class _FlashAttnVarlen(torch.autograd.Function):
         total, n_heads, head_dim = q.shape
         if do.stride(-1) != 1:
             do = do.contiguous()
-        dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+        dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
         delta = torch.empty_like(lse)  # (n_heads, total) rowsum(dO * O)
         scales = (ctx.softmax_scale * LOG2E, ctx.softmax_scale)
         consts = _launch_args(q, ctx.window, ctx.max_seqlen)
         if ctx.deterministic:  # a dQ pass (which also writes delta), then the dK/dV pass: 7 products per block pair
+            dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
             grid = lambda meta: _grid(table, n_heads, meta["BLOCK_M"])
             _bwd_dq_kernel[grid](q, k, v, o, do, dq, lse, delta, table, q.stride(0), q.stride(1), k.stride(0),
                                  k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1), do.stride(0),

@@ -397,6 +397,16 @@ def test_every_autotune_config_matches_reference(monkeypatch, dtype):
             check_attention([130, 3, 0, 64], 2, 16, dtype, window, seed=i)
 
 
+def test_block_larger_than_work_slot_is_refused(monkeypatch):
+    # programs find their work-table row as program_id // (SLOT // BLOCK): a block that does not divide the
+    # slot would silently skip or repeat tokens, so the launch asserts it
+    fa = kernels.flash_attn
+    monkeypatch.setattr(fa._fwd_kernel, "configs", [triton.Config({"BLOCK_M": 2 * fa.SLOT, "BLOCK_N": 16})])
+    q, k, v, do, cu = packed([20], 1, 16, torch.float32)
+    with pytest.raises(AssertionError, match="work slots"):
+        kernels.flash_attn_varlen(q, k, v, cu, 20)
+
+
 @pytest.fixture
 def bf16_interpreter(monkeypatch):
     """Triton's interpreter multiplies bf16 bit patterns as if they were integers in tl.dot and truncates
