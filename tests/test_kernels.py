@@ -343,11 +343,11 @@ def test_attention_reference_matches_sdpa(window):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("window", [39, 1000, 2**31 - 40, 2**31 - 1])
+@pytest.mark.parametrize("window", [38, 39, 1000, 2**31 - 40, 2**31 - 1])
 def test_flash_attn_window_covering_every_sequence_is_global(monkeypatch, window):
-    # no two tokens of a 40-token sequence are more than 39 apart, so these windows are global attention;
+    # no two tokens of a 40-token sequence are more than 39 apart, so windows from 39 up are global attention;
     # near 2**31 the window band's bounds overflowed int32 (zero output, NaN dk/dv), so the global path must
-    # be taken, and it is (the kernels are launched with WINDOW=-1)
+    # be taken, and it is (the kernels are launched with WINDOW=-1); 38 still masks the two ends
     fa = kernels.flash_attn
     launched = []
     launch_args = fa._launch_args
@@ -355,9 +355,10 @@ def test_flash_attn_window_covering_every_sequence_is_global(monkeypatch, window
                         launch_args(*a))
     q, k, v, do, cu = packed([40, 7, 33], 2, 16, torch.float32)
     got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 40, window=window)
-    for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference(q, k, v, do, cu, None)):
+    effective = window if window < 39 else None
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference(q, k, v, do, cu, effective)):
         torch.testing.assert_close(a, b, atol=5e-6, rtol=5e-6, msg=lambda m: f"{name}: {m}")
-    assert launched and set(launched) == {-1}
+    assert launched and set(launched) == {-1 if effective is None else window}
 
 
 def test_flash_attn_sees_cu_seqlens_edited_in_place():
