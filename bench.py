@@ -322,7 +322,8 @@ def bench_gpu(args):
     Each part runs in its own process under its time limit, so a failure, crash or hang is recorded and the
     next part still runs. --out DIR appends one JSON line per figure (each test's outcome, each timing, each
     part's status) with device, date, commit and versions to DIR/gpu.jsonl, and each part's full output to
-    DIR/gpu_<part>.log; a summary table is printed last. Exits 1 if any part failed."""
+    DIR/gpu_<part>.log; a summary table is printed last. Exits 1 if any part failed. --quick passes on to
+    `attention` (8k tokens instead of 64k: a smoke test, not a measurement)."""
     if not torch.cuda.is_available():
         sys.exit("bench.py gpu: needs a CUDA GPU, and none is visible")
     import re
@@ -398,7 +399,7 @@ def bench_gpu(args):
                  ok_codes=(0, 5))  # pytest's 5: no test selected
     tests = re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", output, re.M)
     figures.extend({"part": "tests", "test": name, "outcome": outcome.lower()} for name, outcome in tests)
-    attention = bench_task("attention", "attention")
+    attention = bench_task("attention", "attention", *(["--quick"] if args.quick else []))
     train = bench_task("train, eager", "train", "--quick", extra_env={"TORCHDYNAMO_DISABLE": "1"})
     for row in train:
         row["compile"] = False
