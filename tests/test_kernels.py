@@ -146,6 +146,20 @@ def test_work_table_and_autotune_bucket():
     assert bucket(600, 64) == bucket(8192, 64)
 
 
+def test_fp32_uses_tf32_only_where_torch_allows_it():
+    # exact fp32 products on the CUDA cores at torch's default "highest"; TF32 tensor cores, as torch's own
+    # matmuls, once the user allows them; half precision always goes to the tensor cores as it is
+    args = lambda dtype: kernels.flash_attn._launch_args(torch.empty(1, 1, 32, dtype=dtype), None, 64)["PRECISION"]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert args(torch.float32) == "ieee" and args(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert args(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_flash_attn_rejects_bad_arguments():
     q, k, v, do, cu = packed([4], 1, 32, torch.float32)
     with pytest.raises(ValueError, match="head_dim"):
