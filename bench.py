@@ -10,13 +10,13 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
 
 Each task is a function `bench_<task>(args)` below; `--out FILE` appends the printed results as JSON.
 
-`python bench.py gpu --out bench/results/` is the one call for a GPU machine, held to a 7.5-minute budget
-from a cold Triton cache: the CUDA tests of tests/test_kernels.py and tests/test_model.py, then `attention` (both
-backward variants vs SDPA, FlexAttention, varlen_attn; 1k and 8k sequences, global and window 64), then
-`train --quick` without and with torch.compile, each part in its own process under a time limit so that a
-failed part does not stop the rest; one JSON line per figure in bench/results/gpu.jsonl (device, date,
-commit, versions), each part's output in gpu_<part>.log, and a summary table last. Without CUDA it stops
-with one line.
+`python bench.py gpu --out bench/results/` is the one call for a GPU machine, held to a 7.5-minute
+budget from a cold Triton cache: the CUDA tests of tests/test_kernels.py and tests/test_model.py, then
+`attention` (both backward variants vs SDPA, FlexAttention, varlen_attn; 1k and 8k sequences, global and
+window 64), then `train --quick` without and with torch.compile, each part in its own process under a time
+limit so that a failed part does not stop the rest; one JSON line per figure in bench/results/gpu.jsonl
+(device, date, commit, versions), each part's output in gpu_<part>.log, and a summary table last. Without
+CUDA it stops with one line.
 """
 import argparse
 import json
