@@ -5,9 +5,18 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
     python bench.py attention   # Triton varlen attention vs SDPA / FlexAttention / varlen_attn (GPU)
     python bench.py data        # prepare and loader throughput
     python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
+    python bench.py gpu --out DIR   # all of the GPU checks below in one call, < 8 min
     python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
 
 Each task is a function `bench_<task>(args)` below; `--out FILE` appends the printed results as JSON.
+
+`python bench.py gpu --out bench/results/` is the one call for a GPU machine, held to a 7.5-minute
+budget from a cold Triton cache: the CUDA tests of tests/test_kernels.py and tests/test_model.py, then
+`attention` (both backward variants vs SDPA, FlexAttention, varlen_attn; 1k and 8k sequences, global and
+window 64), then `train --quick` without and with torch.compile, each part in its own process under a time
+limit so that a failed part does not stop the rest; one JSON line per figure in bench/results/gpu.jsonl
+(device, date, commit, versions), each part's output in gpu_<part>.log, and a summary table last. Without
+CUDA it stops with one line.
 """
 import argparse
 import json
@@ -176,7 +185,8 @@ def bench_ppl(args):
 
 
 def bench_attention(args):
-    """Our Triton varlen attention against, in the same run: torch SDPA on the padded batch (flash backend,
+    """Our Triton varlen attention (two-pass deterministic backward, and the FlashAttention-2 style one with
+    atomic dq) against, in the same run: torch SDPA on the padded batch (flash backend,
     global only), compiled FlexAttention with a document + sliding-window block mask (mask built outside the
     timing), and torch's varlen_attn (FA2) where this torch has it. 64k packed tokens (--quick: 8k) in
     sequences of 1k and of 8k, 12 heads, head_dim 64, bf16, global and window 64. FLOPs count the keys inside
@@ -220,6 +230,8 @@ def bench_attention(args):
             contenders = {  # name: (layout in, layout out, attention on that layout)
                 "triton (ours)": (lambda x: x, lambda x: x,
                                   lambda q, k, v: kernels.flash_attn_varlen(q, k, v, cu, seqlen, window=window)),
+                "triton, atomic dq bwd": (lambda x: x, lambda x: x, lambda q, k, v: kernels.flash_attn_varlen(
+                    q, k, v, cu, seqlen, window=window, deterministic=False)),
                 "flex_attention": (flat, unflat, lambda q, k, v: flex(q, k, v, block_mask=block_mask))}
             if window is None:
                 def sdpa(q, k, v):
@@ -291,6 +303,134 @@ def bench_attention(args):
     print(f"RoPE kernel on q and k: fwd {t_fwd * 1e3:.3f} ms, fwd+bwd {t_all * 1e3:.3f} ms = {shares}")
     results.append({"impl": "rope (separate kernel)", "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_all * 1e3})
     return results
+
+
+GPU_PARTS = [("tests", 170), ("attention", 120), ("train, eager", 60), ("train, compiled", 100)]  # seconds each
+
+
+def bench_gpu(args):
+    """Everything the kernels and the training step need checked and timed on a GPU, in one call held to 7.5
+    minutes from a cold Triton cache (GPU_PARTS; the time a part leaves unused passes on):
+      1. tests: the CUDA tests of tests/test_kernels.py and tests/test_model.py: the kernels against the fp32
+         reference in bf16 and fp16, global and window 64, 1k and 8k sequences, both backward variants,
+         int64 offsets, RoPE, and the model on the kernels against the model on the reference;
+      2. attention (`bench.py attention`): fwd and fwd+bwd of ours, both backward variants, against SDPA,
+         FlexAttention and torch's varlen_attn at the stage-1 (1k) and stage-2 (8k) sequence lengths, global
+         and window 64;
+      3. train (`bench.py train --quick`): tokens/s, MFU, peak memory at the stage-1 and stage-2 shapes, without
+         torch.compile (TORCHDYNAMO_DISABLE=1), then with it as the configs set it.
+    Each part runs in its own process under its time limit, so a failure, crash or hang is recorded and the
+    next part still runs. --out DIR appends one JSON line per figure (each test's outcome, each timing, each
+    part's status) with device, date, commit and versions to DIR/gpu.jsonl, and each part's full output to
+    DIR/gpu_<part>.log; a summary table is printed last. Exits 1 if any part failed. --quick passes on to
+    `attention` (8k tokens instead of 64k: a smoke test, not a measurement)."""
+    if not torch.cuda.is_available():
+        sys.exit("bench.py gpu: needs a CUDA GPU, and none is visible")
+    import re
+    import tempfile
+
+    import triton
+    root = os.path.dirname(os.path.abspath(__file__))
+    out_dir, args.out = args.out, None  # the per-figure lines are written here, instead of main's one line
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    env = {**environment(), "triton": triton.__version__, "cuda": torch.version.cuda}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    figures, status = [], {}
+    start, ends = time.monotonic(), {}
+    for name, seconds in GPU_PARTS:
+        ends[name] = (max(ends.values()) if ends else start) + seconds
+
+    def run(part, cmds, extra_env=None, ok_codes=(0,)):
+        """Run the commands side by side, each in its own process, until the part's end time; returns their
+        output (stdout + stderr) one after the other."""
+        t0 = time.monotonic()
+        limit = max(1.0, ends[part] - t0)
+        with tempfile.TemporaryDirectory() as tmp:
+            logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(len(cmds))]
+            procs = [subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, **(extra_env or {})}) for cmd, log in zip(cmds, logs)]
+            codes = []
+            for proc in procs:
+                try:
+                    codes.append(proc.wait(timeout=max(0.1, t0 + limit - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    codes.append("timeout")
+            output = ""
+            for log in logs:
+                log.seek(0)
+                output += log.read()
+                log.close()
+        failed = [c for c in codes if c not in ok_codes]
+        state = "ok" if not failed else (f"timeout after {limit:.0f} s" if "timeout" in failed
+                                         else f"exit {failed[0]}")
+        status[part] = (state, time.monotonic() - t0)
+        figures.append({"part": part, "status": state, "seconds": round(time.monotonic() - t0, 1)})
+        print(f"[{time.monotonic() - start:5.0f} s] {part}: {state}", flush=True)
+        if out_dir:
+            with open(os.path.join(out_dir, f"gpu_{part.replace(', ', '_')}.log"), "w") as f:
+                f.write(output)
+        return output
+
+    def bench_task(part, task, *flags, extra_env=None):
+        """`bench.py task` in its own process; its result rows, tagged with the part."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "result.jsonl")
+            run(part, [[sys.executable, os.path.join(root, "bench.py"), task, "--out", path, *flags]], extra_env)
+            rows = json.loads(open(path).readline())["results"] if os.path.exists(path) else []
+        rows = rows if isinstance(rows, list) else [rows]
+        figures.extend({"part": part, **row} for row in rows)
+        return rows
+
+    # three pytest processes side by side on the one GPU: each spends most of its time compiling kernels on
+    # a CPU core (~1 s per config), and the compiled kernels land in Triton's cache for the parts after
+    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
+    output = run("tests", [pytest + ["tests/test_kernels.py", "-k", "flash_attn_gpu_bf16"],
+                           pytest + ["tests/test_kernels.py", "-k", "gpu_head_dims or rotary_gpu"],
+                           pytest + ["tests/test_kernels.py", "tests/test_model.py", "-k",
+                                     "(gpu or cuda or model_on_kernels) and not flash_attn_gpu_bf16 and not "
+                                     "gpu_head_dims and not rotary_gpu"]],
+                 ok_codes=(0, 5))  # pytest's 5: no test selected
+    tests = re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", output, re.M)
+    figures.extend({"part": "tests", "test": name, "outcome": outcome.lower()} for name, outcome in tests)
+    attention = bench_task("attention", "attention", *(["--quick"] if args.quick else []))
+    train = bench_task("train, eager", "train", "--quick", extra_env={"TORCHDYNAMO_DISABLE": "1"})
+    for row in train:
+        row["compile"] = False
+    train += bench_task("train, compiled", "train", "--quick")
+
+    print(f"\n# summary: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    print(f"{'part':<18}{'status':<26}{'seconds':>8}")
+    for part, (state, seconds) in status.items():
+        print(f"{part:<18}{state:<26}{seconds:>8.0f}")
+    counts = {o: sum(outcome == o for _, outcome in tests) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    print("tests: " + ", ".join(f"{n} {o.lower()}" for o, n in counts.items()) +
+          "".join(f"\n  {o.lower()}: {name}" for name, o in tests if o in ("FAILED", "ERROR")))
+    if attention:
+        print(f"{'seqlen':>6} {'window':>6}  {'attention':<24}{'fwd ms':>8}{'fwd+bwd ms':>11}{'TFLOP/s':>8}"
+              f"{'ours faster':>12}")
+        for r in attention:
+            if "seqlen" in r:
+                print(f"{r['seqlen']:>6} {str(r['window']):>6}  {r['impl']:<24}{r['fwd_ms']:>8.3f}"
+                      f"{r['fwd_bwd_ms']:>11.3f}{r['fwd_bwd_tflops']:>8.1f}{r['ours_faster_fwd_bwd']:>11.2f}x")
+    if train:
+        print(f"{'train':<24}{'compile':>8}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+        for r in train:
+            print(f"{r.get('stage', '?') + ' ' + str(r.get('lengths', '')):<24}{str(r.get('compile')):>8}"
+                  f"{r.get('tokens_per_s', float('nan')):>11,.0f}{r.get('mfu', float('nan')):>7.1%}"
+                  f"{r.get('peak_mem_gib', float('nan')):>10.1f}")
+    if out_dir:
+        with open(os.path.join(out_dir, "gpu.jsonl"), "a") as f:
+            for figure in figures:
+                f.write(json.dumps({**env, **figure}) + "\n")
+    if any(state != "ok" for state, _ in status.values()):
+        sys.exit(1)
 
 
 def bench_train(args):

@@ -164,8 +164,9 @@ def attention(q, k, v, packing, window=None, dropout_p=0.0):
     """Bidirectional attention inside each packed sequence; with `window`, query i sees key j iff |i-j| <= window.
     q, k, v (total_tokens, n_heads, head_dim) -> (total_tokens, n_heads, head_dim)."""
     if use_kernels(q) and dropout_p == 0.0:
-        from kernels import flash_attn_varlen
-        return flash_attn_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, window=window)
+        from kernels import flash_attn_varlen, work_table
+        table = packing.cached("work_table", lambda: work_table(packing.cu_seqlens, q.shape[0]))  # one per forward
+        return flash_attn_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, window=window, table=table)
     if window is None or window >= packing.max_seqlen - 1:  # no pair of tokens is farther apart than the window
         return _global_attention_reference(q, k, v, packing, dropout_p)
     return _local_attention_reference(q, k, v, packing, window, dropout_p)

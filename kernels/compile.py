@@ -7,6 +7,7 @@ that a change no longer compiles for one, no longer fits its shared memory, or s
 
     python -m kernels.compile                            # sm_80 and sm_90, head_dim 64 and 128, bf16
     python -m kernels.compile --arch 90 --head_dim 64 --check
+    python -m kernels.compile --arch 90 --dtype fp32     # the exact-fp32 configs (torch's default precision)
 
 --check exits 1 unless every config compiles and each (kernel, head_dim, window) keeps at least one config
 that fits the chip's shared memory without spilling (the autotuner skips configs that do not fit, so one
@@ -36,8 +37,8 @@ ATTENTION = (flash_attn._fwd_kernel, flash_attn._bwd_dq_kernel, flash_attn._bwd_
 
 def _signature(fn, dtype):
     """Triton type of each runtime argument, read off the kernels' naming: upper-case names are pointers."""
-    types = {"TABLE": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "SEQ_BUCKET": "i32", "qk_scale": "fp32",
-             "sm_scale": "fp32"}
+    types = {"TABLE": "*i32", "LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "SEQ_BUCKET": "i32",
+             "qk_scale": "fp32", "sm_scale": "fp32"}
     sig = {}
     for i, name in enumerate(fn.arg_names):
         if i in fn.constexprs:
@@ -69,31 +70,44 @@ def resources(compiled):
     return compiled.metadata.shared, int(regs), int(stack)
 
 
-def specialisations(head_dims, windows):
+def specialisations(head_dims, windows, precision="tf32"):
     """What a launch may compile: (kernel name, head_dim, window, block, fn, constexprs, num_warps, num_stages)
-    for the RoPE kernel and for every autotune config of the attention kernels."""
+    for the RoPE and delta kernels and for every autotune config of the attention kernels that `precision`
+    keeps (both backward variants of the dK/dV kernel)."""
+    fa = flash_attn
     for head_dim in head_dims:
         yield ("_rotary_kernel", head_dim, "", str(rotary.BLOCK_T), rotary._rotary_kernel,
-               dict(HALF=head_dim // 2, BLOCK_T=rotary.BLOCK_T, TRANSPOSE=False), 4, 1)
+               dict(HALF=head_dim // 2, BLOCK_T=rotary.BLOCK_T, TRANSPOSE=False), rotary.NUM_WARPS,
+               rotary.NUM_STAGES)
+        yield ("_bwd_delta_kernel", head_dim, "", str(fa.DELTA_BLOCK), fa._bwd_delta_kernel,
+               dict(HEAD_DIM=head_dim, BLOCK_T=fa.DELTA_BLOCK), fa.DELTA_WARPS, 1)
         for kernel in ATTENTION:
+            variants = {"": {}} if kernel is not fa._bwd_dkdv_kernel else {"": dict(ATOMIC_DQ=False),
+                                                                           "+atomic_dq": dict(ATOMIC_DQ=True)}
             for window in windows:
-                for config in kernel.configs:
-                    block = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                    constants = dict(HEAD_DIM=head_dim, WINDOW=window, SLOT=flash_attn.SLOT, PRECISION="tf32",
-                                     **config.kwargs)
-                    yield (kernel.fn.__name__, head_dim, window, block, kernel.fn, constants, config.num_warps,
-                           config.num_stages)
+                for suffix, extra in variants.items():
+                    for config in fa.autotune_configs(kernel, precision):
+                        block = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                        constants = dict(HEAD_DIM=head_dim, WINDOW=window, SLOT=fa.SLOT, PRECISION=precision,
+                                         **extra, **config.kwargs)
+                        yield (kernel.fn.__name__ + suffix, head_dim, window, block, kernel.fn, constants,
+                               config.num_warps, config.num_stages)
 
 
 def report(archs, head_dims, windows, dtype="bf16"):
-    """Compile every specialisation; print one row each; return the problems found as strings."""
+    """Compile every specialisation; print one row each; return the problems found as strings. dtype bf16,
+    fp16, or fp32 as flash_attn launches it: "fp32" exact on the CUDA cores (PRECISION ieee, torch's default
+    matmul precision "highest"), "tf32" on the tensor cores."""
+    precision = "ieee" if dtype == "fp32" else "tf32"
+    dtype = "fp32" if dtype == "tf32" else dtype
     problems = []
     fitting = {}  # (arch, kernel, head_dim, window) -> how many of its configs fit without spilling
-    print(f"{'arch':>5} {'kernel':<17} {'head':>4} {'window':>6} {'block':>8} {'warps':>5} {'stages':>6} "
+    print(f"{'arch':>5} {'kernel':<26} {'head':>4} {'window':>6} {'block':>8} {'warps':>5} {'stages':>6} "
           f"{'shared KiB':>10} {'regs':>5} {'spill B':>7}  fits")
     for arch in archs:
-        for name, head_dim, window, block, fn, constants, warps, stages in specialisations(head_dims, windows):
-            row = f"{arch:>5} {name:<17} {head_dim:>4} {window:>6} {block:>8}"
+        for name, head_dim, window, block, fn, constants, warps, stages in specialisations(head_dims, windows,
+                                                                                          precision):
+            row = f"{arch:>5} {name:<26} {head_dim:>4} {window:>6} {block:>8}"
             group = (arch, name, head_dim, window)
             fitting.setdefault(group, 0)
             try:
@@ -123,7 +137,8 @@ def main():
                         help="compute capabilities, e.g. 80 (A100) and 90 (H100/H200)")
     parser.add_argument("--head_dim", type=int, nargs="+", default=[64, 128], choices=[16, 32, 64, 128])
     parser.add_argument("--window", type=int, nargs="+", default=[-1, 64], help="-1 is global attention")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "tf32"],
+                        help="fp32: exact fp32 products (torch's default precision); tf32: fp32 on tensor cores")
     parser.add_argument("--check", action="store_true", help="exit 1 on any problem")
     args = parser.parse_args()
     t0 = time.perf_counter()

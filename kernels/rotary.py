@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 BLOCK_T = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 32  # tokens per program
+NUM_WARPS, NUM_STAGES = 4, 3  # launch settings, explicit so that kernels.compile checks what runs
 
 
 @triton.jit
@@ -35,13 +36,15 @@ def _rotary_kernel(X, Y, COS, SIN, n_tokens, n_heads, stride_xt, stride_xh, stri
     sin2 = tl.load(SIN + tok * stride_st + HALF + offs_d[None, :], mask=rows, other=0.0).to(tl.float32)
     if TRANSPOSE:
         sin1, sin2 = -sin2, -sin1
-    for h in range(n_heads):
-        x_ptrs = X + tok * stride_xt + h * stride_xh + offs_d[None, :]
-        y_ptrs = Y + tok * stride_yt + h * stride_yh + offs_d[None, :]
+    x_ptrs = X + tok * stride_xt + offs_d[None, :]
+    y_ptrs = Y + tok * stride_yt + offs_d[None, :]
+    for _ in range(n_heads):  # the pointers step one head at a time: no h * stride product to overflow int32
         x1 = tl.load(x_ptrs, mask=rows, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptrs + HALF, mask=rows, other=0.0).to(tl.float32)
         tl.store(y_ptrs, (x1 * cos1 - x2 * sin1).to(Y.dtype.element_ty), mask=rows)
         tl.store(y_ptrs + HALF, (x2 * cos2 + x1 * sin2).to(Y.dtype.element_ty), mask=rows)
+        x_ptrs += stride_xh
+        y_ptrs += stride_yh
 
 
 def _rotate(x, cos, sin, transpose=False):
@@ -53,7 +56,8 @@ def _rotate(x, cos, sin, transpose=False):
     if total > 0:
         _rotary_kernel[(triton.cdiv(total, BLOCK_T),)](x, y, cos, sin, total, n_heads, x.stride(0), x.stride(1),
                                                       y.stride(0), y.stride(1), cos.stride(0), sin.stride(0),
-                                                      HALF=head_dim // 2, BLOCK_T=BLOCK_T, TRANSPOSE=transpose)
+                                                      HALF=head_dim // 2, BLOCK_T=BLOCK_T, TRANSPOSE=transpose,
+                                                      num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return y
 
 

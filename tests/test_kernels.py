@@ -18,6 +18,7 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so set before importing them
 import kernels  # noqa: E402
+import triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -49,12 +50,18 @@ def reference(q, k, v, do, cu, window=None, softmax_scale=None):
     return [torch.cat(xs) for xs in zip(*parts)]
 
 
-def check_attention(lengths, n_heads, head_dim, dtype, window, softmax_scale=None, seed=0):
+# fp32: rounding only; fp16/bf16: the reference gets the same (rounded) inputs, so what remains is the
+# kernels' casts of P and dS to the input dtype for the matrix units and the output's rounding: about 3 eps
+# (fp16 eps 2**-10, bf16 2**-7; measured bf16 worst 9e-3 on LENGTHS)
+TOLERANCE = {torch.float32: 5e-6, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def check_attention(lengths, n_heads, head_dim, dtype, window, softmax_scale=None, seed=0, deterministic=True):
     q, k, v, do, cu = packed(lengths, n_heads, head_dim, dtype, seed)
     got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
-                           softmax_scale=softmax_scale)
+                           softmax_scale=softmax_scale, deterministic=deterministic)
     want = reference(q, k, v, do, cu, window, softmax_scale)
-    tol = {torch.float32: 5e-6, torch.float16: 3e-3}[dtype]
+    tol = TOLERANCE[dtype]
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         assert a.dtype == dtype and a.shape == q.shape, name
         torch.testing.assert_close(a.float(), b, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
@@ -79,6 +86,13 @@ def test_flash_attn_random_batches(seed):
     lengths[int(torch.randint(0, 5, (1,), generator=g))] = int(torch.randint(0, 2, (1,), generator=g))  # 0 or 1
     window = [None, 0, 2, 5, 16, 40][int(torch.randint(0, 6, (1,), generator=g))]
     check_attention(lengths, 3, 32, torch.float32, window, softmax_scale=0.3 + seed * 0.1, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [None, 3])
+def test_flash_attn_atomic_dq_backward(dtype, window):
+    # the FlashAttention-2 style backward: one dK/dV pass that also adds each block pair's dq atomically
+    check_attention(LENGTHS, 2, 32, dtype, window, softmax_scale=0.4, deterministic=False)
 
 
 def test_flash_attn_head_dim_128():
@@ -117,17 +131,33 @@ def test_work_table_and_autotune_bucket():
     fa = kernels.flash_attn
     lengths = [3, 0, 2 * fa.SLOT + 1, fa.SLOT, 1, 0, fa.SLOT + 5]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
-    table = fa._work_table(cu, sum(lengths)).tolist()
+    table = fa.work_table(cu, sum(lengths)).tolist()
     want = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep batch order
         start = sum(lengths[:i])
         want += [[start, start + lengths[i], slot] for slot in range(start, start + lengths[i], fa.SLOT)]
     assert table[:len(want)] == want
     assert all(row == [0, 0, 0] for row in table[len(want):])
-    # autotuning is keyed on max_seqlen's power-of-two bucket, so a new max_seqlen rarely re-tunes
+    # global layers autotune per power-of-two bucket of max_seqlen, so a new max_seqlen rarely re-tunes;
+    # a window layer's work per block does not grow with the length, so it tunes once
     q = torch.empty(1, 1, 32)
-    bucket = lambda max_seqlen: fa._launch_args(q, None, max_seqlen)["SEQ_BUCKET"]
+    bucket = lambda max_seqlen, window=None: fa._launch_args(q, window, max_seqlen)["SEQ_BUCKET"]
     assert bucket(600) == bucket(1024) == 1024 and bucket(1025) == 2048
+    assert bucket(600, 64) == bucket(8192, 64)
+
+
+def test_fp32_uses_tf32_only_where_torch_allows_it():
+    # exact fp32 products on the CUDA cores at torch's default "highest"; TF32 tensor cores, as torch's own
+    # matmuls, once the user allows them; half precision always goes to the tensor cores as it is
+    args = lambda dtype: kernels.flash_attn._launch_args(torch.empty(1, 1, 32, dtype=dtype), None, 64)["PRECISION"]
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert args(torch.float32) == "ieee" and args(torch.bfloat16) == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert args(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_flash_attn_rejects_bad_arguments():
@@ -238,21 +268,23 @@ def check_against_sdpa(got, want, base, what):
 
 
 @cuda_only
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two_pass", "atomic_dq"])
 @pytest.mark.parametrize("window", [None, 64])
 @pytest.mark.parametrize("lengths", [[1024] * 64, [8192] * 8, [3000, 0, 1, 777, 8192, 129, 4500]],
                          ids=["64x1k", "8x8k", "mixed"])
-def test_flash_attn_gpu_bf16(lengths, window):
+def test_flash_attn_gpu_bf16(lengths, window, deterministic):
     q, k, v, do, cu = packed(lengths, 12, 64, torch.bfloat16)
-    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window)
+    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
+                           deterministic=deterministic)
     want = reference(q, k, v, do, cu, window)
     base = low_precision_baseline(q, k, v, do, cu, window)
     check_against_sdpa(got, want, base, f"window {window}")
 
 
 @cuda_only
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim, dtype", [(32, torch.bfloat16), (64, torch.float16), (128, torch.bfloat16)])
 def test_flash_attn_gpu_head_dims(dtype, head_dim):
+    # each pair compiles 17 configs per window (~1 s each); bf16 at head_dim 64 is test_flash_attn_gpu_bf16
     lengths = [1, 0, 300, 2049, 64, 1000]
     for window in (None, 64):
         q, k, v, do, cu = packed(lengths, 4, head_dim, dtype)
@@ -265,18 +297,18 @@ def test_flash_attn_gpu_head_dims(dtype, head_dim):
 @cuda_only
 def test_flash_attn_gpu_int64_offsets():
     # 2**31 elements before the last two sequences: their element offsets overflow int32, so the kernels
-    # must form them in int64 (8 tensors of 4.3 GB live at once)
+    # must form them in int64 (8 tensors of 4.3 GB live at once; short sequences keep the work small)
     if torch.cuda.get_device_properties(0).total_memory < 60 * 2**30:
         pytest.skip("needs a GPU with 60 GiB of memory")
     n_heads, head_dim = 16, 64
-    lengths = [4096] * 512 + [777, 300]  # 512 x 4096 x 16 x 64 = 2**31
+    lengths = [128] * 16384 + [777, 300]  # 16384 x 128 x 16 x 64 = 2**31
     total = sum(lengths)
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v, do = (torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
                    for _ in range(4))
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
     for window in (None, 64):
-        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 4096, window=window)
+        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 777, window=window)
         for i in (0, len(lengths) - 2, len(lengths) - 1):  # the first sequence, and the two past 2**31
             start, end = cu[i].item(), cu[i + 1].item()
             one = torch.tensor([0, end - start], dtype=torch.int32, device="cuda")
@@ -294,3 +326,147 @@ def test_rotary_gpu_bf16():
     want = rope_forward_backward(kernels.apply_rotary_reference, q, k, dq, dk, cos, sin)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the yardstick itself, edge cases the GPU-sized tests cannot reach, and every autotune config
+
+
+@pytest.mark.parametrize("window", [None, 0, 2, 7])
+def test_attention_reference_matches_sdpa(window):
+    # attention_reference (per sequence, masked_fill) against torch's SDPA on the zero-padded batch with an
+    # explicit (batch, 1, L, L) mask of same-sequence keys inside the window, in fp64; forward and gradients
+    lengths, scale = [5, 0, 12, 1, 9], 0.37
+    q, k, v, do, cu = packed(lengths, 2, 16, torch.float32)
+    got = forward_backward(kernels.attention_reference, q, k, v, do, cu, max(lengths), window=window,
+                           softmax_scale=scale)
+    L, pos = max(lengths), torch.arange(max(lengths), device=DEVICE)
+    real = pos[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]  # (batch, L) real tokens
+    near = (pos[:, None] - pos[None, :]).abs() <= (L if window is None else window)  # (L, L)
+    mask = real[:, None, None, :] & near  # (batch, 1, L, L): keys of the query's own sequence, in its window
+    mask = mask | ~real[:, None, :, None]  # padded query rows see everything, so they stay finite (ignored)
+
+    def padded_sdpa(q, k, v):  # packed (total, heads, dim) -> padded SDPA -> packed
+        pad = lambda x: torch.stack([F.pad(x[a:b], (0, 0, 0, 0, 0, L - (b - a))) for a, b in
+                                     zip(cu[:-1].tolist(), cu[1:].tolist())]).transpose(1, 2)  # (batch, heads, L, dim)
+        out = F.scaled_dot_product_attention(*(pad(x).double() for x in (q, k, v)), attn_mask=mask, scale=scale)
+        return out.transpose(1, 2)[real].float()  # (total, heads, dim)
+
+    want = forward_backward(padded_sdpa, q, k, v, do)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("window", [38, 39, 1000, 2**31 - 40, 2**31 - 1])
+def test_flash_attn_window_covering_every_sequence_is_global(monkeypatch, window):
+    # no two tokens of a 40-token sequence are more than 39 apart, so windows from 39 up are global attention;
+    # near 2**31 the window band's bounds overflowed int32 (zero output, NaN dk/dv), so the global path must
+    # be taken, and it is (the kernels are launched with WINDOW=-1); 38 still masks the two ends
+    fa = kernels.flash_attn
+    launched = []
+    launch_args = fa._launch_args
+    monkeypatch.setattr(fa, "_launch_args", lambda *a: launched.append(launch_args(*a)["WINDOW"]) or
+                        launch_args(*a))
+    q, k, v, do, cu = packed([40, 7, 33], 2, 16, torch.float32)
+    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 40, window=window)
+    effective = window if window < 39 else None
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, reference(q, k, v, do, cu, effective)):
+        torch.testing.assert_close(a, b, atol=5e-6, rtol=5e-6, msg=lambda m: f"{name}: {m}")
+    assert launched and set(launched) == {-1 if effective is None else window}
+
+
+def test_flash_attn_sees_cu_seqlens_edited_in_place():
+    # edits that leave the tensor's version counter alone (through .data, or a numpy alias on the CPU) must
+    # not reuse a work table built for the old boundaries
+    q, k, v, do, cu = packed([20, 20], 2, 16, torch.float32)
+    kernels.flash_attn_varlen(q, k, v, cu, 20)
+    version = cu._version
+    cu.data[1] = 7
+    torch.testing.assert_close(kernels.flash_attn_varlen(q, k, v, cu, 33), reference(q, k, v, do, cu)[0],
+                               atol=5e-6, rtol=5e-6)
+    if DEVICE == "cpu":
+        cu.numpy()[1] = 29
+        torch.testing.assert_close(kernels.flash_attn_varlen(q, k, v, cu, 29), reference(q, k, v, do, cu)[0],
+                                   atol=5e-6, rtol=5e-6)
+    assert cu._version == version  # the edits were invisible to the version counter
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="pins configs in the interpreter; on a GPU the autotuner tries them all")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_every_autotune_config_matches_reference(monkeypatch, dtype):
+    # only the autotuner's pick runs on a GPU, so a config that computes the wrong thing could hide: pin round
+    # i's block shape of each kernel (half-precision and exact-fp32 lists) and check it. The interpreter
+    # ignores warps and stages (kernels.compile builds those); GPU work slots (128 tokens) so that every block
+    # size fits, and a 130-token sequence crosses them
+    fa = kernels.flash_attn
+    monkeypatch.setattr(fa, "SLOT", 128)
+    kinds = [(fa._fwd_kernel, fa.FWD_CONFIGS + fa.FWD_CONFIGS_IEEE),
+             (fa._bwd_dq_kernel, fa.DQ_CONFIGS + fa.DQ_CONFIGS_IEEE),
+             (fa._bwd_dkdv_kernel, fa.DKDV_CONFIGS + fa.DKDV_CONFIGS_IEEE)]
+    kinds = [(kernel, list(dict.fromkeys((m, n) for m, n, _, _ in shapes))) for kernel, shapes in kinds]
+    for i in range(max(len(blocks) for _, blocks in kinds)):
+        for kernel, blocks in kinds:
+            m, n = blocks[i % len(blocks)]
+            monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": m, "BLOCK_N": n})])
+        for window in (None, 5):
+            check_attention([130, 3, 0, 64], 2, 16, dtype, window, seed=i)
+
+
+def test_block_larger_than_work_slot_is_refused(monkeypatch):
+    # programs find their work-table row as program_id // (SLOT // BLOCK): a block that does not divide the
+    # slot would silently skip or repeat tokens, so the launch asserts it
+    fa = kernels.flash_attn
+    monkeypatch.setattr(fa._fwd_kernel, "configs", [triton.Config({"BLOCK_M": 2 * fa.SLOT, "BLOCK_N": 16})])
+    q, k, v, do, cu = packed([20], 1, 16, torch.float32)
+    with pytest.raises(AssertionError, match="work slots"):
+        kernels.flash_attn_varlen(q, k, v, cu, 20)
+
+
+@pytest.fixture
+def bf16_interpreter(monkeypatch):
+    """Triton's interpreter multiplies bf16 bit patterns as if they were integers in tl.dot and truncates
+    fp32 -> bf16 casts; a GPU does neither. Patch both to what the hardware does (operands widened exactly,
+    casts rounded to nearest even) so bf16 loads, casts and stores are exercised. Test-only; no-op on CUDA."""
+    if DEVICE == "cuda":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    def widen(h):  # bf16 handle (uint16 bit patterns) -> fp32 handle, exact
+        return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+
+    def narrow(data):  # fp32 array -> bf16 bit patterns, round to nearest even (no NaN or inf occurs here)
+        bits = data.astype(np.float32).view(np.uint32)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+    builder = interpreter.InterpreterBuilder
+    cast, dot = builder.cast_impl, builder.create_dot
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar == tl.float32:
+            return widen(src)
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(narrow(src.data), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def create_dot(self, a, b, *args):
+        a, b = (widen(x) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return dot(self, a, b, *args)
+
+    monkeypatch.setattr(builder, "cast_impl", cast_impl)
+    monkeypatch.setattr(builder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_flash_attn_bf16(bf16_interpreter, window):
+    check_attention(LENGTHS, 2, 32, torch.bfloat16, window)
+
+
+def test_rotary_bf16(bf16_interpreter):
+    q, k, dq, dk, cos, sin = rope_inputs(37, 3, 64, torch.bfloat16)
+    got = rope_forward_backward(kernels.apply_rotary, q, k, dq, dk, cos, sin)
+    want = rope_forward_backward(kernels.apply_rotary_reference, q, k, dq, dk, cos, sin)
+    for a, b in zip(got, want):  # both compute in fp32 and round once to bf16
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
