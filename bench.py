@@ -392,10 +392,11 @@ def bench_data(args):
     import sentencepiece as spm
 
     import data
+    import demo
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = data.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
+        paths = demo.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
         real = Path(__file__).resolve().parent.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
         tok = real if real.is_file() else data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
         corpus = tmp / "corpus.jsonl"

@@ -19,6 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import demo  # noqa: E402
 from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
 
 REAL_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
@@ -39,7 +40,7 @@ def in_val(text, fraction):
 def world(tmp_path_factory):
     """A small corpus in three input formats, a tokenizer trained on it, and its shards (several per file)."""
     d = tmp_path_factory.mktemp("data")
-    paths = data.write_demo(d / "demo", n_docs=400)
+    paths = demo.write_demo(d / "demo", n_docs=400)
     texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
     a, b = texts[:250] + ODD_TEXTS, texts[250:]
     (d / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(a)))
@@ -503,14 +504,14 @@ def test_loader_masking_statistics(world):
 
 def test_demo_corpus(world, tmp_path):
     paths = world["paths"]
-    data.write_demo(tmp_path, n_docs=400)
+    demo.write_demo(tmp_path, n_docs=400)
     for name in ("corpus.jsonl", "wiki.jsonl", "miracl.jsonl", "fillmask.txt"):  # deterministic
         assert (tmp_path / name).read_bytes() == (Path(paths["corpus"]).parent / name).read_bytes()
     texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
     corpus = "\n".join(texts)
     lengths = sorted(map(len, texts))
     assert lengths[0] < 20 and lengths[-1] > 3000
-    for name, height, _ in data.MOUNTAINS:  # facts agree across documents
+    for name, height, _ in demo.MOUNTAINS:  # facts agree across documents
         assert set(re.findall(re.escape(name) + r"の標高は(\d+)メートル", corpus)) <= {str(height)}
     for sentence in ("1年は12ヶ月です。", "1年はおよそ365日です。", "英語で「ありがとう」はthank youと言います。"):
         assert sentence in corpus
