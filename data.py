@@ -19,6 +19,7 @@ val_fraction * 2**32, so the split does not depend on file order, sharding or wo
 The synthetic demo corpus lives in demo.py (`python demo.py`, or `python data.py demo`).
 """
 import argparse
+import fcntl
 import functools
 import glob
 import gzip
@@ -28,7 +29,10 @@ import json
 import multiprocessing as mp
 import os
 import secrets
+import re
 import sys
+import threading
+import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -231,23 +235,31 @@ def _parse_line(path, pos, line, kind, text_field):
         return s if s.strip() else None
     if not s.strip():
         return None
-    if text_field is not None:
-        text = _plain_text(s, text_field)
-        if text is not None:
-            return text
-    try:
-        record = json.loads(s)
-    except json.JSONDecodeError as e:
-        reason = f"{e.msg.removesuffix(' at')} (column {e.colno})"
-        raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {reason}") from None
-    if text_field is None:
-        return record
-    if not isinstance(record, dict) or text_field not in record:
-        raise DataError(f"{path}:{_line_number(path, pos)}: record has no {text_field!r} field")
-    text = record[text_field]
-    if not isinstance(text, str):
-        kind = type(text).__name__
-        raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
+    text = _plain_text(s, text_field) if text_field is not None else None
+    if text is None:
+        try:
+            record = json.loads(s)
+        except json.JSONDecodeError as e:
+            reason = f"{e.msg.removesuffix(' at')} (column {e.colno})"
+            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {reason}") from None
+        except ValueError as e:  # an integer beyond Python's digit limit for int()
+            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {str(e).split(':')[0]}") from None
+        except RecursionError:
+            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: nested too deeply") from None
+        if text_field is None:
+            return record
+        if not isinstance(record, dict) or text_field not in record:
+            raise DataError(f"{path}:{_line_number(path, pos)}: record has no {text_field!r} field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            kind = type(text).__name__
+            raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
+    if "\\u" in s:  # only a JSON escape can make a lone surrogate, which is no text (nor tokenizable)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} holds a lone surrogate "
+                            f"\\u{ord(text[e.start]):04x} (character {e.start + 1}), not text") from None
     return text
 
 
@@ -273,7 +285,7 @@ def _plain_text(s, text_field):
             others = json.loads("{" + rest[1:])
             if others and text_field not in others:  # {} would mean a trailing comma
                 return text
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     return None
 
@@ -410,13 +422,23 @@ def _encode_arrays(sp, texts):
 _worker_sp = _worker_stop = None
 
 
-def _init_worker(tokenizer, stop):
-    """tokenizer: a loaded SentencePieceProcessor (this process, or handed over by fork) or a path (spawn)."""
+def _init_worker(tokenizer, stop, parent=None):
+    """tokenizer: a loaded SentencePieceProcessor (this process, or handed over by fork) or a path (spawn).
+    parent: the pid of the main process; a worker process exits when it is gone (e.g. killed), rather than
+    finish its shard and wait for tasks forever."""
     global _worker_sp, _worker_stop
     if not isinstance(tokenizer, spm.SentencePieceProcessor):
         tokenizer = spm.SentencePieceProcessor(model_file=str(tokenizer))
     _worker_sp = tokenizer
     _worker_stop = stop  # set by the main process when another task failed
+    if parent is not None:
+        threading.Thread(target=_exit_without, args=(parent,), daemon=True).start()
+
+
+def _exit_without(parent):
+    while os.getppid() == parent:
+        time.sleep(0.2)
+    os._exit(1)  # its temporary files are removed by the next run
 
 
 def _run_task(task):
@@ -433,7 +455,7 @@ def _run_task(task):
             return {**record, "skipped": True}
     path, kind = spec["input"], _input_kind(spec["input"])
     dtype = np.dtype(task["dtype"])
-    writers = {s: _ShardWriter(out_dir, f"{s}-{name}", dtype, task["tmp_tag"]) for s in ("train", "val")}
+    writers = {}
     docs = {"train": [], "val": []}
     texts, empty, chars = [], 0, 0
 
@@ -446,6 +468,8 @@ def _run_task(task):
         texts.clear()
 
     try:
+        for s in ("train", "val"):
+            writers[s] = _ShardWriter(out_dir, f"{s}-{name}", dtype, task["tmp_tag"])
         end = None if path.endswith(".gz") else spec["end"]  # a .gz is one task, read to its (uncompressed) end
         for pos, line in _read_lines(path, spec["start"], end):
             text = _parse_line(path, pos, line, kind, spec["text_field"])
@@ -461,24 +485,46 @@ def _run_task(task):
                     raise DataError("stopped: another shard failed")
         flush()
         record = {"spec": spec, "train": writers["train"].finish(), "val": writers["val"].finish(), "empty": empty}
-    except BaseException:
+        _write_atomic(record_path, json.dumps(record, indent=1))
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, OSError):  # reading errors are DataErrors already: this one is writing
+            raise DataError(f"{out_dir}: cannot write shards ({e.strerror or e})") from None
         raise
-    _write_atomic(record_path, json.dumps(record, indent=1))
     return {**record, "skipped": False}
 
 
-def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_fraction=0.01, chunk_bytes=None):
+def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_fraction=0.01, chunk_bytes=None,
+            replace=False):
     """Tokenize the inputs into shards in out_dir (see the module docstring) and write out_dir/manifest.json.
     Inputs are cut into byte ranges of chunk_bytes (default: 1/64 of the total, within 1-256 MiB; gzipped
-    files are one range each), one shard per range, processed by `workers` processes. Returns the manifest."""
+    files are one range each), one shard per range, processed by `workers` processes. Returns the manifest.
+    A rerun with the same inputs and settings skips finished shards; out_dir holding another dataset is an
+    error unless replace, which then also removes that dataset's shards."""
     files = expand_inputs(inputs)
     tok = Tokenizer(tokenizer_path)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_tokenizer_matches(out_dir, tok)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(out_dir / "prepare.lock", "a")
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+    with lock:
+        try:  # held by this process and its workers; released by the kernel however they end
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{out_dir}: another prepare is writing there") from None
+        return _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes, replace)
+
+
+def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes, replace):
     sizes = [os.path.getsize(p) for p in files]
+    if not replace:
+        _check_tokenizer_matches(out_dir, tok)
+        _check_same_dataset(out_dir, tok, files, sizes, text_field, val_fraction)
+    for tmp in out_dir.glob("*.tmp-*"):  # left by a run that was killed (only one run writes here at a time)
+        tmp.unlink(missing_ok=True)
     if chunk_bytes is None:
         chunk_bytes = min(max(sum(sizes) // 64, 1 << 20), 1 << 28)
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
@@ -508,7 +554,7 @@ def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_f
             fork = "fork" in mp.get_all_start_methods()
             ctx = mp.get_context("fork" if fork else "spawn")
             stop = ctx.Event()
-            init = (tok.sp if fork else str(tok.path), stop)
+            init = (tok.sp if fork else str(tok.path), stop, os.getpid())
             with ProcessPoolExecutor(workers, ctx, initializer=_init_worker, initargs=init) as pool:
                 futures = {pool.submit(_run_task, task): i for i, task in enumerate(tasks)}
                 try:
@@ -537,9 +583,37 @@ def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_f
     manifest = {"format": FORMAT_VERSION, "tokenizer": tok.info(), "dtype": dtype, "text_field": text_field,
                 "val_fraction": val_fraction, "inputs": [{"path": p, "bytes": n} for p, n in zip(files, sizes)],
                 "empty_texts": sum(r["empty"] for r in records), "splits": splits}
-    _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+    try:
+        _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write manifest.json ({e.strerror or e})") from None
+    if replace:  # the replaced dataset's shards and records
+        keep = {e[k] for s in splits.values() for e in s["shards"] for k in ("bin", "idx")}
+        keep |= {f"{t['name']}.json" for t in tasks}
+        for path in out_dir.iterdir():
+            if SHARD_FILE.fullmatch(path.name) and path.name not in keep:
+                path.unlink()
     manifest["skipped_shards"] = sum(r["skipped"] for r in records)
     return manifest
+
+
+SHARD_FILE = re.compile(r"((train|val)-\d{5}-[0-9a-f]{10}\.(bin|idx))|(\d{5}-[0-9a-f]{10}\.json)")
+
+
+def _check_same_dataset(out_dir, tok, files, sizes, text_field, val_fraction):
+    """Refuse to replace the manifest of another dataset: its shards would be left unlisted."""
+    try:
+        old = json.loads((out_dir / "manifest.json").read_text())
+        settings = (old["tokenizer"]["sha256"], old["text_field"], old["val_fraction"])
+        inputs = [(os.path.realpath(i["path"]), i["bytes"]) for i in old["inputs"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no manifest, or not one of ours
+    if (settings, inputs) != ((tok.sha256, text_field, val_fraction),
+                              [(os.path.realpath(p), n) for p, n in zip(files, sizes)]):
+        first = old["inputs"][0]["path"] if old["inputs"] else "?"
+        more = f" and {len(old['inputs']) - 1} more" if len(old["inputs"]) > 1 else ""
+        raise DataError(f"{out_dir} holds another dataset (made from {first}{more}, with other inputs or "
+                        "settings); use a new output directory, or --replace to replace it")
 
 
 def _check_tokenizer_matches(out_dir, tok):
@@ -857,6 +931,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--text_field", default="text")
     p.add_argument("--val_fraction", type=float, default=0.01)
+    p.add_argument("--replace", action="store_true",
+                   help="replace another dataset already in --out (its shards are removed)")
     args = parser.parse_args(argv)
     try:
         if args.command == "tokenizer":
@@ -864,7 +940,7 @@ def main(argv=None):
             print(f"trained {args.out} (vocab {args.vocab_size})")
         else:
             print(summary(prepare(args.input, args.tokenizer, args.out, args.workers, args.text_field,
-                                  args.val_fraction)))
+                                  args.val_fraction, replace=args.replace)))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

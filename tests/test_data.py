@@ -5,8 +5,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -247,8 +249,10 @@ def run_cli(capsys, *argv):
     return err
 
 
-def prepare_cli(capsys, inputs, tok, out, workers=2):
-    return run_cli(capsys, "prepare", "--input", *inputs, "--tokenizer", tok, "--out", out, "--workers", workers)
+def prepare_cli(capsys, inputs, tok, out, workers=2, replace=True):
+    """With replace, a failed run must still leave the dataset it would replace as it was."""
+    return run_cli(capsys, "prepare", "--input", *inputs, "--tokenizer", tok, "--out", out, "--workers", workers,
+                   *(["--replace"] if replace else []))
 
 
 def snapshot(d):
@@ -292,12 +296,17 @@ def test_malformed_lines_name_file_and_line(world, tmp_path, capsys, prior, work
         "utf8.jsonl": ('{"text": "壊れた'.encode() + b"\xff\xfe" + '"}'.encode(), "not valid UTF-8"),
         "field.jsonl": (b'{"body": "no text field"}', "record has no 'text' field"),
         "type.jsonl": (b'{"text": 12}', "field 'text' is int, not a string"),
+        "surrogate.jsonl": (b'{"text": "lone \\ud800 half"}', "field 'text' holds a lone surrogate \\ud800 (character 6)"),
+        "surrogate2.jsonl": (b'{"id": 3, "text": "\\udfff"}', "field 'text' holds a lone surrogate \\udfff"),
+        "digits.jsonl": (b'{"text": "a", "n": ' + b"7" * 5000 + b"}", "malformed JSON: Exceeds the limit"),
+        "deep.jsonl": (b'{"text": "a", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "malformed JSON: nested too deeply"),
+        "deep2.jsonl": (b'{"n": ' + b"{\"a\": " * 50_000 + b"1" + b"}" * 50_000 + b', "text": "a"}', "malformed JSON: nested too deeply"),
     }
     for name, (bad, what) in cases.items():
         p = tmp_path / name
         p.write_bytes(("\n".join(good[:300]) + "\n").encode() + bad + ("\n" + "\n".join(good[300:]) + "\n").encode())
-        with pytest.raises(DataError, match=re.escape(f"{p}:301: ") + what):
-            data.prepare(p, world["tok"], out, workers=workers, chunk_bytes=20_000)
+        with pytest.raises(DataError, match=re.escape(f"{p}:301: {what}")):
+            data.prepare(p, world["tok"], out, workers=workers, chunk_bytes=20_000, replace=True)
         assert f"{p}:301: {what}" in prepare_cli(capsys, [p], world["tok"], out, workers)
     txt = tmp_path / "bad.txt"
     txt.write_bytes("一行目\n二行目\n".encode() + b"\xc3\x28\n")
@@ -309,7 +318,7 @@ def test_malformed_lines_name_file_and_line(world, tmp_path, capsys, prior, work
 def test_damaged_shards_and_foreign_tokenizer(world, tmp_path, capsys, prior):
     out, before = prior
     other = data.train_tokenizer(world["inputs"][1], 900, tmp_path / "other.model")
-    err = prepare_cli(capsys, world["inputs"], other, out)
+    err = prepare_cli(capsys, world["inputs"], other, out, replace=False)
     assert "another tokenizer" in err
     with pytest.raises(DataError, match="does not match"):
         Loader(out, batch_size=4, micro_batch_size=4, tokenizer=other)
@@ -328,6 +337,77 @@ def test_damaged_shards_and_foreign_tokenizer(world, tmp_path, capsys, prior):
     (out / "manifest.json").unlink()
     with pytest.raises(DataError, match="manifest.json: not found"):
         Shards(out)
+
+
+def test_another_dataset_is_replaced_only_when_asked(world, tmp_path, capsys, prior):
+    out, before = prior
+    err = prepare_cli(capsys, [world["inputs"][2]], world["tok"], out, replace=False)
+    assert err == f"error: {out} holds another dataset (made from {world['inputs'][0]} and 2 more, with other " \
+                  "inputs or settings); use a new output directory, or --replace to replace it"
+    assert "another dataset" in prepare_cli(capsys, world["inputs"], world["tok"], out, replace=False)  # 1 worker
+    assert intact(out, before)
+    data.main(["prepare", "--input", world["inputs"][2], "--tokenizer", str(world["tok"]), "--out", str(out), "--replace"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {e[k] for s in manifest["splits"].values() for e in s["shards"] for k in ("bin", "idx")}
+    assert {p.name for p in out.glob("*.bin")} | {p.name for p in out.glob("*.idx")} == listed
+    texts = [t.replace("\n", " ") for t in world["texts"][-60:]]
+    assert len(Shards(out, "train")) + manifest["splits"]["val"]["docs"] == len(texts)
+    again = data.prepare(world["inputs"][2], world["tok"], out)  # the same dataset again: nothing to replace
+    assert again["skipped_shards"] == len(list(out.glob("0*.json")))
+
+
+def test_unwritable_output_dir(world, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, why in ((tmp_path / "file" / "shards", "Not a directory"), (Path("/sys/modernbert-shards"), "Operation not permitted")):
+        assert prepare_cli(capsys, [world["inputs"][2]], world["tok"], out) == f"error: {out}: cannot write there ({why})"
+
+
+def test_kill_leaves_nothing_behind(world, tmp_path):
+    """SIGKILL of prepare's main process: its workers exit, and the next run removes their temporary files."""
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"".join(Path(world["inputs"][0]).read_bytes() for _ in range(40)))
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "train-00007-0123456789.bin.tmp-dead").write_bytes(b"left by an older run")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "prepare", "--input", str(big), "--tokenizer",
+                             str(world["tok"]), "--out", str(out), "--workers", "2"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not [p for p in out.glob("*.tmp-*") if not p.name.endswith("dead")]:  # a worker is writing a shard
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    workers = children(proc.pid)
+    assert len(workers) >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while [p for p in workers if alive(p)]:
+        assert time.time() < deadline, "a worker outlived the killed main process"
+        time.sleep(0.05)
+    assert not (out / "manifest.json").exists()
+    manifest = data.prepare(big, world["tok"], out, workers=2)
+    assert not list(out.glob("*.tmp-*"))
+    n_docs = sum(1 for line in big.read_text(encoding="utf-8").splitlines() if json.loads(line)["text"])
+    assert manifest["splits"]["train"]["docs"] + manifest["splits"]["val"]["docs"] == n_docs
+    Shards(out, "train", verify=True)
+
+
+def children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_cli_exit_status(world, tmp_path):
