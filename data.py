@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -679,8 +679,13 @@ class Shards:
                 raise DataError(problem + "; rerun `python data.py prepare` to rebuild it")
             # a plain ndarray view of the map: slicing a np.memmap costs microseconds per call
             tokens = np.memmap(self.data_dir / entry["bin"], dtype=self.manifest["dtype"], mode="r")
+            idx = np.fromfile(self.data_dir / entry["idx"], dtype=np.int64)
+            if idx[0] != 0 or idx[-1] != len(tokens) or (np.diff(idx) < 0).any():  # cheap, unlike a hash
+                raise DataError(f"{self.data_dir / entry['idx']}: document offsets are damaged; rerun "
+                                "`python data.py prepare` to rebuild it")
             self.bins.append(tokens.view(np.ndarray))
-            self.idxs.append(np.fromfile(self.data_dir / entry["idx"], dtype=np.int64))
+            self.idxs.append(idx)
+        self.files = [self.data_dir / e["bin"] for e in entries]
         self.first_doc = np.cumsum([0] + [e["docs"] for e in entries])  # global index of each shard's first doc
         self.lengths = np.concatenate([np.diff(idx) for idx in self.idxs])
 
@@ -698,6 +703,75 @@ class Shards:
             raise IndexError(f"document {i} of {len(self)}")
         data, a, b = self.locate(i % len(self))
         return np.asarray(data[a:b], dtype=np.int64)
+
+    def check_ids(self, docs, vocab_size):
+        """Raise a DataError naming the shard and document of the first of docs holding an id >= vocab_size."""
+        for i in docs:
+            ids = self[i]
+            if len(ids) and ids.max() >= vocab_size:
+                s = int(np.searchsorted(self.first_doc, i, side="right")) - 1
+                raise DataError(f"{self.files[s]}: document {i - int(self.first_doc[s])} holds token id {ids.max()}, "
+                                f"outside the vocabulary of {vocab_size} (the shard was altered); rerun "
+                                "`python data.py prepare` to rebuild it")
+
+
+def verify_shards(data_dir, record_dir, rank=0, world_size=1):
+    """Check this rank's share of every shard file (both splits; shares balanced by bytes) against the
+    manifest's sizes and sha256 hashes, once: what was verified is remembered in
+    record_dir/shards-verified-*.json (by path, size, modification time and hash), so a restart, on any
+    number of ranks, reads only new or changed files. Returns None, or a one-line problem naming the file."""
+    data_dir, record_dir = Path(data_dir), Path(record_dir)
+    manifest = load_manifest(data_dir)
+    files = [(data_dir / e[k], e["bin_bytes"] if k == "bin" else (e["docs"] + 1) * 8, e[f"{k}_sha256"])
+             for split in manifest["splits"].values() for e in split["shards"] for k in ("bin", "idx")]
+    load = [0] * world_size
+    mine = []
+    for path, size, sha in sorted(files, key=lambda f: (-f[1], str(f[0]))):  # longest first, to the least loaded
+        r = load.index(min(load))
+        load[r] += size
+        if r == rank:
+            mine.append((path, size, sha))
+    known = {}
+    for record in sorted(record_dir.glob("shards-verified-*.json")):
+        try:
+            known.update(json.loads(record.read_text()))
+        except (OSError, ValueError):
+            pass  # unreadable: verify again
+    own = record_dir / f"shards-verified-{rank}.json"
+    done, saved = {}, time.monotonic()
+    try:
+        for path, size, sha in mine:
+            try:
+                stat = path.stat()
+            except OSError:
+                return f"{path}: missing; rerun `python data.py prepare` to rebuild it"
+            key, value = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, sha]
+            if known.get(key) == value:
+                continue
+            if stat.st_size != size:
+                return (f"{path}: {stat.st_size} bytes where the manifest says {size} (truncated or altered); "
+                        "rerun `python data.py prepare` to rebuild it")
+            if sha256_file(path) != sha:
+                return f"{path}: sha256 differs from the manifest (altered); rerun `python data.py prepare` to rebuild it"
+            done[key] = value
+            if time.monotonic() - saved > 10:  # progress survives a kill
+                record_dir.mkdir(parents=True, exist_ok=True)
+                _write_atomic(own, json.dumps({**known, **done}))
+                saved = time.monotonic()
+    finally:
+        if done:
+            record_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(own, json.dumps({**known, **done}))
+    return None
+
+
+def verify_in_background(data_dir, record_dir, rank=0, world_size=1):
+    """verify_shards in a thread (hashing releases the GIL), while the model is built and loaded: a Future
+    whose result() is its answer."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(verify_shards, data_dir, record_dir, rank, world_size)
+    pool.shutdown(wait=False)
+    return future
 
 # ---------------------------------------------------------------------------------------------------------
 # masking
@@ -791,6 +865,7 @@ class Loader:
         self.batch_size, self.micro_batch_size, self.max_seqlen = batch_size, micro_batch_size, max_seqlen
         self.rank, self.world_size, self.seed, self.mode, self.shuffle = rank, world_size, seed, mode, shuffle
         self.grad_accum = batch_size // (world_size * micro_batch_size)
+        self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
         self.doc_tokens = self.shards.lengths + 2  # with <CLS> and <SEP>
         n_docs = len(self.shards)
@@ -842,7 +917,8 @@ class Loader:
     def _micro_batch(self, samples):
         """samples: list of (epoch, index) -> one micro-batch dict."""
         if self.mode == "line_by_line":  # <CLS> doc[:max_seqlen - 2] <SEP>, as a truncating tokenizer makes it
-            docs = [self.shards.locate(int(self._order(e)[0][i])) for e, i in samples]
+            doc_ids = [int(self._order(e)[0][i]) for e, i in samples]
+            docs = [self.shards.locate(d) for d in doc_ids]
             seqlens = np.array([min(e - s, self.max_seqlen - 2) + 2 for _, s, e in docs], dtype=np.int64)
             sample_lens = seqlens
             ids = np.empty(int(seqlens.sum()), dtype=np.int64)
@@ -858,6 +934,7 @@ class Loader:
                 p = self._pieces(epoch, i)
                 pieces += p
                 sample_lens.append(sum(b - a for _, a, b in p))
+            doc_ids = [d for d, _, _ in pieces]
             seqlens = np.array([b - a for _, a, b in pieces], dtype=np.int64)
             ids = np.empty(int(seqlens.sum()), dtype=np.int64)
             o = 0
@@ -871,6 +948,8 @@ class Loader:
                 if b == n + 2:
                     ids[o + b - a - 1] = self.sep_id
                 o += b - a
+        if ids.max() >= self.vocab_size:  # only an altered shard; the masker would fail naming nothing
+            self.shards.check_ids(doc_ids, self.vocab_size)
         # counter-based randomness: key(seed, epoch, sample) + position, mixed
         ek = np.array([e for e, _ in samples], dtype=np.uint64) * _GOLDEN + np.uint64(self.seed)
         sk = _mix64(_mix64(ek) + np.array([i for _, i in samples], dtype=np.uint64))

@@ -402,6 +402,9 @@ def main():
     loader = data.Loader(cfg.data_dir, split="train", batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                          max_seqlen=cfg.max_seqlen, rank=rank, world_size=world, seed=cfg.seed, mode=cfg.mode,
                          mlm_probability=cfg.mlm_probability, shuffle=True, verify=False, tokenizer=tokenizer)
+    # every shard is hashed once before its first use, this rank's share in the background meanwhile; out_dir
+    # remembers what was verified, so a restart only stats the files
+    verifying = data.verify_in_background(cfg.data_dir, out_dir, rank, world)
     step = 0
     if resume:
         meta = json.loads((resume / "meta.json").read_text())
@@ -465,6 +468,10 @@ def main():
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    problems = [None] * world
+    dist.all_gather_object(problems, verifying.result())
+    if any(problems):
+        fail(next(p for p in problems if p))
     batches = iter(loader)
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stdout.isatty()), dynamic_ncols=True)
     while True:

@@ -624,3 +624,106 @@ def test_demo_command(tmp_path, capsys):
     lengths = [len(ids) for ids in sp_encode(tmp_path / "tokenizer.model", wiki)]
     counts = np.histogram(lengths, [0, 1024, 2048, 4096, 8192])[0]
     assert counts.sum() == len(wiki) and (counts >= 30).all()
+
+# ----------------------------------------------------------------------------------------------------------
+# verification before training
+
+
+def counting_hashes(monkeypatch):
+    hashed = []
+    real = data.sha256_file
+    monkeypatch.setattr(data, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    return hashed
+
+
+def test_shards_are_verified_once_on_any_number_of_ranks(world, tmp_path, monkeypatch):
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    entries = [e for s in world["manifest"]["splits"].values() for e in s["shards"]]
+    every = sorted(e[k] for e in entries for k in ("bin", "idx"))
+    hashed = counting_hashes(monkeypatch)
+    shares = []
+    for rank in range(2):
+        assert data.verify_shards(shards, tmp_path / "run", rank, 2) is None
+        shares.append(sorted(hashed))
+        hashed.clear()
+    assert sorted(shares[0] + shares[1]) == every and not set(shares[0]) & set(shares[1])
+    sizes = [sum((shards / n).stat().st_size for n in share) for share in shares]
+    assert abs(sizes[0] - sizes[1]) <= max((shards / n).stat().st_size for n in every)  # balanced by bytes
+    for world_size in (1, 3):  # a restart on another number of ranks reads nothing again
+        assert all(data.verify_shards(shards, tmp_path / "run", r, world_size) is None for r in range(world_size))
+    assert hashed == []
+    victim = shards / entries[2]["bin"]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit, same size
+    victim.write_bytes(bytes(raw))
+    problems = [data.verify_shards(shards, tmp_path / "run", r, 2) for r in range(2)]
+    assert hashed == [victim.name] and problems.count(None) == 1
+    assert next(filter(None, problems)).startswith(f"{victim}: sha256 differs from the manifest")
+    victim.write_bytes(bytes(raw[:-2]))
+    assert "truncated" in data.verify_shards(shards, tmp_path / "run")
+    assert data.verify_shards(shards, tmp_path / "elsewhere") is not None  # a fresh record reads everything
+
+
+def test_token_outside_the_vocabulary_names_shard_and_document(world, tmp_path):
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    entry = world["manifest"]["splits"]["train"]["shards"][1]
+    offsets = np.fromfile(shards / entry["idx"], dtype=np.int64)
+    doc = 5
+    tokens = np.fromfile(shards / entry["bin"], dtype=np.uint16)
+    tokens[offsets[doc] + 1] = 60_000  # past the 1,000 pieces
+    tokens.tofile(shards / entry["bin"])
+    loader = Loader(shards, batch_size=32, micro_batch_size=8, max_seqlen=10_000, verify=False, shuffle=False)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    assert str(e.value).startswith(f"{shards / entry['bin']}: document {doc} holds token id 60000, outside the "
+                                   "vocabulary of 1000")
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train(config, out, *args, cmd=(sys.executable,), check=True):
+    proc = subprocess.run([*cmd, "train.py", str(config), f"--out_dir={out}", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny(world, tmp_path_factory):
+    """A tiny model's config on the world's shards."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.py"
+    path.write_text(f"""\
+data_dir = "{world['shards']}"
+tokenizer = "{world['tok']}"
+model = "tiny"
+model_args = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+max_seqlen = 128
+batch_size = 16
+micro_batch_size = 2
+max_steps = 8
+log_every = 1
+checkpoint_every = 3
+eval_every = 4
+eval_batches = 2
+lr = 3e-3
+warmup_steps = 2
+dtype = "float32"
+""")
+    return path
+
+
+def test_training_stops_at_an_altered_shard(world, tiny, tmp_path):
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    victim = shards / world["manifest"]["splits"]["val"]["shards"][0]["bin"]
+    raw = bytearray(victim.read_bytes())
+    raw[7] ^= 0x10
+    victim.write_bytes(bytes(raw))
+    proc = train(tiny, tmp_path / "out", f"--data_dir={shards}", "--max_steps=1", check=False)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    assert proc.returncode == 1 and not (metrics.exists() and metrics.read_text())  # not one step
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {victim}: sha256 differs from the manifest")
