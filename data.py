@@ -838,20 +838,25 @@ class Loader:
     split across rows continues in the next row without a new <CLS>). Epoch e visits the documents in the
     permutation given by (seed, e). Global batch k is samples [k*batch_size, (k+1)*batch_size) of the
     endless stream of epochs, so a batch may straddle two epochs and nothing is dropped. Rank r takes the
-    r-th contiguous slice of every global batch, in micro-batches of micro_batch_size samples; iterating
-    yields, per optimizer step, the list of this rank's micro-batch dicts {input_ids, labels (-100 = not
-    masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of a token is a
-    function of (seed, epoch, sample, position) only: independent of world size, micro-batch size and resume.
-    With shuffle=False the documents are read in stored order, once, and iteration stops (the last batch
-    may be short); for evaluation. state_dict() is the position in the sample stream, the same on every
-    rank; a run may resume with another world size or micro-batch size."""
+    r-th contiguous slice of every global batch, in micro-batches of micro_batch_size samples; or, with
+    micro_batch_tokens, the global batch is packed into micro-batches of at most that many tokens and dealt
+    to the ranks by pack_by_tokens (every rank gets the same number; empty ones, {..., "empty": True}, a
+    lone <CLS> <SEP> with nothing to predict, fill up, since every rank must join every sharded forward).
+    Iterating yields, per optimizer step, the list of this rank's micro-batch dicts {input_ids, labels
+    (-100 = not masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of
+    a token is a function of (seed, epoch, sample, position) only: independent of world size, micro-batching
+    and resume. With shuffle=False the documents are read in stored order, once, and iteration stops (the
+    last batch may be short); for evaluation. state_dict() is the position in the sample stream, the same on
+    every rank; a run may resume with another world size, micro_batch_size or micro_batch_tokens."""
 
     def __init__(self, data_dir, split="train", batch_size=32, micro_batch_size=32, max_seqlen=1024, rank=0,
                  world_size=1, seed=0, mode="line_by_line", mlm_probability=0.3, shuffle=True, verify=True,
-                 tokenizer=None):
+                 tokenizer=None, micro_batch_tokens=0):
         if mode not in ("line_by_line", "packed"):
             raise ValueError(f"mode must be 'line_by_line' or 'packed', not {mode!r}")
-        if batch_size % (world_size * micro_batch_size):
+        if micro_batch_tokens and micro_batch_tokens < max_seqlen:
+            raise ValueError(f"micro_batch_tokens {micro_batch_tokens} is less than max_seqlen {max_seqlen}")
+        if not micro_batch_tokens and batch_size % (world_size * micro_batch_size):
             raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size} x "
                              f"micro_batch_size {micro_batch_size}")
         if not 0 <= rank < world_size:
@@ -864,7 +869,8 @@ class Loader:
         self.cls_id, self.sep_id = info["cls_id"], info["sep_id"]
         self.batch_size, self.micro_batch_size, self.max_seqlen = batch_size, micro_batch_size, max_seqlen
         self.rank, self.world_size, self.seed, self.mode, self.shuffle = rank, world_size, seed, mode, shuffle
-        self.grad_accum = batch_size // (world_size * micro_batch_size)
+        self.micro_batch_tokens = micro_batch_tokens
+        self.grad_accum = None if micro_batch_tokens else batch_size // (world_size * micro_batch_size)
         self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
         self.doc_tokens = self.shards.lengths + 2  # with <CLS> and <SEP>
@@ -962,6 +968,21 @@ class Loader:
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": torch.from_numpy(cu),
                 "max_seqlen": int(seqlens.max())}
 
+    def sample_tokens(self, first, n):
+        """Token counts of the n samples from position first of the endless sample stream."""
+        epochs, index = np.divmod(np.arange(first, first + n), self.samples_per_epoch)
+        if self.mode == "packed":
+            total = int(self.doc_tokens.sum())
+            return np.minimum(self.max_seqlen, total - index * self.max_seqlen)
+        tokens = np.empty(n, dtype=np.int64)
+        for e in np.unique(epochs):
+            tokens[epochs == e] = self.doc_tokens[self._order(int(e))[0][index[epochs == e]]]
+        return np.minimum(tokens, self.max_seqlen)
+
+    def empty_micro_batch(self):
+        return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([-100, -100]),
+                "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}
+
     def __iter__(self):
         per_rank = self.batch_size // self.world_size
         while True:
@@ -971,13 +992,45 @@ class Loader:
                     return
                 n = min(n, self.samples_per_epoch - self.position)
             first = self.epoch * self.samples_per_epoch + self.position  # index in the endless sample stream
-            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n)
-            micro = []
-            for a in range(lo, hi, self.micro_batch_size):
-                q = range(first + a, first + min(a + self.micro_batch_size, hi))
-                micro.append(self._micro_batch([divmod(x, self.samples_per_epoch) for x in q]))
+            if self.micro_batch_tokens:
+                plan = pack_by_tokens(self.sample_tokens(first, n), self.micro_batch_tokens, self.world_size)
+                groups = [[first + k for k in ks] for ks in plan[self.rank]]
+            else:
+                lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n)
+                groups = [range(first + a, first + min(a + self.micro_batch_size, hi))
+                          for a in range(lo, hi, self.micro_batch_size)]
+            micro = [self._micro_batch([divmod(x, self.samples_per_epoch) for x in q]) if len(q) else
+                     self.empty_micro_batch() for q in groups]
             self.epoch, self.position = divmod(first + n, self.samples_per_epoch)
             yield micro
+
+
+def pack_by_tokens(tokens, budget, world_size):
+    """Split a global batch, given its samples' token counts, into micro-batches of at most budget tokens,
+    the same number for every rank: longest first, each into the first micro-batch with room (first fit
+    decreasing), then the micro-batches, largest first, dealt to the ranks in a snake (0..W-1, W-1..0, ...),
+    so that micro-step j carries about the same tokens on every rank and the ranks' totals balance. Ranks
+    left short get empty micro-batches. Deterministic. Returns [rank][micro-step] -> sample positions."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    room = np.empty(len(tokens), dtype=np.int64)  # of each micro-batch opened so far
+    members, opened = [], 0
+    for k in sorted(range(len(tokens)), key=lambda k: (-tokens[k], k)):
+        j = int(np.argmax(room[:opened] >= tokens[k])) if opened else 0
+        if not opened or room[j] < tokens[k]:
+            j, opened = opened, opened + 1
+            room[j] = budget
+            members.append([])
+        room[j] -= tokens[k]
+        members[j].append(k)
+    micro = sorted((sorted(m) for m in members), key=lambda m: (-int(tokens[m].sum()), m[0]))
+    steps = -(-len(micro) // world_size)
+    plan = [[] for _ in range(world_size)]
+    for g in range(steps):
+        group = micro[g * world_size:(g + 1) * world_size]
+        group += [[]] * (world_size - len(group))
+        for r, m in enumerate(group if g % 2 == 0 else group[::-1]):
+            plan[r].append(m)
+    return plan
 
 # ---------------------------------------------------------------------------------------------------------
 # command line

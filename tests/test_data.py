@@ -727,3 +727,147 @@ def test_training_stops_at_an_altered_shard(world, tiny, tmp_path):
     metrics = tmp_path / "out" / "metrics.jsonl"
     assert proc.returncode == 1 and not (metrics.exists() and metrics.read_text())  # not one step
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {victim}: sha256 differs from the manifest")
+
+# ----------------------------------------------------------------------------------------------------------
+# micro-batches by token budget
+
+
+def first_fit_decreasing(tokens, budget):
+    """The plain algorithm, for reference: bins (sorted lists of sample positions) in the order opened."""
+    bins, room = [], []
+    for k in sorted(range(len(tokens)), key=lambda k: (-tokens[k], k)):
+        for j in range(len(bins)):
+            if room[j] >= tokens[k]:
+                break
+        else:
+            j = len(bins)
+            bins.append([])
+            room.append(budget)
+        bins[j].append(k)
+        room[j] -= tokens[k]
+    return sorted(sorted(b) for b in bins)
+
+
+def test_pack_by_tokens():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, budget, world_size = int(rng.integers(1, 200)), int(rng.integers(64, 2000)), int(rng.integers(1, 6))
+        tokens = np.minimum(rng.lognormal(4.5, 1.3, n).astype(np.int64) + 3, budget)
+        plan = data.pack_by_tokens(tokens, budget, world_size)
+        steps = len(plan[0])
+        assert all(len(p) == steps for p in plan)  # every rank runs every micro-step
+        bins = [m for p in plan for m in p if m]
+        assert sorted(bins) == first_fit_decreasing(tokens.tolist(), budget)
+        assert steps == -(-len(bins) // world_size) and all(tokens[m].sum() <= budget for m in bins)
+        assert sorted(k for m in bins for k in m) == list(range(n))
+        per_rank = [sum(int(tokens[m].sum()) for m in p if m) for p in plan]
+        assert max(per_rank) - min(per_rank) <= budget  # balanced by tokens
+        # dealt largest first in a snake, 0..W-1 then W-1..0: micro-step j is about equally full on every rank
+        ordered = sorted(first_fit_decreasing(tokens.tolist(), budget), key=lambda m: (-int(tokens[m].sum()), m[0]))
+        ordered += [[]] * (steps * world_size - len(ordered))
+        for j in range(steps):
+            group = ordered[j * world_size:(j + 1) * world_size]
+            assert [p[j] for p in plan] == (group if j % 2 == 0 else group[::-1])
+        assert data.pack_by_tokens(tokens, budget, world_size) == plan
+
+
+def pieces(batches):
+    """Every sequence (input ids with their labels) of a list of micro-batches, as a multiset."""
+    found = Counter()
+    for mb in batches:
+        cu = mb["cu_seqlens"].tolist()
+        for a, b in zip(cu, cu[1:]):
+            found[(tuple(mb["input_ids"][a:b].tolist()), tuple(mb["labels"][a:b].tolist()))] += 1
+    return found
+
+
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_token_budget_splits_the_same_global_batches(world, mode):
+    """Whatever the budget and world size, the union of the ranks' micro-batches is the count-based global
+    batch, masks included, and a run resumes across a change of either."""
+    G, L, steps = 24, 64, 6
+    kw = dict(batch_size=G, max_seqlen=L, seed=11, mode=mode)
+    ref = Loader(world["shards"], micro_batch_size=G, **kw)
+    start = {**ref.state_dict(), "position": ref.samples_per_epoch - G // 3}  # a batch straddles two epochs
+    ref.load_state_dict(start)
+    full = take(ref, steps)
+    for world_size, budget in ((1, L), (1, 4 * L), (2, 2 * L), (3, 3 * L + 5)):
+        ranks = [Loader(world["shards"], rank=r, world_size=world_size, micro_batch_tokens=budget, **kw)
+                 for r in range(world_size)]
+        for rk in ranks:
+            rk.load_state_dict(start)
+        got = [take(rk, steps) for rk in ranks]
+        for k in range(steps):
+            mbs = [mb for g in got for mb in g[k]]
+            assert len({len(g[k]) for g in got}) == 1  # the same number of micro-steps on every rank
+            assert all(int(mb["cu_seqlens"][-1]) <= budget for mb in mbs)
+            assert pieces(mb for mb in mbs if not mb.get("empty")) == pieces(full[k])
+            for mb in mbs:
+                if mb.get("empty"):
+                    assert (mb["labels"] == -100).all()
+        # resumed mid-way with another budget and world size: the same global batches
+        state = ranks[0].state_dict()
+        assert all(rk.state_dict() == state for rk in ranks)
+        other = [Loader(world["shards"], rank=r, world_size=2, micro_batch_tokens=5 * L, **kw) for r in range(2)]
+        for rk in other:
+            rk.load_state_dict(state)
+        again = [take(rk, 2) for rk in other]
+        ref2 = Loader(world["shards"], micro_batch_size=G, **kw)
+        ref2.load_state_dict(state)
+        for k, want in enumerate(take(ref2, 2)):
+            assert pieces(mb for g in again for mb in g[k] if not mb.get("empty")) == pieces(want)
+    if mode == "line_by_line":  # fewer micro-steps than 2-sequence micro-batches at the same peak tokens
+        assert max(len(s) for s in take(Loader(world["shards"], micro_batch_tokens=2 * L, **kw), 4)) < G // 2
+
+
+def curve(out):
+    keys = ("step", "loss", "grad_norm", "tokens", "val_loss", "val_acc")
+    return [{k: v for k, v in json.loads(line).items() if k in keys}
+            for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(got, want, rel=1e-6):
+    """The same steps and token counts; losses and gradient norms to rel (fp32 sums in another order)."""
+    assert [sorted(m) for m in got] == [sorted(m) for m in want] and len(want) >= 10
+    for a, b in zip(got, want):
+        assert (a["step"], a.get("tokens")) == (b["step"], b.get("tokens"))
+        for key in ("loss", "grad_norm", "val_loss", "val_acc"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=0), (a["step"], key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def by_count(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("count") / "out"
+    train(tiny, out)
+    return out
+
+
+def test_token_budget_trains_like_count_one_process(tiny, by_count, tmp_path):
+    budget = tmp_path / "budget"
+    proc = train(tiny, budget, "--micro_batch_tokens=256")
+    assert "micro-steps of <= 256 tokens" in proc.stdout
+    assert_same_curve(curve(budget), curve(by_count))
+    resumed = tmp_path / "resumed"  # from step 6 with another budget
+    shutil.copytree(budget, resumed)
+    shutil.rmtree(resumed / "ckpt_8")
+    proc = train(tiny, resumed, "--micro_batch_tokens=640")
+    assert "resuming from" in proc.stdout and "ckpt_6" in proc.stdout
+    assert_same_curve(curve(resumed), curve(by_count))
+
+
+def test_token_budget_trains_like_count_two_processes(tiny, tmp_path):
+    count, budget = tmp_path / "count", tmp_path / "budget"
+    train(tiny, count, cmd=TORCHRUN)
+    train(tiny, budget, "--micro_batch_tokens=256", cmd=TORCHRUN)
+    assert_same_curve(curve(budget), curve(count))
+
+
+def test_token_budget_resumes_on_another_world_size(tiny, by_count, tmp_path):
+    """1 process to step 6, then 2 processes with another budget: the 1-process curve."""
+    one = tmp_path / "one"
+    train(tiny, one, "--micro_batch_tokens=256")
+    shutil.rmtree(one / "ckpt_8")
+    proc = train(tiny, one, "--micro_batch_tokens=384", cmd=TORCHRUN)
+    assert "written by 1 processes, now 2" in proc.stdout
+    assert_same_curve(curve(one), curve(by_count))
