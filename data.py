@@ -16,7 +16,10 @@ manifest.json records the tokenizer (file name, sha256, vocab size, special ids)
 shard's size and sha256. A document goes to the held-out "val" split iff the CRC-32 of its UTF-8 text is below
 val_fraction * 2**32, so the split does not depend on file order, sharding or worker count.
 
-The synthetic demo corpus lives in demo.py (`python demo.py`, or `python data.py demo`).
+Bad inputs are one-line errors naming file:line. A rerun skips finished shards; an output directory holding
+another dataset is refused unless --replace. Before training, verify_shards checks every shard once against
+the manifest and remembers it (train.py runs it in the background). The synthetic demo corpus lives in
+demo.py (`python demo.py`, or `python data.py demo`).
 """
 import argparse
 import fcntl
