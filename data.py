@@ -738,7 +738,7 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
     for record in sorted(record_dir.glob("shards-verified-*.json")):
         try:
             known.update(json.loads(record.read_text()))
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             pass  # unreadable: verify again
     own = record_dir / f"shards-verified-{rank}.json"
     done, saved = {}, time.monotonic()
@@ -769,7 +769,7 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
 
 
 def verify_in_background(data_dir, record_dir, rank=0, world_size=1):
-    """verify_shards in a thread (hashing releases the GIL), while the model is built and loaded: a Future
+    """verify_shards in a thread (hashing releases the GIL), e.g. while a checkpoint is loaded: a Future
     whose result() is its answer."""
     pool = ThreadPoolExecutor(1)
     future = pool.submit(verify_shards, data_dir, record_dir, rank, world_size)
