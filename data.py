@@ -34,6 +34,7 @@ import os
 import secrets
 import re
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -510,15 +511,18 @@ def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_f
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(out_dir / "prepare.lock", "a")
+        tempfile.TemporaryFile(dir=out_dir).close()
+        lock = os.open(out_dir, os.O_RDONLY)
     except OSError as e:
         raise DataError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
-    with lock:
-        try:  # held by this process and its workers; released by the kernel however they end
+    try:
+        try:  # on the directory: held by this process and its workers, released by the kernel however they end
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise DataError(f"{out_dir}: another prepare is writing there") from None
         return _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes, replace)
+    finally:
+        os.close(lock)
 
 
 def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes, replace):

@@ -1,5 +1,6 @@
 """data.py against independent references: sentencepiece's own encoding, zlib's CRC-32 for the split rule, plain
 counting for masking statistics, an uninterrupted single-process stream for resume and world sizes."""
+import fcntl
 import gzip
 import json
 import os
@@ -360,6 +361,20 @@ def test_unwritable_output_dir(world, tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     for out, why in ((tmp_path / "file" / "shards", "Not a directory"), (Path("/sys/modernbert-shards"), "Operation not permitted")):
         assert prepare_cli(capsys, [world["inputs"][2]], world["tok"], out) == f"error: {out}: cannot write there ({why})"
+
+
+def test_one_prepare_at_a_time(world, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running prepare (or its workers) holds it
+        with pytest.raises(DataError, match=re.escape(f"{out}: another prepare is writing there")):
+            data.prepare(world["inputs"][2], world["tok"], out)
+    finally:
+        os.close(held)
+    data.prepare(world["inputs"][2], world["tok"], out)
+    assert sorted(p.name for p in out.iterdir() if not data.SHARD_FILE.fullmatch(p.name)) == ["manifest.json"]
 
 
 def test_kill_leaves_nothing_behind(world, tmp_path):
