@@ -759,7 +759,8 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
                 return (f"{path}: {stat.st_size} bytes where the manifest says {size} (truncated or altered); "
                         "rerun `python data.py prepare` to rebuild it")
             if sha256_file(path) != sha:
-                return f"{path}: sha256 differs from the manifest (altered); rerun `python data.py prepare` to rebuild it"
+                return (f"{path}: sha256 differs from the manifest (altered); rerun `python data.py prepare` "
+                        "to rebuild it")
             done[key] = value
             if time.monotonic() - saved > 10:  # progress survives a kill
                 record_dir.mkdir(parents=True, exist_ok=True)
