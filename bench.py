@@ -418,7 +418,7 @@ def data_budget(args):
         lengths["demo"] = np.array([len(ids) + 2 for ids in sp.encode(texts)], dtype=np.int64)
     results = {}
     print(f"{world} ranks, {n_batches} global batches each; tokens per micro-step: mean over every rank's micro-steps, "
-          "empty ones included")
+          "empty ones included; target: stage 2 on jawiki >= 4x fewer micro-steps by budget")
     print(f"{'':22}{'micro-steps':>12}{'tokens/micro-step':>19}{'fill':>7}{'peak':>8}{'fewer':>8}")
     for name, lens in lengths.items():
         print(f"{name}: {len(lens):,} documents, mean {lens.mean():,.0f} tokens, median {np.median(lens):,.0f}, "
