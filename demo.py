@@ -8,7 +8,7 @@ The corpus is synthetic: sentences generated from the templates and entity table
 rivers, prefectures, countries, units of time and measure, English words, ...), the same facts
 paraphrased several ways, in documents from a few tokens to several thousand. Its evaluation sets
 (Wikipedia-, MIRACL-, JGLUE- and JCoLA-like, in the real sets' file layouts) are synthetic too; their
-labels follow from the templates. Everything is deterministic: the same files, byte for byte, on every run.
+labels follow from the templates. The generator is deterministic: the same files, byte for byte, on every run.
 """
 import argparse
 import json
