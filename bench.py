@@ -4,6 +4,7 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
     python bench.py model       # our MLM step vs transformers' ModernBertForMaskedLM (CPU or GPU)
     python bench.py attention   # Triton varlen attention vs SDPA / FlexAttention / varlen_attn (GPU)
     python bench.py data        # prepare and loader throughput
+    python bench.py data --budget  # micro-batches by token budget vs by sequence count, stage 1 and 2
     python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
     python bench.py gpu --out DIR   # all of the GPU checks below in one call, < 8 min
     python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
@@ -521,10 +522,85 @@ def bench_train(args):
     return results
 
 
+# Japanese Wikipedia's document lengths in llm-jp tokens, as a lognormal: the mean from LLM-jp corpus v1.0.1
+# (github.com/llm-jp/llm-jp-corpus: Wikipedia (ja) 1.5B tokens) over the 1.35M articles of a Japanese
+# Wikipedia dump (huggingface.co/datasets/fujiki/llm-japanese-dataset_wikipedia, 1.35M rows) = 1,110
+# tokens; the shape from Wikipedia's own article-size statistics (Wikipedia:Statistics, 2002: median 997,
+# mean 1,997 bytes, so sigma = sqrt(2 ln(mean / median)) = 1.18; English Wikipedia, the only published median
+# we found), rounded to 1.2: median ~540 tokens, ~1% of documents over 8,192.
+JAWIKI_MEAN_TOKENS, JAWIKI_SIGMA = 1110, 1.2
+
+
+def data_budget(args):
+    """bench.py data --budget: per optimizer step, micro-steps, tokens per micro-step and fill (tokens /
+    peak tokens per micro-step) for the stage-1 and stage-2 recipes on 16 GPUs, micro-batches of a fixed
+    number of sequences (the stage configs' micro_batch_size) vs by token budget (micro_batch_tokens = the
+    same peak: micro_batch_size x max_seqlen), on two length distributions: the demo corpus (its own
+    tokenizer) and Japanese Wikipedia (JAWIKI_* above). Target: stage 2, >= 4x fewer micro-steps."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import sentencepiece as spm
+
+    import data
+    import demo
+    world, n_batches = 16, 5 if args.quick else 40
+    recipes = {"stage1": (1024, 3328, 26), "stage2": (8192, 384, 2)}  # max_seqlen, global batch, micro_batch_size
+    rng = np.random.default_rng(0)
+    mu = np.log(JAWIKI_MEAN_TOKENS) - JAWIKI_SIGMA ** 2 / 2
+    lengths = {"jawiki": np.maximum(1, rng.lognormal(mu, JAWIKI_SIGMA, 1_000_000).round()).astype(np.int64) + 2}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = demo.write_demo(Path(tmp), n_docs=1000 if args.quick else 3000)
+        tok = data.train_tokenizer(paths["corpus"], 1500, Path(tmp) / "tokenizer.model")
+        texts = [record["text"] for _, record in data.read_jsonl(paths["corpus"])]
+        sp = spm.SentencePieceProcessor(model_file=str(tok))
+        lengths["demo"] = np.array([len(ids) + 2 for ids in sp.encode(texts)], dtype=np.int64)
+    results = {}
+    print(f"{world} ranks, {n_batches} global batches each; tokens per micro-step: mean over every rank's micro-steps, "
+          "empty ones included; target: stage 2 on jawiki >= 4x fewer micro-steps by budget")
+    print(f"{'':22}{'micro-steps':>12}{'tokens/micro-step':>19}{'fill':>7}{'peak':>8}{'fewer':>8}")
+    for name, lens in lengths.items():
+        print(f"{name}: {len(lens):,} documents, mean {lens.mean():,.0f} tokens, median {np.median(lens):,.0f}, "
+              f"{(lens > 8192).mean():.1%} over 8,192")
+        for stage, (L, G, micro) in recipes.items():
+            budget = micro * L
+            steps = {"count": [], "budget": []}
+            peak = {"count": 0, "budget": 0}
+            tokens = 0
+            for _ in range(n_batches):
+                t = np.minimum(rng.choice(lens, G), L)
+                tokens += int(t.sum())
+                steps["count"].append(G // (world * micro))
+                peak["count"] = max(peak["count"], int(t.reshape(-1, micro).sum(1).max()))
+                plan = data.pack_by_tokens(t, budget, world)
+                steps["budget"].append(len(plan[0]))
+                peak["budget"] = max(peak["budget"], max(int(t[m].sum()) for p in plan for m in p if m))
+            entry = {}
+            for how in ("count", "budget"):
+                mean_steps = float(np.mean(steps[how]))
+                per_step = tokens / (world * sum(steps[how]))
+                entry[how] = {"micro_steps": mean_steps, "max_micro_steps": max(steps[how]),
+                              "tokens_per_micro_step": per_step, "fill": per_step / budget, "peak_tokens": peak[how]}
+            ratio = entry["count"]["micro_steps"] / entry["budget"]["micro_steps"]
+            entry["fewer_micro_steps"] = ratio
+            for how in ("count", "budget"):
+                e = entry[how]
+                label = f"  {stage} {how} {micro if how == 'count' else budget:,}"
+                print(f"{label:22}{e['micro_steps']:>12.2f}{e['tokens_per_micro_step']:>19,.0f}{e['fill']:>7.0%}"
+                      f"{e['peak_tokens']:>8,}" + (f"{ratio:>7.1f}x" if how == "budget" else ""))
+            results[f"{name}_{stage}"] = {"max_seqlen": L, "batch_size": G, "world": world, "micro_batch_size": micro,
+                                          "micro_batch_tokens": budget, **entry}
+    return results
+
+
 def bench_data(args):
     """prepare: tokens/s with N worker processes against sentencepiece's own single-process encode of the
     same text (target: ratio >= 0.85 x N). Loader: tokens/s of one process making masked batches (target
-    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: llm-jp's when present, else a demo one."""
+    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: llm-jp's when present, else a demo one.
+    With --budget: data_budget above."""
+    if args.budget:
+        return data_budget(args)
     import shutil
     import tempfile
     from pathlib import Path
@@ -532,10 +608,11 @@ def bench_data(args):
     import sentencepiece as spm
 
     import data
+    import demo
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        paths = data.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
+        paths = demo.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
         real = Path(__file__).resolve().parent.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
         tok = real if real.is_file() else data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
         corpus = tmp / "corpus.jsonl"
@@ -587,6 +664,7 @@ def main():
     parser.add_argument("task", choices=sorted(tasks))
     parser.add_argument("--out", default=None, help="append results as one JSON line to this file")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
+    parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
     args = parser.parse_args()
     env = environment()
     print(f"# {args.task} on {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")

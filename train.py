@@ -71,7 +71,8 @@ class Config:
     mode: str = "line_by_line"   # one document per sequence, truncated; or "packed" into max_seqlen rows
     max_seqlen: int = 1024
     batch_size: int = 64         # global sequences (packed mode: rows of max_seqlen tokens) per optimizer step
-    micro_batch_size: int = 16   # sequences per process per forward/backward
+    micro_batch_size: int = 16   # sequences per process per forward/backward (evaluation, and training by count)
+    micro_batch_tokens: int = 0  # > 0: training micro-batches of at most this many tokens instead, >= max_seqlen
     mlm_probability: float = 0.3
     # evaluation
     eval_batches: int = 10       # validation batches (of batch_size sequences) for MLM loss and accuracy
@@ -399,9 +400,15 @@ def main():
     model.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.betas, cfg.eps, device.type)
 
+    if cfg.micro_batch_tokens and cfg.micro_batch_tokens < cfg.max_seqlen:
+        fail(f"micro_batch_tokens {cfg.micro_batch_tokens} is less than max_seqlen {cfg.max_seqlen}")
     loader = data.Loader(cfg.data_dir, split="train", batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
                          max_seqlen=cfg.max_seqlen, rank=rank, world_size=world, seed=cfg.seed, mode=cfg.mode,
-                         mlm_probability=cfg.mlm_probability, shuffle=True, verify=False, tokenizer=tokenizer)
+                         mlm_probability=cfg.mlm_probability, shuffle=True, verify=False, tokenizer=tokenizer,
+                         micro_batch_tokens=cfg.micro_batch_tokens)
+    # every shard is hashed once before its first use, this rank's share in the background meanwhile; out_dir
+    # remembers what was verified, so a restart only stats the files
+    verifying = data.verify_in_background(cfg.data_dir, out_dir, rank, world)
     step = 0
     if resume:
         meta = json.loads((resume / "meta.json").read_text())
@@ -426,8 +433,10 @@ def main():
             path.write_text("".join(l for l in lines if l.endswith("\n") and json.loads(l)["step"] <= step))
     start = step
     metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-    log(f"{grad_accum} micro-steps of {cfg.micro_batch_size} sequences x {world} processes = {cfg.batch_size} "
-        f"sequences of <= {cfg.max_seqlen} tokens per step; {cfg.max_steps} steps; {dtype} compute")
+    micro = (f"micro-steps of <= {cfg.micro_batch_tokens} tokens" if cfg.micro_batch_tokens else
+             f"{grad_accum} micro-steps of {cfg.micro_batch_size} sequences")
+    log(f"{micro} x {world} processes = {cfg.batch_size} sequences of <= {cfg.max_seqlen} tokens per step; "
+        f"{cfg.max_steps} steps; {dtype} compute")
 
     run_wandb = None
     if cfg.wandb and master:
@@ -465,6 +474,10 @@ def main():
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    problems = [None] * world
+    dist.all_gather_object(problems, verifying.result())
+    if any(problems):
+        fail(next(p for p in problems if p))
     batches = iter(loader)
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stdout.isatty()), dynamic_ncols=True)
     while True:
@@ -488,9 +501,10 @@ def main():
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro_batches = next(batches)
-        assert len(micro_batches) == grad_accum, f"loader gave {len(micro_batches)} micro-batches, expected {grad_accum}"
+        assert cfg.micro_batch_tokens or len(micro_batches) == grad_accum, len(micro_batches)
+        # by token budget, every rank gets as many micro-batches, some empty (nothing to predict, not counted)
         n_masked = [int((mb["labels"] != -100).sum()) for mb in micro_batches]
-        seqlens = [l for mb in micro_batches for l in torch.diff(mb["cu_seqlens"]).tolist()]
+        seqlens = [l for mb in micro_batches if not mb.get("empty") for l in torch.diff(mb["cu_seqlens"]).tolist()]
         flops = 3 * model.flops_per_token(seqlens, sum(n_masked)) * sum(seqlens)
         counts = torch.tensor([sum(n_masked), sum(seqlens), flops], dtype=torch.float64, device=device)
         dist.all_reduce(counts)  # over all ranks: masked tokens, real tokens, model FLOPs of this step

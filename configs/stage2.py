@@ -9,7 +9,8 @@ tokenizer = "data/llm-jp-tokenizer-100k.ver3.0b1.model"
 mode = "line_by_line"
 max_seqlen = 8192
 batch_size = 384       # 16 GPUs x 2 sequences x 12 micro-steps
-micro_batch_size = 2   # <= 16k tokens per micro-step
+micro_batch_size = 2   # evaluation; training packs micro-batches by tokens instead:
+micro_batch_tokens = 16_384  # the same peak (2 x 8,192), ~6x fewer micro-steps (`bench.py data --budget`)
 mlm_probability = 0.3
 max_steps = 200_000
 lr = 5e-5

@@ -1,12 +1,15 @@
 """data.py against independent references: sentencepiece's own encoding, zlib's CRC-32 for the split rule, plain
 counting for masking statistics, an uninterrupted single-process stream for resume and world sizes."""
+import fcntl
 import gzip
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import demo  # noqa: E402
 from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
 
 
@@ -37,7 +41,7 @@ def in_val(text, fraction):
 def world(tmp_path_factory):
     """A small corpus in three input formats, a tokenizer trained on it, and its shards (several per file)."""
     d = tmp_path_factory.mktemp("data")
-    paths = data.write_demo(d / "demo", n_docs=400)
+    paths = demo.write_demo(d / "demo", n_docs=400)
     texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
     a, b = texts[:250] + ODD_TEXTS, texts[250:]
     (d / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(a)))
@@ -242,8 +246,10 @@ def run_cli(capsys, *argv):
     return err
 
 
-def prepare_cli(capsys, inputs, tok, out, workers=2):
-    return run_cli(capsys, "prepare", "--input", *inputs, "--tokenizer", tok, "--out", out, "--workers", workers)
+def prepare_cli(capsys, inputs, tok, out, workers=2, replace=True):
+    """With replace, a failed run must still leave the dataset it would replace as it was."""
+    return run_cli(capsys, "prepare", "--input", *inputs, "--tokenizer", tok, "--out", out, "--workers", workers,
+                   *(["--replace"] if replace else []))
 
 
 def snapshot(d):
@@ -287,12 +293,17 @@ def test_malformed_lines_name_file_and_line(world, tmp_path, capsys, prior, work
         "utf8.jsonl": ('{"text": "壊れた'.encode() + b"\xff\xfe" + '"}'.encode(), "not valid UTF-8"),
         "field.jsonl": (b'{"body": "no text field"}', "record has no 'text' field"),
         "type.jsonl": (b'{"text": 12}', "field 'text' is int, not a string"),
+        "surrogate.jsonl": (b'{"text": "lone \\ud800 half"}', "field 'text' holds a lone surrogate \\ud800 (character 6)"),
+        "surrogate2.jsonl": (b'{"id": 3, "text": "\\udfff"}', "field 'text' holds a lone surrogate \\udfff"),
+        "digits.jsonl": (b'{"text": "a", "n": ' + b"7" * 5000 + b"}", "malformed JSON: Exceeds the limit"),
+        "deep.jsonl": (b'{"text": "a", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "malformed JSON: nested too deeply"),
+        "deep2.jsonl": (b'{"n": ' + b"{\"a\": " * 50_000 + b"1" + b"}" * 50_000 + b', "text": "a"}', "malformed JSON: nested too deeply"),
     }
     for name, (bad, what) in cases.items():
         p = tmp_path / name
         p.write_bytes(("\n".join(good[:300]) + "\n").encode() + bad + ("\n" + "\n".join(good[300:]) + "\n").encode())
-        with pytest.raises(DataError, match=re.escape(f"{p}:301: ") + what):
-            data.prepare(p, world["tok"], out, workers=workers, chunk_bytes=20_000)
+        with pytest.raises(DataError, match=re.escape(f"{p}:301: {what}")):
+            data.prepare(p, world["tok"], out, workers=workers, chunk_bytes=20_000, replace=True)
         assert f"{p}:301: {what}" in prepare_cli(capsys, [p], world["tok"], out, workers)
     txt = tmp_path / "bad.txt"
     txt.write_bytes("一行目\n二行目\n".encode() + b"\xc3\x28\n")
@@ -304,7 +315,7 @@ def test_malformed_lines_name_file_and_line(world, tmp_path, capsys, prior, work
 def test_damaged_shards_and_foreign_tokenizer(world, tmp_path, capsys, prior):
     out, before = prior
     other = data.train_tokenizer(world["inputs"][1], 900, tmp_path / "other.model")
-    err = prepare_cli(capsys, world["inputs"], other, out)
+    err = prepare_cli(capsys, world["inputs"], other, out, replace=False)
     assert "another tokenizer" in err
     with pytest.raises(DataError, match="does not match"):
         Loader(out, batch_size=4, micro_batch_size=4, tokenizer=other)
@@ -323,6 +334,91 @@ def test_damaged_shards_and_foreign_tokenizer(world, tmp_path, capsys, prior):
     (out / "manifest.json").unlink()
     with pytest.raises(DataError, match="manifest.json: not found"):
         Shards(out)
+
+
+def test_another_dataset_is_replaced_only_when_asked(world, tmp_path, capsys, prior):
+    out, before = prior
+    err = prepare_cli(capsys, [world["inputs"][2]], world["tok"], out, replace=False)
+    assert err == f"error: {out} holds another dataset (made from {world['inputs'][0]} and 2 more, with other " \
+                  "inputs or settings); use a new output directory, or --replace to replace it"
+    assert "another dataset" in prepare_cli(capsys, world["inputs"], world["tok"], out, replace=False)  # 1 worker
+    assert intact(out, before)
+    data.main(["prepare", "--input", world["inputs"][2], "--tokenizer", str(world["tok"]), "--out", str(out), "--replace"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    listed = {e[k] for s in manifest["splits"].values() for e in s["shards"] for k in ("bin", "idx")}
+    assert {p.name for p in out.glob("*.bin")} | {p.name for p in out.glob("*.idx")} == listed
+    texts = [t.replace("\n", " ") for t in world["texts"][-60:]]
+    assert len(Shards(out, "train")) + manifest["splits"]["val"]["docs"] == len(texts)
+    again = data.prepare(world["inputs"][2], world["tok"], out)  # the same dataset again: nothing to replace
+    assert again["skipped_shards"] == len(list(out.glob("0*.json")))
+
+
+def test_unwritable_output_dir(world, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, why in ((tmp_path / "file" / "shards", "Not a directory"), (Path("/sys/modernbert-shards"), "Operation not permitted")):
+        assert prepare_cli(capsys, [world["inputs"][2]], world["tok"], out) == f"error: {out}: cannot write there ({why})"
+
+
+def test_one_prepare_at_a_time(world, tmp_path):
+    out = tmp_path / "s"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a running prepare (or its workers) holds it
+        with pytest.raises(DataError, match=re.escape(f"{out}: another prepare is writing there")):
+            data.prepare(world["inputs"][2], world["tok"], out)
+    finally:
+        os.close(held)
+    data.prepare(world["inputs"][2], world["tok"], out)
+    assert sorted(p.name for p in out.iterdir() if not data.SHARD_FILE.fullmatch(p.name)) == ["manifest.json"]
+
+
+def test_kill_leaves_nothing_behind(world, tmp_path):
+    """SIGKILL of prepare's main process: its workers exit, and the next run removes their temporary files."""
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"".join(Path(world["inputs"][0]).read_bytes() for _ in range(40)))
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "train-00007-0123456789.bin.tmp-dead").write_bytes(b"left by an older run")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "data.py"), "prepare", "--input", str(big), "--tokenizer",
+                             str(world["tok"]), "--out", str(out), "--workers", "2"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not [p for p in out.glob("*.tmp-*") if not p.name.endswith("dead")]:  # a worker is writing a shard
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    workers = children(proc.pid)
+    assert len(workers) >= 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while [p for p in workers if alive(p)]:
+        assert time.time() < deadline, "a worker outlived the killed main process"
+        time.sleep(0.05)
+    assert not (out / "manifest.json").exists()
+    manifest = data.prepare(big, world["tok"], out, workers=2)
+    assert not list(out.glob("*.tmp-*"))
+    n_docs = sum(1 for line in big.read_text(encoding="utf-8").splitlines() if json.loads(line)["text"])
+    assert manifest["splits"]["train"]["docs"] + manifest["splits"]["val"]["docs"] == n_docs
+    Shards(out, "train", verify=True)
+
+
+def children(pid):
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_cli_exit_status(world, tmp_path):
@@ -499,14 +595,14 @@ def test_loader_masking_statistics(world):
 
 def test_demo_corpus(world, tmp_path):
     paths = world["paths"]
-    data.write_demo(tmp_path, n_docs=400)
+    demo.write_demo(tmp_path, n_docs=400)
     for name in ("corpus.jsonl", "wiki.jsonl", "miracl.jsonl", "fillmask.txt"):  # deterministic
         assert (tmp_path / name).read_bytes() == (Path(paths["corpus"]).parent / name).read_bytes()
     texts = [json.loads(line)["text"] for line in open(paths["corpus"], encoding="utf-8")]
     corpus = "\n".join(texts)
     lengths = sorted(map(len, texts))
     assert lengths[0] < 20 and lengths[-1] > 3000
-    for name, height, _ in data.MOUNTAINS:  # facts agree across documents
+    for name, height, _ in demo.MOUNTAINS:  # facts agree across documents
         assert set(re.findall(re.escape(name) + r"の標高は(\d+)メートル", corpus)) <= {str(height)}
     for sentence in ("1年は12ヶ月です。", "1年はおよそ365日です。", "英語で「ありがとう」はthank youと言います。"):
         assert sentence in corpus
@@ -539,3 +635,250 @@ def test_demo_command(tmp_path, capsys):
     lengths = [len(ids) for ids in sp_encode(tmp_path / "tokenizer.model", wiki)]
     counts = np.histogram(lengths, [0, 1024, 2048, 4096, 8192])[0]
     assert counts.sum() == len(wiki) and (counts >= 30).all()
+
+# ----------------------------------------------------------------------------------------------------------
+# verification before training
+
+
+def counting_hashes(monkeypatch):
+    hashed = []
+    real = data.sha256_file
+    monkeypatch.setattr(data, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    return hashed
+
+
+def test_shards_are_verified_once_on_any_number_of_ranks(world, tmp_path, monkeypatch):
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    entries = [e for s in world["manifest"]["splits"].values() for e in s["shards"]]
+    every = sorted(e[k] for e in entries for k in ("bin", "idx"))
+    hashed = counting_hashes(monkeypatch)
+    shares = []
+    for rank in range(2):
+        assert data.verify_shards(shards, tmp_path / "run", rank, 2) is None
+        shares.append(sorted(hashed))
+        hashed.clear()
+    assert sorted(shares[0] + shares[1]) == every and not set(shares[0]) & set(shares[1])
+    sizes = [sum((shards / n).stat().st_size for n in share) for share in shares]
+    assert abs(sizes[0] - sizes[1]) <= max((shards / n).stat().st_size for n in every)  # balanced by bytes
+    for world_size in (1, 3):  # a restart on another number of ranks reads nothing again
+        assert all(data.verify_shards(shards, tmp_path / "run", r, world_size) is None for r in range(world_size))
+    assert hashed == []
+    victim = shards / entries[2]["bin"]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit, same size
+    victim.write_bytes(bytes(raw))
+    problems = [data.verify_shards(shards, tmp_path / "run", r, 2) for r in range(2)]
+    assert hashed == [victim.name] and problems.count(None) == 1
+    assert next(filter(None, problems)).startswith(f"{victim}: sha256 differs from the manifest")
+    victim.write_bytes(bytes(raw[:-2]))
+    assert "truncated" in data.verify_shards(shards, tmp_path / "run")
+    assert data.verify_shards(shards, tmp_path / "elsewhere") is not None  # a fresh record reads everything
+
+
+def test_token_outside_the_vocabulary_names_shard_and_document(world, tmp_path):
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    entry = world["manifest"]["splits"]["train"]["shards"][1]
+    offsets = np.fromfile(shards / entry["idx"], dtype=np.int64)
+    doc = 5
+    tokens = np.fromfile(shards / entry["bin"], dtype=np.uint16)
+    tokens[offsets[doc] + 1] = 60_000  # past the 1,000 pieces
+    tokens.tofile(shards / entry["bin"])
+    loader = Loader(shards, batch_size=32, micro_batch_size=8, max_seqlen=10_000, verify=False, shuffle=False)
+    with pytest.raises(DataError) as e:
+        list(loader)
+    assert str(e.value).startswith(f"{shards / entry['bin']}: document {doc} holds token id 60000, outside the "
+                                   "vocabulary of 1000")
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train(config, out, *args, cmd=(sys.executable,), check=True):
+    proc = subprocess.run([*cmd, "train.py", str(config), f"--out_dir={out}", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert not check or proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny(world, tmp_path_factory):
+    """A tiny model's config on the world's shards."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny.py"
+    path.write_text(f"""\
+data_dir = "{world['shards']}"
+tokenizer = "{world['tok']}"
+model = "tiny"
+model_args = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+max_seqlen = 128
+batch_size = 16
+micro_batch_size = 2
+max_steps = 8
+log_every = 1
+checkpoint_every = 3
+eval_every = 4
+eval_batches = 2
+lr = 3e-3
+warmup_steps = 2
+dtype = "float32"
+""")
+    return path
+
+
+def test_training_stops_at_an_altered_shard(world, tiny, tmp_path):
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    victim = shards / world["manifest"]["splits"]["val"]["shards"][0]["bin"]
+    raw = bytearray(victim.read_bytes())
+    raw[7] ^= 0x10
+    victim.write_bytes(bytes(raw))
+    proc = train(tiny, tmp_path / "out", f"--data_dir={shards}", "--max_steps=1", check=False)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    assert proc.returncode == 1 and not (metrics.exists() and metrics.read_text())  # not one step
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {victim}: sha256 differs from the manifest")
+
+# ----------------------------------------------------------------------------------------------------------
+# micro-batches by token budget
+
+
+def first_fit_decreasing(tokens, budget):
+    """The plain algorithm, for reference: bins (sorted lists of sample positions) in the order opened."""
+    bins, room = [], []
+    for k in sorted(range(len(tokens)), key=lambda k: (-tokens[k], k)):
+        for j in range(len(bins)):
+            if room[j] >= tokens[k]:
+                break
+        else:
+            j = len(bins)
+            bins.append([])
+            room.append(budget)
+        bins[j].append(k)
+        room[j] -= tokens[k]
+    return sorted(sorted(b) for b in bins)
+
+
+def test_pack_by_tokens():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        n, budget, world_size = int(rng.integers(1, 200)), int(rng.integers(64, 2000)), int(rng.integers(1, 6))
+        tokens = np.minimum(rng.lognormal(4.5, 1.3, n).astype(np.int64) + 3, budget)
+        plan = data.pack_by_tokens(tokens, budget, world_size)
+        steps = len(plan[0])
+        assert all(len(p) == steps for p in plan)  # every rank runs every micro-step
+        bins = [m for p in plan for m in p if m]
+        assert sorted(bins) == first_fit_decreasing(tokens.tolist(), budget)
+        assert steps == -(-len(bins) // world_size) and all(tokens[m].sum() <= budget for m in bins)
+        assert sorted(k for m in bins for k in m) == list(range(n))
+        per_rank = [sum(int(tokens[m].sum()) for m in p if m) for p in plan]
+        assert max(per_rank) - min(per_rank) <= budget  # balanced by tokens
+        # dealt largest first in a snake, 0..W-1 then W-1..0: micro-step j is about equally full on every rank
+        ordered = sorted(first_fit_decreasing(tokens.tolist(), budget), key=lambda m: (-int(tokens[m].sum()), m[0]))
+        ordered += [[]] * (steps * world_size - len(ordered))
+        for j in range(steps):
+            group = ordered[j * world_size:(j + 1) * world_size]
+            assert [p[j] for p in plan] == (group if j % 2 == 0 else group[::-1])
+        assert data.pack_by_tokens(tokens, budget, world_size) == plan
+
+
+def pieces(batches):
+    """Every sequence (input ids with their labels) of a list of micro-batches, as a multiset."""
+    found = Counter()
+    for mb in batches:
+        cu = mb["cu_seqlens"].tolist()
+        for a, b in zip(cu, cu[1:]):
+            found[(tuple(mb["input_ids"][a:b].tolist()), tuple(mb["labels"][a:b].tolist()))] += 1
+    return found
+
+
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_token_budget_splits_the_same_global_batches(world, mode):
+    """Whatever the budget and world size, the union of the ranks' micro-batches is the count-based global
+    batch, masks included, and a run resumes across a change of either."""
+    G, L, steps = 24, 64, 6
+    kw = dict(batch_size=G, max_seqlen=L, seed=11, mode=mode)
+    ref = Loader(world["shards"], micro_batch_size=G, **kw)
+    start = {**ref.state_dict(), "position": ref.samples_per_epoch - G // 3}  # a batch straddles two epochs
+    ref.load_state_dict(start)
+    full = take(ref, steps)
+    for world_size, budget in ((1, L), (1, 4 * L), (2, 2 * L), (3, 3 * L + 5)):
+        ranks = [Loader(world["shards"], rank=r, world_size=world_size, micro_batch_tokens=budget, **kw)
+                 for r in range(world_size)]
+        for rk in ranks:
+            rk.load_state_dict(start)
+        got = [take(rk, steps) for rk in ranks]
+        for k in range(steps):
+            mbs = [mb for g in got for mb in g[k]]
+            assert len({len(g[k]) for g in got}) == 1  # the same number of micro-steps on every rank
+            assert all(int(mb["cu_seqlens"][-1]) <= budget for mb in mbs)
+            assert pieces(mb for mb in mbs if not mb.get("empty")) == pieces(full[k])
+            for mb in mbs:
+                if mb.get("empty"):
+                    assert (mb["labels"] == -100).all()
+        # resumed mid-way with another budget and world size: the same global batches
+        state = ranks[0].state_dict()
+        assert all(rk.state_dict() == state for rk in ranks)
+        other = [Loader(world["shards"], rank=r, world_size=2, micro_batch_tokens=5 * L, **kw) for r in range(2)]
+        for rk in other:
+            rk.load_state_dict(state)
+        again = [take(rk, 2) for rk in other]
+        ref2 = Loader(world["shards"], micro_batch_size=G, **kw)
+        ref2.load_state_dict(state)
+        for k, want in enumerate(take(ref2, 2)):
+            assert pieces(mb for g in again for mb in g[k] if not mb.get("empty")) == pieces(want)
+    if mode == "line_by_line":  # fewer micro-steps than 2-sequence micro-batches at the same peak tokens
+        assert max(len(s) for s in take(Loader(world["shards"], micro_batch_tokens=2 * L, **kw), 4)) < G // 2
+
+
+def curve(out):
+    keys = ("step", "loss", "grad_norm", "tokens", "val_loss", "val_acc")
+    return [{k: v for k, v in json.loads(line).items() if k in keys}
+            for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_curve(got, want, rel=1e-6):
+    """The same steps and token counts; losses and gradient norms to rel (fp32 sums in another order)."""
+    assert [sorted(m) for m in got] == [sorted(m) for m in want] and len(want) >= 10
+    for a, b in zip(got, want):
+        assert (a["step"], a.get("tokens")) == (b["step"], b.get("tokens"))
+        for key in ("loss", "grad_norm", "val_loss", "val_acc"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], rel=rel, abs=0), (a["step"], key, a[key], b[key])
+
+
+@pytest.fixture(scope="module")
+def by_count(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("count") / "out"
+    train(tiny, out)
+    return out
+
+
+def test_token_budget_trains_like_count_one_process(tiny, by_count, tmp_path):
+    budget = tmp_path / "budget"
+    proc = train(tiny, budget, "--micro_batch_tokens=256")
+    assert "micro-steps of <= 256 tokens" in proc.stdout
+    assert_same_curve(curve(budget), curve(by_count))
+    resumed = tmp_path / "resumed"  # from step 6 with another budget
+    shutil.copytree(budget, resumed)
+    shutil.rmtree(resumed / "ckpt_8")
+    proc = train(tiny, resumed, "--micro_batch_tokens=640")
+    assert "resuming from" in proc.stdout and "ckpt_6" in proc.stdout
+    assert_same_curve(curve(resumed), curve(by_count))
+
+
+def test_token_budget_trains_like_count_two_processes(tiny, tmp_path):
+    count, budget = tmp_path / "count", tmp_path / "budget"
+    train(tiny, count, cmd=TORCHRUN)
+    train(tiny, budget, "--micro_batch_tokens=256", cmd=TORCHRUN)
+    assert_same_curve(curve(budget), curve(count))
+
+
+def test_token_budget_resumes_on_another_world_size(tiny, by_count, tmp_path):
+    """1 process to step 6, then 2 processes with another budget: the 1-process curve."""
+    one = tmp_path / "one"
+    train(tiny, one, "--micro_batch_tokens=256")
+    shutil.rmtree(one / "ckpt_8")
+    proc = train(tiny, one, "--micro_batch_tokens=384", cmd=TORCHRUN)
+    assert "written by 1 processes, now 2" in proc.stdout
+    assert_same_curve(curve(one), curve(by_count))

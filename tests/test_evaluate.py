@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from demo import write_demo
 import evaluate as ev
 from model import ModernBERT, ModernBertConfig
 
@@ -64,7 +65,7 @@ def demo(tmp_path_factory):
     data/demo/ (demo sets, a small tokenizer, shards) and out/demo/ (train.py's ckpt_2/, hf/, metrics.jsonl)."""
     root = tmp_path_factory.mktemp("checkout")
     d = root / "data" / "demo"
-    paths = data.write_demo(d, n_docs=400)
+    paths = write_demo(d, n_docs=400)
     tok_path = data.train_tokenizer(paths["corpus"], 1000, d / "tokenizer.model")
     data.prepare(paths["corpus"], tok_path, d / "shards", val_fraction=0.05)
     (root / "demo_run.py").write_text(DEMO_RUN)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import demo
 import train
 from model import ModernBERT
 
@@ -27,7 +28,7 @@ STEPS = 8
 def config(tmp_path_factory):
     """A tiny model on a small demo corpus; returns the config file's path."""
     root = tmp_path_factory.mktemp("train")
-    paths = data.write_demo(root / "demo", n_docs=300)
+    paths = demo.write_demo(root / "demo", n_docs=300)
     data.train_tokenizer(paths["corpus"], 1200, root / "tok.model")
     data.prepare(paths["corpus"], root / "tok.model", root / "shards", val_fraction=0.1)
     with open(paths["miracl"]) as f, open(root / "miracl.jsonl", "w") as g:
