@@ -121,7 +121,7 @@ def latest(out_dir, report=print):
         try:
             return path, verify(path)
         except CheckpointError as e:
-            report(f"skipping checkpoint {path}: {e}")
+            report(f"skipping checkpoint {e}")
     return None, None
 
 

@@ -325,6 +325,9 @@ def main():
     if missing:  # all at once, before any process waits for another
         fail(f"{config_path}: {len(missing)} input{'s' if len(missing) > 1 else ''} missing:\n  " + "\n  ".join(missing))
 
+    if os.environ.get("MODERNBERT_ATTENTION") == "kernels" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        fail("MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU, only under TRITON_INTERPRET=1)")
+
     # processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is a group of one
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % (world * cfg.micro_batch_size):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -240,9 +241,10 @@ def test_bfloat16_compute_trains_close_to_float32(config, reference, tmp_path):
     fp32 = {m["step"]: m["loss"] for m in metrics(reference) if "loss" in m}
     bf16 = {m["step"]: m["loss"] for m in metrics(out) if "loss" in m}
     assert bf16.keys() == fp32.keys()
-    # measured: at most 0.4% apart over these 12 steps; the loss falls by 6% over them
+    # measured: at most 6.4e-5 relative apart over these 12 steps (2.9e-6 at step 1), while the loss falls by 6%
+    assert bf16 != fp32  # bf16 did run
     for step in fp32:
-        assert bf16[step] == pytest.approx(fp32[step], rel=1e-2), step
+        assert bf16[step] == pytest.approx(fp32[step], rel=1e-3), step
     assert bf16[STEPS] < bf16[1] - 0.2
 
 
@@ -276,9 +278,8 @@ def check_resume(cmd, config, reference, out, until):
 
 def test_resume_after_kill_one_process(config, reference, tmp_path):
     out = tmp_path / "out"
-    # killed before its first checkpoint: the rerun starts over and metrics.jsonl does not repeat steps 1..
-    check_resume([sys.executable], config, reference, out, logged_step(1))
-    shutil.rmtree(out)
+    out.mkdir()  # what a run killed before its first checkpoint leaves: a new run starts metrics.jsonl over
+    (out / "metrics.jsonl").write_text('{"step": 0, "val_loss": 1.0}\n{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
     check_resume([sys.executable], config, reference, out, logged_step(5))
     log = (out / "log.txt").read_text()
     assert log.startswith("# ") and "# commit " in log and f"max_steps = {STEPS}" in log and "torch " in log
@@ -350,8 +351,9 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_curve_continues(config, re
 def test_changed_model_stops_with_the_differing_keys(config, reference, tmp_path):
     out = rewind(reference, tmp_path / "out", step=9)
     proc = run([sys.executable], out, config, "--model_args={'hidden_size': 32, 'intermediate_size': 64, "
-               "'num_hidden_layers': 3, 'num_attention_heads': 2}", check=False)
+               "'num_hidden_layers': 3, 'num_attention_heads': 2}", f"--warmup_steps={STEPS}", check=False)
     assert proc.returncode == 1
+    assert f"warning: warmup_steps {STEPS} >= max_steps {STEPS}" in proc.stdout
     assert proc.stderr == (f"error: {out / 'ckpt_9'}: the model differs from this run's: intermediate_size 48 in "
                            f"the checkpoint, 64 now, num_hidden_layers 2 in the checkpoint, 3 now\n")
 
@@ -443,6 +445,46 @@ def test_config_error_from_the_command_line_exits(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", "demo", "--batch_sise=8"], cwd=REPO, env=ENV,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and proc.stderr == "error: command line: unknown config key 'batch_sise'\n"
+
+
+def cli(*args, cwd=REPO, **env):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env={**ENV, **env},
+                          capture_output=True, text=True)
+
+
+def test_help_lists_every_setting_with_its_default():
+    proc = cli("--help")
+    assert proc.returncode == 0 and not proc.stderr
+    for f in fields(train.Config):
+        default = f"--{f.name}={getattr(train.Config(), f.name)!r}"
+        line = next(line.strip() for line in proc.stdout.splitlines() if line.strip().startswith(f"--{f.name}="))
+        assert line.startswith(default) and line[len(default):].strip(), line  # the default, then its meaning
+
+
+def test_demo_divides_for_1_2_4_processes_and_the_error_names_what_would():
+    cfg, _ = train.load_config(["demo"])
+    assert all(cfg.batch_size % (world * cfg.micro_batch_size) == 0 for world in (1, 2, 4))
+    proc = cli("demo", "--micro_batch_size=8", WORLD_SIZE="2")
+    assert proc.returncode == 1 and proc.stderr == ("error: batch_size 8 is not a multiple of 2 processes x "
+                                                    "micro_batch_size 8; micro_batch_size can be 1, 2, 4\n")
+
+
+def test_missing_inputs_are_named_at_once_with_how_to_make_them(tmp_path):
+    proc = cli("stage2", cwd=tmp_path)  # relative paths: nothing there
+    assert proc.returncode == 1 and not list(tmp_path.iterdir())
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"error: {REPO / 'configs' / 'stage2.py'}: 4 inputs missing:"
+    assert [line.split()[0] for line in lines[1:]] == ["data_dir", "tokenizer", "retrieval_eval", "init_from"]
+    assert "python data.py prepare" in lines[1] and "python data.py tokenizer" in lines[2]
+    assert lines[4].endswith("make it with python train.py configs/stage1.py")
+
+
+def test_kernels_without_cuda_is_one_line(config, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    proc = cli(str(config), f"--out_dir={tmp_path / 'out'}", MODERNBERT_ATTENTION="kernels")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: MODERNBERT_ATTENTION=kernels needs a CUDA GPU")
+    assert len(proc.stderr.splitlines()) == 1
 
 
 def test_stage_configs_follow_the_paper():
