@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -205,7 +206,9 @@ def load_weights(model, path):
     """Weights of a verified checkpoint into an unsharded model (works without a process group)."""
     state = get_model_state_dict(model)
     try:
-        dcp.load({"model": state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # "no process group: loading in a single process", as intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as e:
         raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     set_model_state_dict(model, state)
