@@ -20,7 +20,6 @@ import shutil
 import time
 import warnings
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -172,10 +171,15 @@ def load(path, model, optimizer):
     return torch.load(Path(path) / f"rank{rank}.pt", weights_only=True)
 
 
-def config_differences(meta, model_config):
-    """Keys of the architecture whose value in the checkpoint differs from model_config (a ModernBertConfig)."""
-    mine = asdict(model_config)
-    theirs = meta["model_config"]
+def config_differences(theirs, mine):
+    """{key: (theirs, mine)} where two model configs (dicts) differ. global_attn_every_n_layers is compared as the
+    list of global layers it gives, since a config.json stores only that (2 and 3 are the same for 2 layers)."""
+    def normal(c):
+        c = dict(c)
+        every = c.pop("global_attn_every_n_layers", None)
+        c["global_layers"] = [i for i in range(c.get("num_hidden_layers", 0)) if every and i % every == 0]
+        return c
+    theirs, mine = normal(theirs), normal(mine)
     return {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
 
 

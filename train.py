@@ -59,7 +59,7 @@ class Config:
     eval_every: int = 1000       # steps between evaluations (and one at the end); 0 = never
     # model: a ModernBertConfig preset plus overrides; vocab size and special ids come from the tokenizer
     model: str = "llm-jp-modernbert-base"  # preset in model.py: llm-jp-modernbert-base, tiny, ...
-    model_args: dict = field(default_factory=dict)  # ModernBertConfig fields to override, e.g. dict(num_hidden_layers=6)
+    model_args: dict = field(default_factory=dict)  # ModernBertConfig overrides, e.g. dict(num_hidden_layers=6)
     init_from: str = ""          # start from these weights (a checkpoint dir or a Hugging Face dir), fresh optimizer
     # data (data.py): shards prepared from a jsonl corpus with `tokenizer`
     data_dir: str = "data/demo/shards"  # shard directory written by python data.py prepare
@@ -68,7 +68,7 @@ class Config:
     mode: str = "line_by_line"   # one document per sequence, truncated; or "packed" into max_seqlen rows
     max_seqlen: int = 1024       # tokens per sequence, <CLS> and <SEP> included
     batch_size: int = 64         # global sequences (packed mode: rows of max_seqlen tokens) per optimizer step
-    micro_batch_size: int = 16   # sequences per process per forward/backward; batch_size / (processes x this) micro-steps
+    micro_batch_size: int = 16   # sequences per process per forward/backward (micro-steps are derived)
     mlm_probability: float = 0.3  # share of tokens masked (80% <MASK>, 10% random, 10% kept)
     # evaluation
     eval_batches: int = 10       # validation batches (of batch_size sequences) for MLM loss and accuracy
@@ -167,7 +167,7 @@ def load_config(args):
             value = raw  # --out_dir=123 means the string "123"
         set_key(cfg, key, value, "command line")
     if cfg.batch_size % cfg.micro_batch_size:
-        fail(f"{path}: batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
+        fail(f"{path}: {divisibility(cfg.batch_size, 1, cfg.micro_batch_size)}")
     known = {f.name for f in fields(ModernBertConfig)}
     for key in cfg.model_args:
         if key not in known:
@@ -211,8 +211,8 @@ def missing_inputs(cfg, config_path):
             missing.append(f"retrieval_eval {cfg.retrieval_eval}: put MIRACL ja (train split, jsonl) there, or "
                            f"skip that evaluation with --retrieval_eval=''")
     if cfg.init_from and not Path(cfg.init_from).exists():
-        makers = [p for p in sorted((REPO / "configs").glob("*.py")) if p.resolve() != config_path.resolve()
-                  and re.search(rf"^out_dir\s*=\s*[\"']{re.escape(str(Path(cfg.init_from).parent))}[\"']", p.read_text(), re.M)]
+        writes = re.compile(rf"^out_dir\s*=\s*[\"']{re.escape(str(Path(cfg.init_from).parent))}[\"']", re.M)
+        makers = [p for p in sorted((REPO / "configs").glob("*.py")) if writes.search(p.read_text())]
         how = (f"python train.py {makers[0].relative_to(REPO)}" if makers and Path(cfg.init_from).name == "hf"
                else "the final export (OUT_DIR/hf) of a training run, or a Hugging Face ModernBERT directory")
         missing.append(f"init_from {cfg.init_from}: make it with {how}")
@@ -307,7 +307,8 @@ def usage():
 
 def divisibility(batch_size, world, micro_batch_size):
     fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
-    return (f"batch_size {batch_size} is not a multiple of {world} processes x micro_batch_size {micro_batch_size}"
+    split = f"{world} processes x " if world > 1 else ""
+    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
             + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
                f"; batch_size must be a multiple of the {world} processes"))
 
@@ -323,10 +324,12 @@ def main():
     cfg, config_path = load_config(sys.argv[1:])
     missing = missing_inputs(cfg, config_path)
     if missing:  # all at once, before any process waits for another
-        fail(f"{config_path}: {len(missing)} input{'s' if len(missing) > 1 else ''} missing:\n  " + "\n  ".join(missing))
+        fail(f"{config_path}: {len(missing)} input{'s' if len(missing) > 1 else ''} missing:\n  "
+             + "\n  ".join(missing))
 
-    if os.environ.get("MODERNBERT_ATTENTION") == "kernels" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        fail("MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU, only under TRITON_INTERPRET=1)")
+    if (os.environ.get("MODERNBERT_ATTENTION") == "kernels" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        fail("MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU: TRITON_INTERPRET=1)")
 
     # processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is a group of one
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -387,7 +390,7 @@ def main():
         log(f"warning: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never "
             f"reaches lr {cfg.lr} nor decays")
     resume, meta = checkpoint.latest(out_dir, report=log)  # the newest checkpoint that verifies
-    if resume and (changed := checkpoint.config_differences(meta, mconf)):
+    if resume and (changed := checkpoint.config_differences(meta["model_config"], asdict(mconf))):
         fail(f"{resume}: the model differs from this run's: " + ", ".join(
             f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()))
 
@@ -400,7 +403,7 @@ def main():
             source, _ = checkpoint.load_model(cfg.init_from)
         except checkpoint.CheckpointError as e:
             fail(f"init_from {e}")
-        if changed := checkpoint.config_differences({"model_config": asdict(source.config)}, mconf):
+        if changed := checkpoint.config_differences(asdict(source.config), asdict(mconf)):
             fail(f"init_from {cfg.init_from}: the model differs from this run's: " + ", ".join(
                 f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items()))
         model.load_state_dict(source.state_dict())

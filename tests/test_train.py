@@ -358,6 +358,19 @@ def test_changed_model_stops_with_the_differing_keys(config, reference, tmp_path
                            f"the checkpoint, 64 now, num_hidden_layers 2 in the checkpoint, 3 now\n")
 
 
+def test_init_from_loads_the_weights_or_names_the_differing_keys(config, reference, tmp_path):
+    out = tmp_path / "out"
+    run([sys.executable], out, config, f"--init_from={reference / 'hf'}", "--lr=0.0", "--max_steps=1",
+        "--eval_every=0")
+    a, b = ModernBERT.from_pretrained(reference / "hf").state_dict(), ModernBERT.from_pretrained(out / "hf").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the weights it started from
+    proc = run([sys.executable], tmp_path / "other", config, f"--init_from={reference / 'ckpt_12'}",
+               "--model_args={'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, "
+               "'num_attention_heads': 2}", check=False)
+    assert proc.returncode == 1 and proc.stderr == (f"error: init_from {reference / 'ckpt_12'}: the model differs "
+                                                    f"from this run's: intermediate_size 48 there, 64 here\n")
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(config, tmp_path):
     out = tmp_path / "out"
     proc = run([sys.executable], out, config, "--lr=1e30", "--warmup_steps=1", "--checkpoint_every=1",
@@ -447,44 +460,55 @@ def test_config_error_from_the_command_line_exits(tmp_path):
     assert proc.returncode == 1 and proc.stderr == "error: command line: unknown config key 'batch_sise'\n"
 
 
-def cli(*args, cwd=REPO, **env):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env={**ENV, **env},
-                          capture_output=True, text=True)
+def cli(monkeypatch, capsys, *args, **env):
+    """train.py's main() in this process (it stops before any process group work here): (exit code, out, err)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, args)])
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        train.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_help_lists_every_setting_with_its_default():
-    proc = cli("--help")
-    assert proc.returncode == 0 and not proc.stderr
+def test_help_lists_every_setting_with_its_default(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "--help")
+    assert code == 0 and not err
     for f in fields(train.Config):
         default = f"--{f.name}={getattr(train.Config(), f.name)!r}"
-        line = next(line.strip() for line in proc.stdout.splitlines() if line.strip().startswith(f"--{f.name}="))
+        line = next(line.strip() for line in out.splitlines() if line.strip().startswith(f"--{f.name}="))
         assert line.startswith(default) and line[len(default):].strip(), line  # the default, then its meaning
 
 
-def test_demo_divides_for_1_2_4_processes_and_the_error_names_what_would():
+def test_demo_divides_for_1_2_4_processes_and_the_error_names_what_would(monkeypatch, capsys):
     cfg, _ = train.load_config(["demo"])
     assert all(cfg.batch_size % (world * cfg.micro_batch_size) == 0 for world in (1, 2, 4))
-    proc = cli("demo", "--micro_batch_size=8", WORLD_SIZE="2")
-    assert proc.returncode == 1 and proc.stderr == ("error: batch_size 8 is not a multiple of 2 processes x "
-                                                    "micro_batch_size 8; micro_batch_size can be 1, 2, 4\n")
+    monkeypatch.chdir(REPO)
+    code, _, err = cli(monkeypatch, capsys, "demo", "--micro_batch_size=8", WORLD_SIZE="2")
+    assert code == 1 and err == "error: batch_size 8 is not a multiple of 2 processes x micro_batch_size 8; " \
+                                "micro_batch_size can be 1, 2, 4\n"
 
 
-def test_missing_inputs_are_named_at_once_with_how_to_make_them(tmp_path):
-    proc = cli("stage2", cwd=tmp_path)  # relative paths: nothing there
-    assert proc.returncode == 1 and not list(tmp_path.iterdir())
-    lines = proc.stderr.splitlines()
+def test_missing_inputs_are_named_at_once_with_how_to_make_them(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the config's relative paths: nothing there
+    code, _, err = cli(monkeypatch, capsys, "stage2")
+    assert code == 1 and not list(tmp_path.iterdir())
+    lines = err.splitlines()
     assert lines[0] == f"error: {REPO / 'configs' / 'stage2.py'}: 4 inputs missing:"
     assert [line.split()[0] for line in lines[1:]] == ["data_dir", "tokenizer", "retrieval_eval", "init_from"]
     assert "python data.py prepare" in lines[1] and "python data.py tokenizer" in lines[2]
     assert lines[4].endswith("make it with python train.py configs/stage1.py")
 
 
-def test_kernels_without_cuda_is_one_line(config, tmp_path):
+def test_kernels_without_cuda_is_one_line(monkeypatch, capsys, config, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible")
-    proc = cli(str(config), f"--out_dir={tmp_path / 'out'}", MODERNBERT_ATTENTION="kernels")
-    assert proc.returncode == 1 and proc.stderr.startswith("error: MODERNBERT_ATTENTION=kernels needs a CUDA GPU")
-    assert len(proc.stderr.splitlines()) == 1
+    code, _, err = cli(monkeypatch, capsys, config, f"--out_dir={tmp_path / 'out'}", MODERNBERT_ATTENTION="kernels")
+    assert code == 1 and err.startswith("error: MODERNBERT_ATTENTION=kernels needs a CUDA GPU")
+    assert len(err.splitlines()) == 1
 
 
 def test_stage_configs_follow_the_paper():
