@@ -104,10 +104,14 @@ def verify(path):
                 problems.append(f"{file}: missing")
             elif file.stat().st_size != want["size"]:
                 problems.append(f"{file}: {file.stat().st_size} bytes, {META} records {want['size']}")
-            elif crc32(file) != want["crc32"]:
-                problems.append(f"{file}: CRC-32 {crc32(file)}, {META} records {want['crc32']} (altered)")
+            elif (crc := crc32(file)) != want["crc32"]:
+                problems.append(f"{file}: CRC-32 {crc}, {META} records {want['crc32']} (altered)")
     except CheckpointError as e:
         problems = [str(e)]
+    except (TypeError, KeyError, AttributeError) as e:  # every process must reach the gather below
+        problems = [f"{path / META}: malformed ({type(e).__name__}: {e})"]
+    except OSError as e:
+        problems = [f"{path}: {e}"]
     problems = sorted(set(_gather(problems)))
     if problems:
         raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
@@ -151,6 +155,8 @@ def save(out_dir, step, model, optimizer, own, meta, keep_last):
     if rank == 0:
         with open(tmp / META, "w") as f:
             json.dump({**meta, "step": step, "world_size": dist.get_world_size(), "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
         if final.exists():  # a damaged checkpoint of this step, skipped when the run resumed
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -6,6 +6,7 @@ Pretrain a ModernBERT encoder with masked language modelling, on one process or 
     torchrun --nproc_per_node=8 train.py configs/stage1.py   # one node, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py stage1
     python train.py --export out/stage1/ckpt_20000 [DIR]     # any checkpoint -> Hugging Face format
+    python train.py --help                                   # every setting, its default and meaning
 
 A config file holds `name = value` lines that override the defaults in `Config` below, and `--name=value`
 arguments override the file. Unknown names and wrong types stop the run. A config path that does not exist
@@ -14,7 +15,8 @@ is looked up by file name in configs/ (`train.py stage2` runs configs/stage2.py)
 out_dir receives log.txt (the resolved config, commit and versions, then progress), metrics.jsonl (one JSON
 line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
 the model in Hugging Face format in hf/ (config.json, model.safetensors, tokenizer.model). Running the same
-command again resumes from the newest checkpoint: the same batches, masks and losses as an uninterrupted run.
+command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
+losses as an uninterrupted run, on any number of processes.
 `--export` writes a checkpoint in the same format, to DIR or to out_dir/hf_STEP. With several nodes, out_dir
 must be on a filesystem that all of them see.
 """
