@@ -445,10 +445,8 @@ def bench_train(args):
         sys.exit("bench.py train: needs a CUDA GPU, and none is visible")
     import torch.distributed as dist
     import torch.nn.functional as F
-    from torch.distributed._composable import checkpoint
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from model import ModernBERT, ModernBertConfig
+    from model import ModernBERT, ModernBertConfig, parallelize
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cuda", (1,))
     warmup, steps = (1, 2) if args.quick else (2, 5)
@@ -461,16 +459,8 @@ def bench_train(args):
         accum = 2 if args.quick else cfg["batch_size"] // (16 * micro)
         config = ModernBertConfig.preset("llm-jp-modernbert-base")
         torch.manual_seed(0)
-        model = ModernBERT(config).cuda()
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        if cfg.get("compile"):  # what train.py compiles
-            for module in [layer.mlp for layer in model.model.layers] + [model.model.embeddings, model.head]:
-                module.compile(dynamic=True)
-        for layer in model.model.layers:
-            if cfg.get("activation_checkpointing"):
-                checkpoint(layer)
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        model = parallelize(ModernBERT(config).cuda(), mesh, torch.bfloat16, bool(cfg.get("compile")),
+                            bool(cfg.get("activation_checkpointing")))  # as train.py wraps it
         optimizer = model.configure_optimizers(1e-5, 1e-4, (0.9, 0.98), 1e-6, "cuda")
         for kind in ("documents", "full"):
             g = torch.Generator().manual_seed(0)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 from data import DataError, Shards, Tokenizer, mask_tokens, read_jsonl
 from model import ModernBERT, ModernBertConfig, ModernBertForSequenceClassification
 
@@ -64,43 +65,20 @@ def progress(iterable, desc, total=None):
 def find_weights(path):
     """--model PATH -> ("hf", dir) for a Hugging Face directory (config.json) or ("ckpt", dir) for one of our
     training checkpoints (meta.json). A run directory stands for its final export hf/, else its newest ckpt_STEP."""
-    p = Path(path)
-    if not p.is_dir():
-        fail(f"--model {path}: no such directory" + (" (run `python train.py configs/demo.py` first to make the "
-                                                      "demo model)" if path == DEFAULT_MODEL else ""))
-    if (p / "config.json").is_file():
-        return "hf", p
-    if (p / "meta.json").is_file():
-        return "ckpt", p
-    if (p / "hf" / "config.json").is_file():
-        return "hf", p / "hf"
-    ckpts = sorted((int(m.group(1)), c) for c in p.glob("ckpt_*")
-                   if (m := re.fullmatch(r"ckpt_(\d+)", c.name)) and (c / "meta.json").is_file())
-    if ckpts:
-        return "ckpt", ckpts[-1][1]
-    fail(f"--model {path}: neither a Hugging Face model directory (config.json), a checkpoint (meta.json) "
-         f"nor a run directory (hf/ or ckpt_STEP/)")
+    try:
+        return checkpoint.resolve(path)
+    except checkpoint.CheckpointError as e:
+        fail(f"--model {e}" + (" (run `python train.py configs/demo.py` first to make the demo model)"
+                               if str(path) == str(DEFAULT_MODEL) else ""))
 
 
 def load_model(path, device):
     """-> (ModernBERT in eval mode, the tokenizer file that belongs to it or None)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-    kind, where = find_weights(path)
+    find_weights(path)  # the path's errors worded for --model
     try:
-        if kind == "hf":
-            model, tokenizer = ModernBERT.from_pretrained(where), where / "tokenizer.model"
-        else:  # a training checkpoint: DCP shards of the model (and optimizer), config in meta.json
-            meta = json.loads((where / "meta.json").read_text())
-            model = ModernBERT(ModernBertConfig(**meta["model_config"]))
-            state = get_model_state_dict(model)
-            with warnings.catch_warnings():  # "no process group: loading in a single process", as intended
-                warnings.simplefilter("ignore", UserWarning)
-                dcp.load({"model": state}, checkpoint_id=str(where))
-            set_model_state_dict(model, state)
-            tokenizer = Path(meta["config"]["tokenizer"])
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, dcp.api.CheckpointException) as e:
-        fail(f"--model {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        model, tokenizer = checkpoint.load_model(path)
+    except checkpoint.CheckpointError as e:
+        fail(f"--model {path}: {e}")
     return model.to(device).eval(), (tokenizer if tokenizer.is_file() else None)
 
 

@@ -597,3 +597,34 @@ def hf_config_dict(config, architecture, dtype):
         "tie_word_embeddings": True,
         "dtype": str(dtype).replace("torch.", ""),
     }
+
+
+# -----------------------------------------------------------------------------------------------------------
+# training on several processes
+
+
+def parallelize(model, mesh, dtype=torch.float32, compile=False, activation_checkpointing=False):
+    """Wrap a model for training on the processes of `mesh` with FSDP2, in place: optionally compile the MLPs,
+    embeddings and head (attention has its own kernels), recompute each layer in backward, then shard every
+    layer and the rest. Weights, gradients and their reduction stay fp32; `dtype` is the compute dtype.
+    Gradients are SUMMED across processes, not averaged: the training loss is already normalised by the whole
+    global batch. That setting belongs to each FSDP module (each layer reduces its own gradients), so it is
+    applied to every one of them, not only the root."""
+    from torch.distributed._composable import checkpoint
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    if compile:  # as ModernBERT's own training
+        for module in [layer.mlp for layer in model.model.layers] + [model.model.embeddings, model.head]:
+            module.compile(dynamic=True)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        if activation_checkpointing:
+            checkpoint(layer)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if hasattr(model, "encode"):
+        register_fsdp_forward_method(model, "encode")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return model

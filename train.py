@@ -6,6 +6,7 @@ Pretrain a ModernBERT encoder with masked language modelling, on one process or 
     torchrun --nproc_per_node=8 train.py configs/stage1.py   # one node, 8 GPUs
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py stage1
     python train.py --export out/stage1/ckpt_20000 [DIR]     # any checkpoint -> Hugging Face format
+    python train.py --help                                   # every setting, its default and meaning
 
 A config file holds `name = value` lines that override the defaults in `Config` below, and `--name=value`
 arguments override the file. Unknown names and wrong types stop the run. A config path that does not exist
@@ -14,18 +15,19 @@ is looked up by file name in configs/ (`train.py stage2` runs configs/stage2.py)
 out_dir receives log.txt (the resolved config, commit and versions, then progress), metrics.jsonl (one JSON
 line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
 the model in Hugging Face format in hf/ (config.json, model.safetensors, tokenizer.model). Running the same
-command again resumes from the newest checkpoint: the same batches, masks and losses as an uninterrupted run.
+command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
+losses as an uninterrupted run, on any number of processes.
 `--export` writes a checkpoint in the same format, to DIR or to out_dir/hf_STEP. With several nodes, out_dir
 must be on a filesystem that all of them see.
 """
 import ast
+import inspect
 import json
 import math
 import os
 import platform
 import re
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -35,17 +37,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed._composable import checkpoint as checkpoint_activations
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
+import checkpoint
 import data
 from evaluate import retrieval_scores
-from model import PRESETS, ModernBERT, ModernBertConfig
+from model import PRESETS, ModernBERT, ModernBertConfig, parallelize
 
 REPO = Path(__file__).resolve().parent
 
@@ -53,44 +52,44 @@ REPO = Path(__file__).resolve().parent
 @dataclass
 class Config:
     # run
-    out_dir: str = "out/run"
+    out_dir: str = "out/run"     # log.txt, metrics.jsonl, checkpoints and the final hf/ export; rerun to resume
     seed: int = 0                # model init, data order and masking
     max_steps: int = 1000        # optimizer steps
-    log_every: int = 10          # steps between metrics.jsonl lines
-    checkpoint_every: int = 1000
+    log_every: int = 10          # steps between metrics.jsonl lines (the first and last step are always logged)
+    checkpoint_every: int = 1000  # steps between checkpoints (and one at the end)
     keep_last: int = 2           # checkpoints kept in out_dir
-    eval_every: int = 1000       # 0 = never
+    eval_every: int = 1000       # steps between evaluations (and one at the end); 0 = never
     # model: a ModernBertConfig preset plus overrides; vocab size and special ids come from the tokenizer
-    model: str = "llm-jp-modernbert-base"
-    model_args: dict = field(default_factory=dict)
+    model: str = "llm-jp-modernbert-base"  # preset in model.py: llm-jp-modernbert-base, tiny, ...
+    model_args: dict = field(default_factory=dict)  # ModernBertConfig overrides, e.g. dict(num_hidden_layers=6)
     init_from: str = ""          # start from these weights (a checkpoint dir or a Hugging Face dir), fresh optimizer
     # data (data.py): shards prepared from a jsonl corpus with `tokenizer`
-    data_dir: str = "data/demo/shards"
-    tokenizer: str = "data/demo/tokenizer.model"
+    data_dir: str = "data/demo/shards"  # shard directory written by python data.py prepare
+    tokenizer: str = "data/demo/tokenizer.model"  # sentencepiece model the shards were made with
     demo_data: bool = False      # if data_dir is missing, build the demo corpus, tokenizer and shards in its parent
     mode: str = "line_by_line"   # one document per sequence, truncated; or "packed" into max_seqlen rows
-    max_seqlen: int = 1024
+    max_seqlen: int = 1024       # tokens per sequence, <CLS> and <SEP> included
     batch_size: int = 64         # global sequences (packed mode: rows of max_seqlen tokens) per optimizer step
     micro_batch_size: int = 16   # sequences per process per forward/backward (evaluation, and training by count)
     micro_batch_tokens: int = 0  # > 0: training micro-batches of at most this many tokens instead, >= max_seqlen
-    mlm_probability: float = 0.3
+    mlm_probability: float = 0.3  # share of tokens masked (80% <MASK>, 10% random, 10% kept)
     # evaluation
     eval_batches: int = 10       # validation batches (of batch_size sequences) for MLM loss and accuracy
     retrieval_eval: str = ""     # MIRACL-layout jsonl for zero-shot Recall@10 / MRR@10; "" = skip
-    retrieval_max_len: int = 512
+    retrieval_max_len: int = 512  # tokens per text in the retrieval evaluation
     # optimizer: AdamW, linear warmup to lr, then linear decay to 0 at max_steps
-    lr: float = 5e-4
-    warmup_steps: int = 100
-    betas: tuple = (0.9, 0.98)
-    eps: float = 1e-6
-    weight_decay: float = 1e-5
-    grad_clip: float = 1.0
+    lr: float = 5e-4             # peak learning rate
+    warmup_steps: int = 100      # steps of linear warmup from 0 to lr
+    betas: tuple = (0.9, 0.98)   # AdamW betas
+    eps: float = 1e-6            # AdamW epsilon
+    weight_decay: float = 1e-5   # on the linear layers' weight matrices only
+    grad_clip: float = 1.0       # maximum global gradient norm
     # system
     dtype: str = "auto"          # compute dtype: "auto" = bfloat16 on CUDA, float32 on CPU; weights stay fp32
     compile: bool = False        # torch.compile the MLPs, embeddings and MLM head
     activation_checkpointing: bool = False  # recompute each layer in backward (long sequences)
     wandb: bool = False          # also log to Weights & Biases (needs the wandb package)
-    wandb_project: str = "llm-jp-modernbert"
+    wandb_project: str = "llm-jp-modernbert"  # Weights & Biases project
 
 
 CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16")}
@@ -171,7 +170,7 @@ def load_config(args):
             value = raw  # --out_dir=123 means the string "123"
         set_key(cfg, key, value, "command line")
     if cfg.batch_size % cfg.micro_batch_size:
-        fail(f"{path}: batch_size {cfg.batch_size} is not a multiple of micro_batch_size {cfg.micro_batch_size}")
+        fail(f"{path}: {divisibility(cfg.batch_size, 1, cfg.micro_batch_size)}")
     known = {f.name for f in fields(ModernBertConfig)}
     for key in cfg.model_args:
         if key not in known:
@@ -198,56 +197,29 @@ def model_config(cfg, tokenizer):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# checkpoints: out_dir/ckpt_STEP/ = DCP shards of model + optimizer, rank{r}.pt (loader and RNG state of
-# rank r), meta.json (step, world size, config, commit). Written as ckpt_STEP.tmp and renamed when complete.
+# inputs
 
 
-def checkpoints(out_dir):
-    """Complete checkpoints in out_dir, oldest first."""
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt_*")
-             if (m := re.fullmatch(r"ckpt_(\d+)", p.name)) and (p / "meta.json").is_file()]
-    return [p for _, p in sorted(found)]
-
-
-def load_weights(model, path):
-    """Weights only, into an unsharded model: from a training checkpoint or a Hugging Face directory."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        state = get_model_state_dict(model)
-        dcp.load({"model": state}, checkpoint_id=path)
-        set_model_state_dict(model, state)
-    elif (path / "config.json").is_file():
-        try:
-            model.load_state_dict(ModernBERT.from_pretrained(path).state_dict())
-        except (ValueError, RuntimeError, FileNotFoundError) as e:
-            fail(f"init_from {path}: {str(e).splitlines()[0]}")
-    else:
-        fail(f"init_from {path}: neither a checkpoint (meta.json) nor a Hugging Face directory (config.json)")
-
-
-def export_hf(model, out, tokenizer_path, meta):
-    model.save_pretrained(out)
-    if Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, Path(out) / "tokenizer.model")
-    with open(Path(out) / "training.json", "w") as f:  # which run, config and commit made these weights
-        json.dump(meta, f, indent=2)
-
-
-def export_checkpoint(args):
-    """python train.py --export CKPT_DIR [OUT_DIR]: one process, no GPU needed."""
-    if not 1 <= len(args) <= 2:
-        fail("usage: python train.py --export CKPT_DIR [OUT_DIR]")
-    ckpt = Path(args[0])
-    if not (ckpt / "meta.json").is_file():
-        fail(f"{ckpt}: not a checkpoint directory (no meta.json)")
-    meta = json.loads((ckpt / "meta.json").read_text())
-    model = ModernBERT(ModernBertConfig(**meta["model_config"]))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # DCP reads as a group
-    load_weights(model, ckpt)
-    dist.destroy_process_group()
-    out = Path(args[1]) if len(args) == 2 else ckpt.parent / f"hf_{meta['step']}"
-    export_hf(model, out, meta["config"]["tokenizer"], meta)
-    print(f"exported {ckpt} (step {meta['step']}) to {out}")
+def missing_inputs(cfg, config_path):
+    """Every input file or directory the config names that is not there, each with how to make it."""
+    missing = []
+    if not (cfg.demo_data and not Path(cfg.data_dir).exists()):  # otherwise the demo data is built below
+        if not Path(cfg.data_dir).is_dir():
+            missing.append(f"data_dir {cfg.data_dir}: make it with python data.py prepare --input 'CORPUS/*.jsonl' "
+                           f"--tokenizer {cfg.tokenizer} --out {cfg.data_dir}")
+        if not Path(cfg.tokenizer).is_file():
+            missing.append(f"tokenizer {cfg.tokenizer}: put the llm-jp tokenizer there, or train one with python "
+                           f"data.py tokenizer --input CORPUS.jsonl --vocab_size 100000 --out {cfg.tokenizer}")
+        if cfg.retrieval_eval and not Path(cfg.retrieval_eval).is_file():
+            missing.append(f"retrieval_eval {cfg.retrieval_eval}: put MIRACL ja (train split, jsonl) there, or "
+                           f"skip that evaluation with --retrieval_eval=''")
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        writes = re.compile(rf"^out_dir\s*=\s*[\"']{re.escape(str(Path(cfg.init_from).parent))}[\"']", re.M)
+        makers = [p for p in sorted((REPO / "configs").glob("*.py")) if writes.search(p.read_text())]
+        how = (f"python train.py {makers[0].relative_to(REPO)}" if makers and Path(cfg.init_from).name == "hf"
+               else "the final export (OUT_DIR/hf) of a training run, or a Hugging Face ModernBERT directory")
+        missing.append(f"init_from {cfg.init_from}: make it with {how}")
+    return missing
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -308,15 +280,64 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+def export(args):
+    """python train.py --export CKPT_DIR [OUT_DIR]: one process, no GPU needed."""
+    if not 1 <= len(args) <= 2:
+        fail("usage: python train.py --export CKPT_DIR [OUT_DIR]")
+    ckpt = Path(args[0])
+    try:
+        meta = checkpoint.verify(ckpt)
+        model = ModernBERT(ModernBertConfig(**meta["model_config"]))
+        checkpoint.load_weights(model, ckpt)
+    except checkpoint.CheckpointError as e:
+        fail(str(e))
+    out = Path(args[1]) if len(args) == 2 else ckpt.parent / f"hf_{meta['step']}"
+    checkpoint.export_hf(model, out, meta["config"]["tokenizer"], meta)
+    print(f"exported {ckpt} (step {meta['step']}) to {out}")
+
+
+def usage():
+    """--help: every setting with its default and meaning, read from the comments of Config."""
+    print(__doc__.strip() + "\n\nSettings (default, meaning):")
+    source = inspect.getsource(Config).splitlines()
+    for line in source[source.index("class Config:") + 1:]:
+        if m := re.fullmatch(r"\s+# (.*)", line):
+            print(f"\n  {m.group(1)}")
+        elif m := re.fullmatch(r"\s+(\w+): \w+ = (.*?)(?:\s+# (.*))?", line):
+            default = repr(getattr(Config(), m.group(1)))
+            print(f"    --{m.group(1)}={default}".ljust(40) + f" {m.group(3) or ''}".rstrip())
+
+
+def divisibility(batch_size, world, micro_batch_size):
+    fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
+    split = f"{world} processes x " if world > 1 else ""
+    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
+            + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
+               f"; batch_size must be a multiple of the {world} processes"))
+
+
 def main():
     if sys.argv[1:2] == ["--export"]:
-        return export_checkpoint(sys.argv[2:])
+        return export(sys.argv[2:])
+    if sys.argv[1:2] in (["--help"], ["-h"]):
+        return usage()
     if len(sys.argv) < 2 or sys.argv[1].startswith("--"):
-        fail("usage: python train.py CONFIG [--key=value ...]  |  python train.py --export CKPT_DIR [OUT_DIR]")
+        fail("usage: python train.py CONFIG [--key=value ...]  |  python train.py --export CKPT_DIR [OUT_DIR]  |  "
+             "python train.py --help")
     cfg, config_path = load_config(sys.argv[1:])
+    missing = missing_inputs(cfg, config_path)
+    if missing:  # all at once, before any process waits for another
+        fail(f"{config_path}: {len(missing)} input{'s' if len(missing) > 1 else ''} missing:\n  "
+             + "\n  ".join(missing))
+
+    if (os.environ.get("MODERNBERT_ATTENTION") == "kernels" and not torch.cuda.is_available()
+            and os.environ.get("TRITON_INTERPRET") != "1"):
+        fail("MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU: TRITON_INTERPRET=1)")
 
     # processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is a group of one
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        fail(divisibility(cfg.batch_size, world, cfg.micro_batch_size))
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -335,8 +356,6 @@ def main():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     master = rank == 0
     mesh = init_device_mesh(device.type, (world,))
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        fail(f"batch_size {cfg.batch_size} is not a multiple of {world} processes x micro_batch_size {cfg.micro_batch_size}")
     grad_accum = cfg.batch_size // (world * cfg.micro_batch_size)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -345,20 +364,15 @@ def main():
         print(f"{cfg.data_dir} is missing: building the demo data in {Path(cfg.data_dir).parent}", flush=True)
         data.main(["demo", "--out", str(Path(cfg.data_dir).parent)])
     dist.barrier()
-    if not Path(cfg.data_dir).exists():
-        fail(f"data_dir {cfg.data_dir}: no such directory (prepare it with data.py)")
-    for key in ("tokenizer", "retrieval_eval"):  # here, not at the first evaluation hours later
-        if getattr(cfg, key) and not Path(getattr(cfg, key)).is_file():
-            fail(f"config key {key}: {getattr(cfg, key)}: no such file")
+    missing = missing_inputs(cfg, config_path)
+    if missing:
+        fail(f"{config_path}: " + "; ".join(missing))
     tokenizer = data.Tokenizer(cfg.tokenizer)
     out_dir = Path(cfg.out_dir)
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in out_dir.glob("ckpt_*.tmp"):  # a checkpoint whose writing was interrupted
-            shutil.rmtree(tmp)
+        checkpoint.remove_partial(out_dir)
     dist.barrier()
-    saved = checkpoints(out_dir)
-    resume = saved[-1] if saved else None
 
     log_file = open(out_dir / "log.txt", "a") if master else None
 
@@ -375,29 +389,29 @@ def main():
         f"{world} x {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {backend}")
     log("# config (" + str(config_path) + "):\n" + "\n".join(f"{k} = {v!r}" for k, v in asdict(cfg).items()))
     log("# model: " + ", ".join(f"{k}={v}" for k, v in asdict(mconf).items()))
+    if cfg.warmup_steps >= cfg.max_steps:
+        log(f"warning: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never "
+            f"reaches lr {cfg.lr} nor decays")
+    resume, meta = checkpoint.latest(out_dir, report=log)  # the newest checkpoint that verifies
+    if resume and (changed := checkpoint.config_differences(meta["model_config"], asdict(mconf))):
+        fail(f"{resume}: the model differs from this run's: " + ", ".join(
+            f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()))
 
     # model: identical init on every rank (same seed), then sharded
     torch.manual_seed(cfg.seed)
     model = ModernBERT(mconf)
     if cfg.init_from and not resume:
         log(f"initialising weights from {cfg.init_from}")
-        load_weights(model, cfg.init_from)
+        try:
+            source, _ = checkpoint.load_model(cfg.init_from)
+        except checkpoint.CheckpointError as e:
+            fail(f"init_from {e}")
+        if changed := checkpoint.config_differences(asdict(source.config), asdict(mconf)):
+            fail(f"init_from {cfg.init_from}: the model differs from this run's: " + ", ".join(
+                f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items()))
+        model.load_state_dict(source.state_dict())
     log(f"parameters: {model.num_params():,} ({model.num_params(embeddings=False):,} without the embedding)")
-    model.to(device)
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    if cfg.compile:  # as ModernBERT's own training: the MLPs, embeddings and head; attention has its kernels
-        for module in [layer.mlp for layer in model.model.layers] + [model.model.embeddings, model.head]:
-            module.compile(dynamic=True)
-    for layer in model.model.layers:
-        if cfg.activation_checkpointing:
-            checkpoint_activations(layer)
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    register_fsdp_forward_method(model, "encode")
-    # the loss below is already normalised by the masked-token count of the whole global batch, so the
-    # gradient reduction across ranks must sum, not average
-    model.set_gradient_divide_factor(1.0)
-    model.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    parallelize(model.to(device), mesh, dtype, cfg.compile, cfg.activation_checkpointing)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.betas, cfg.eps, device.type)
 
     if cfg.micro_batch_tokens and cfg.micro_batch_tokens < cfg.max_seqlen:
@@ -411,13 +425,9 @@ def main():
     verifying = data.verify_in_background(cfg.data_dir, out_dir, rank, world)
     step = 0
     if resume:
-        meta = json.loads((resume / "meta.json").read_text())
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=resume)
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
         # the loader state is the same on every rank (a position in the global sample stream), so a run may
         # resume on another number of processes; only the RNG streams (dropout) then restart from rank 0's
-        own = torch.load(resume / f"rank{rank if meta['world_size'] == world else 0}.pt", weights_only=True)
+        own = checkpoint.load(resume, model, optimizer)
         loader.load_state_dict(own["loader"])
         torch.set_rng_state(own["rng"]["cpu"])
         if device.type == "cuda":
@@ -427,10 +437,8 @@ def main():
                    if json.dumps(meta["config"].get(k)) != json.dumps(v)}
         log(f"resuming from {resume} at step {step}" + (f"; config changed since: {changed}" if changed else "")
             + (f"; written by {meta['world_size']} processes, now {world}" if meta["world_size"] != world else ""))
-        if master:  # lines past the checkpoint are about to be recomputed; a kill may have cut the last one short
-            path = out_dir / "metrics.jsonl"
-            lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-            path.write_text("".join(l for l in lines if l.endswith("\n") and json.loads(l)["step"] <= step))
+    if master:  # lines past the checkpoint (all, without one) are about to be recomputed
+        trim_metrics(out_dir / "metrics.jsonl", step if resume else -1)
     start = step
     metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
     micro = (f"micro-steps of <= {cfg.micro_batch_tokens} tokens" if cfg.micro_batch_tokens else
@@ -454,23 +462,12 @@ def main():
                 run_wandb.log(entry, step=entry["step"])
 
     def save_checkpoint():
-        final = out_dir / f"ckpt_{step}"
-        tmp = out_dir / f"ckpt_{step}.tmp"
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+        t0 = time.perf_counter()
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        torch.save({"loader": loader.state_dict(), "rng": rng}, tmp / f"rank{rank}.pt")
-        if master:
-            meta = {"step": step, "world_size": world, "commit": commit, "config": asdict(cfg),
-                    "model_config": asdict(mconf)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        dist.barrier()  # every rank's files are written
-        if master:
-            os.rename(tmp, final)
-            for old in checkpoints(out_dir)[:-cfg.keep_last]:
-                shutil.rmtree(old)
-        dist.barrier()
-        log(f"step {step}: saved {final}")
+        path, hashing = checkpoint.save(out_dir, step, model, optimizer, {"loader": loader.state_dict(), "rng": rng},
+                                        {"commit": commit, "config": asdict(cfg), "model_config": asdict(mconf)},
+                                        cfg.keep_last)
+        log(f"step {step}: saved {path} in {time.perf_counter() - t0:.1f} s ({hashing:.1f} s of it checksums)")
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
@@ -514,13 +511,14 @@ def main():
             _, loss = model(mb["input_ids"].to(device), labels=mb["labels"].to(device),
                             cu_seqlens=mb["cu_seqlens"].to(device), max_seqlen=mb["max_seqlen"])
             # mean over the masked tokens of the global batch, however it is split into micro-batches and ranks
+            # (parallelize() makes the reduction across ranks a sum)
             (loss * (n / max(total_masked, 1))).backward()
             loss_sum += loss.detach().double() * n
         dist.all_reduce(loss_sum)
         loss = (loss_sum / max(total_masked, 1)).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).full_tensor().item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            last = checkpoints(out_dir)
+            last = checkpoint.list_checkpoints(out_dir)
             message = (f"step {step + 1}: loss {loss}, grad norm {grad_norm}; stopped before the update "
                        f"(last checkpoint: {last[-1] if last else 'none'})")
             if master:
@@ -533,7 +531,7 @@ def main():
 
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        if step % cfg.log_every == 0 or step == 1:
+        if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
             tokens = int(counts[1].item())
             entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
                      "tokens_per_s": tokens / dt,
@@ -551,12 +549,28 @@ def main():
         final = ModernBERT(mconf)
         final.load_state_dict(state)
         meta = {"step": step, "world_size": world, "commit": commit, "config": asdict(cfg), "model_config": asdict(mconf)}
-        export_hf(final, out_dir / "hf", cfg.tokenizer, meta)
+        checkpoint.export_hf(final, out_dir / "hf", cfg.tokenizer, meta)
         log(f"saved the final model to {out_dir / 'hf'}")
     if run_wandb:
         run_wandb.finish()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def trim_metrics(path, step):
+    """Keep the complete lines of metrics.jsonl up to `step` (a kill may have cut the last one short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by a kill
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

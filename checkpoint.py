@@ -1,0 +1,250 @@
+"""
+Training checkpoints: where they live, how they are written, verified and read, and their Hugging Face export.
+
+    out_dir/ckpt_STEP/
+        .metadata, __R_0.distcp   model and AdamW state (torch.distributed.checkpoint: readable by any number of
+                                  processes, or by one without a process group)
+        rank{R}.pt                process R's data-loader position and RNG state
+        meta.json                 step, world size, run config, model config, commit, and the size and CRC-32
+                                  of every other file
+
+A checkpoint is written as ckpt_STEP.tmp/ and renamed once all of it, meta.json last, is on disk: a kill
+while saving leaves only a .tmp directory, which the next run removes. Before a checkpoint is used, its
+files are checked against meta.json, so a truncated, altered or incomplete one is reported in one line and
+never loaded. CRC-32 rather than a cryptographic hash: it catches damage, not tampering, at ~2 GB/s.
+"""
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+import zlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+
+from model import ModernBERT, ModernBertConfig
+
+META = "meta.json"
+NAME = re.compile(r"ckpt_(\d+)")
+
+
+class CheckpointError(Exception):
+    """A checkpoint or model directory that cannot be used; the message is one line for people."""
+
+
+def list_checkpoints(out_dir):
+    """The ckpt_STEP directories of a run, oldest first (not yet verified)."""
+    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("ckpt_*") if (m := NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def step_of(path):
+    return int(NAME.fullmatch(Path(path).name).group(1))
+
+
+def crc32(path, chunk=16 << 20):
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _share(names):
+    """This process's part of a list of files, so that hashing is spread over all processes."""
+    if dist.is_initialized():
+        return names[dist.get_rank()::dist.get_world_size()]
+    return names
+
+
+def _gather(part):
+    """Merge per-process dicts (or lists) on every process."""
+    if not dist.is_initialized():
+        return part
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()} if isinstance(part, dict) else [x for p in parts for x in p]
+
+
+def read_meta(path):
+    """meta.json of a checkpoint, or CheckpointError saying what is wrong with it."""
+    file = Path(path) / META
+    if not file.is_file():
+        raise CheckpointError(f"{path}: no {META} (incomplete checkpoint)")
+    text = file.read_text(errors="replace")
+    if not text.strip():
+        raise CheckpointError(f"{file}: empty")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    missing = [k for k in ("step", "world_size", "config", "model_config", "files") if k not in meta] \
+        if isinstance(meta, dict) else ["all keys"]
+    if missing:
+        raise CheckpointError(f"{file}: lacks {', '.join(missing)}")
+    return meta
+
+
+def verify(path):
+    """meta.json of a checkpoint whose every file has the size and CRC-32 it records; otherwise CheckpointError
+    naming the first damaged file. Collective when a process group exists (each process checks a share)."""
+    path = Path(path)
+    try:
+        meta = read_meta(path)
+        problems = []
+        for name in _share(sorted(meta["files"])):
+            want, file = meta["files"][name], path / name
+            if not file.is_file():
+                problems.append(f"{file}: missing")
+            elif file.stat().st_size != want["size"]:
+                problems.append(f"{file}: {file.stat().st_size} bytes, {META} records {want['size']}")
+            elif (crc := crc32(file)) != want["crc32"]:
+                problems.append(f"{file}: CRC-32 {crc}, {META} records {want['crc32']} (altered)")
+    except CheckpointError as e:
+        problems = [str(e)]
+    except (TypeError, KeyError, AttributeError) as e:  # every process must reach the gather below
+        problems = [f"{path / META}: malformed ({type(e).__name__}: {e})"]
+    except OSError as e:
+        problems = [f"{path}: {e}"]
+    problems = sorted(set(_gather(problems)))
+    if problems:
+        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+    return meta
+
+
+def latest(out_dir, report=print):
+    """(newest checkpoint of out_dir that verifies, its meta) or (None, None); each newer one that does not is
+    reported in one line and left in place."""
+    for path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, verify(path)
+        except CheckpointError as e:
+            report(f"skipping checkpoint {e}")
+    return None, None
+
+
+def remove_partial(out_dir):
+    """Remove checkpoints whose writing was interrupted (ckpt_STEP.tmp)."""
+    for tmp in Path(out_dir).glob("ckpt_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save(out_dir, step, model, optimizer, own, meta, keep_last):
+    """Write ckpt_STEP: the sharded model and optimizer, this process's `own` state (loader, RNG), and meta.json
+    with every file's size and CRC-32; then keep only the newest keep_last checkpoints. Collective.
+    -> (path, seconds spent on checksums)."""
+    rank = dist.get_rank()
+    final, tmp = Path(out_dir) / f"ckpt_{step}", Path(out_dir) / f"ckpt_{step}.tmp"
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    torch.save(own, tmp / f"rank{rank}.pt")
+    dist.barrier()  # every process's files are written
+    t0 = time.perf_counter()
+    files = _gather({name: {"size": (tmp / name).stat().st_size, "crc32": crc32(tmp / name)}
+                     for name in _share(sorted(p.name for p in tmp.iterdir()))})
+    hashing = time.perf_counter() - t0
+    if rank == 0:
+        with open(tmp / META, "w") as f:
+            json.dump({**meta, "step": step, "world_size": dist.get_world_size(), "files": files}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
+        if final.exists():  # a damaged checkpoint of this step, skipped when the run resumed
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final, hashing
+
+
+def load(path, model, optimizer):
+    """Model and optimizer state of a verified checkpoint into a sharded model; -> this process's own state
+    (rank 0's when the checkpoint was written by another number of processes). Collective."""
+    meta = read_meta(path)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+    rank = dist.get_rank() if meta["world_size"] == dist.get_world_size() else 0
+    return torch.load(Path(path) / f"rank{rank}.pt", weights_only=True)
+
+
+def config_differences(theirs, mine):
+    """{key: (theirs, mine)} where two model configs (dicts) differ. global_attn_every_n_layers is compared as the
+    list of global layers it gives, since a config.json stores only that (2 and 3 are the same for 2 layers)."""
+    def normal(c):
+        c = dict(c)
+        every = c.pop("global_attn_every_n_layers", None)
+        c["global_layers"] = [i for i in range(c.get("num_hidden_layers", 0)) if every and i % every == 0]
+        return c
+    theirs, mine = normal(theirs), normal(mine)
+    return {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
+
+
+# -----------------------------------------------------------------------------------------------------------
+# weights for evaluation, initialisation and export
+
+
+def resolve(path):
+    """A model directory -> ("hf", dir) for Hugging Face (config.json) or ("ckpt", dir) for a training checkpoint
+    (meta.json). A run directory stands for its final export hf/, else its newest complete checkpoint."""
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{path}: no such directory")
+    if (p / "config.json").is_file():
+        return "hf", p
+    if (p / META).is_file() or NAME.fullmatch(p.name):
+        return "ckpt", p
+    if (p / "hf" / "config.json").is_file():
+        return "hf", p / "hf"
+    complete = [c for c in list_checkpoints(p) if (c / META).is_file()]  # verified when loaded
+    if complete:
+        return "ckpt", complete[-1]
+    raise CheckpointError(f"{path}: neither a Hugging Face model directory (config.json), a checkpoint (meta.json) "
+                          f"nor a run directory (hf/ or ckpt_STEP/)")
+
+
+def load_weights(model, path):
+    """Weights of a verified checkpoint into an unsharded model (works without a process group)."""
+    state = get_model_state_dict(model)
+    try:
+        with warnings.catch_warnings():  # "no process group: loading in a single process", as intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"model": state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except (RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as e:
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    set_model_state_dict(model, state)
+
+
+def load_model(path):
+    """-> (ModernBERT of a Hugging Face directory, checkpoint or run directory, the tokenizer file it names)."""
+    kind, where = resolve(path)
+    if kind == "hf":
+        try:
+            return ModernBERT.from_pretrained(where), where / "tokenizer.model"
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise CheckpointError(str(e).splitlines()[0]) from None
+    meta = verify(where)
+    model = ModernBERT(ModernBertConfig(**meta["model_config"]))
+    load_weights(model, where)
+    return model, Path(meta["config"]["tokenizer"])
+
+
+def export_hf(model, out, tokenizer_path, meta):
+    """config.json, model.safetensors, tokenizer.model and training.json (which run, config and commit)."""
+    model.save_pretrained(out)
+    if tokenizer_path and Path(tokenizer_path).is_file():
+        shutil.copyfile(tokenizer_path, Path(out) / "tokenizer.model.tmp")
+        os.replace(Path(out) / "tokenizer.model.tmp", Path(out) / "tokenizer.model")
+    meta = {k: v for k, v in meta.items() if k != "files"}
+    with open(Path(out) / "training.json.tmp", "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(Path(out) / "training.json.tmp", Path(out) / "training.json")
