@@ -507,6 +507,7 @@ def test_missing_inputs_are_named_at_once_with_how_to_make_them(monkeypatch, cap
 def test_kernels_without_cuda_is_one_line(monkeypatch, capsys, config, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is visible")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the test session runs the kernels interpreted
     code, _, err = cli(monkeypatch, capsys, config, f"--out_dir={tmp_path / 'out'}", MODERNBERT_ATTENTION="kernels")
     assert code == 1 and err.startswith("error: MODERNBERT_ATTENTION=kernels needs a CUDA GPU")
     assert len(err.splitlines()) == 1
