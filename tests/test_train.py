@@ -198,6 +198,7 @@ def gradient_worker(out):
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
+    dist.barrier()  # a rank that left with its all-gathers still pending would abort in gloo's teardown
     dist.destroy_process_group()
 
 
