@@ -359,7 +359,8 @@ def test_curves_join_stages(tmp_path, capsys):
 
 def test_every_task_on_the_demo_data(demo, capsys):
     run_cli(demo, "--task", "all", "--plot", "--quick", "--limit", "12", "--docs_per_bin", "2", "--positions", "5",
-            "--pairs", "6", "--lrs", "1e-4", "3e-4", "--max_len", "64", "--bins", "0,128,400,1000")
+            "--pairs", "6", "--lrs", "1e-4", "3e-4", "--epochs", "1", "2", "--max_len", "64",
+            "--bins", "0,128,400,1000")
     out = capsys.readouterr().out
     for task in ev.TASKS:
         r = report(demo, task)
@@ -374,11 +375,17 @@ def test_every_task_on_the_demo_data(demo, capsys):
     assert all(d["ppl"] > 1 for d in ppl["docs"]) and all(b["n"] <= 2 for b in ppl["bins"])
     jglue = report(demo, "jglue")["results"]["out/demo/hf"]
     for t, metric in ev.MAIN_METRIC.items():
-        assert len(jglue[t]["grid"]) == 4  # one run per LR, scored after epochs 1 and 2
+        assert [(g["lr"], g["epochs"]) for g in jglue[t]["grid"]] == [(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)]
         assert jglue[t]["best"][metric] == max(g[metric] for g in jglue[t]["grid"])
     assert jglue["average"] == pytest.approx(np.mean([jglue[t]["best"][m] for t, m in ev.MAIN_METRIC.items()]))
     retrieval = report(demo, "retrieval")["results"]
-    assert set(retrieval) == {"out/demo/hf", "[edit distance]", "[Jaccard]"}
+    assert set(retrieval) == {"out/demo/hf"} | {f"[{b} ({u})]" for b in ("edit distance", "Jaccard") for u in ("char", "word")}
+    summary = json.loads((demo / "out/eval/summary.json").read_text())
+    assert set(summary["tasks"]) == set(ev.TASKS) and "summary" in out
+    simdist = report(demo, "simdist")["results"]["out/demo/hf"]
+    cos, dist = np.array(simdist["pairs"]["positive"]["cosine"]), np.array(simdist["pairs"]["positive"]["distance"])
+    assert len(cos) == 6 and np.allclose(dist, 2 - 2 * cos)
+    assert sum(simdist["distance"]["random"]["counts"]) == len(simdist["pairs"]["random"]["distance"])
     assert len(report(demo, "fillmask")["results"]["out/demo/hf"][0]["top"]) == 5
     assert report(demo, "lengths")["results"]["out/demo/hf"]["n"] == len(ppl["docs"])
     curves = report(demo, "curves")["results"]["curves"]["points"]  # train.py's metrics.jsonl
@@ -395,7 +402,7 @@ def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
         run_cli(demo, "--task", "ppl", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
                 "--limit", "6", "--docs_per_bin", "2", "--positions", "4")
         run_cli(demo, "--task", "retrieval", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
-                "--limit", "6", "--no_baselines")
+                "--limit", "6", "--baselines", "none")
         results[name] = [report(tmp_path, t, name)["results"][str(path)] for t in ("ppl", "retrieval")]
     assert results["tf"] == results["ours"]
 
