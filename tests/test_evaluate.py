@@ -597,3 +597,57 @@ def test_progress_prints_lines_when_not_a_terminal(capsys):
         bar.update()
     bar.close()
     assert capsys.readouterr().out.splitlines()[-1].startswith("  embedding: 3/3")
+
+# -----------------------------------------------------------------------------------------------------------
+# baseline models through transformers (built here, nothing downloaded)
+
+
+def char_wordpiece_tokenizer(texts, where):
+    """A BERT WordPiece tokenizer whose vocabulary is every character of `texts` (and its "##" form)."""
+    transformers = pytest.importorskip("transformers")
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(str(where / "vocab.txt"), do_lower_case=False)
+    tok.save_pretrained(where)
+    return tok
+
+
+def test_bert_and_modernbert_with_their_own_tokenizers_side_by_side(tmp_path, demo):
+    transformers = pytest.importorskip("transformers")
+    path = demo / "data/demo/miracl.jsonl"
+    pairs = ev.read_miracl_pairs(path, 30)
+    texts = [t for p in ev.read_miracl_pairs(path) for t in p] + [p.replace("{}", "") for p in ev.PAPER_PROMPTS]
+    tok = char_wordpiece_tokenizer(texts, tmp_path / "bert")
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    ids = dict(pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    tiny_model(len(tok), num_hidden_layers=2, **ids).save_pretrained(tmp_path / "mbert")
+    tok.save_pretrained(tmp_path / "mbert")  # a ModernBERT with a tokenizer.json, not a sentencepiece model
+    run_cli(tmp_path, "--task", "retrieval", "--model", "bert", "mbert", "--data", path, "--limit", "30", "--out", "eval")
+    run_cli(tmp_path, "--task", "fillmask", "--model", "bert", "mbert", "--out", "eval")
+    results = report(tmp_path, "retrieval", "eval")["results"]
+    for name, model in (("bert", transformers.AutoModel.from_pretrained(tmp_path / "bert")),
+                        ("mbert", transformers.AutoModel.from_pretrained(tmp_path / "mbert"))):
+        recall, mrr = reference_retrieval(lambda t: hf_mean_pool(model.eval(), tok(t)["input_ids"]), pairs)
+        assert (results[name]["recall@10"], results[name]["mrr@10"]) == (pytest.approx(recall, abs=1e-9),
+                                                                        pytest.approx(mrr, abs=1e-9))
+    fill = report(tmp_path, "fillmask", "eval")["results"]
+    bert.eval()
+    for r in fill["bert"]:
+        x = tok(r["prompt"].replace("{}", "[MASK]"), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = bert(input_ids=x).logits[0, (x[0] == 4).nonzero()[0, 0]]
+        assert r["top"][0]["id"] == int(logits.argmax())
+    assert [r["prompt"] for r in fill["mbert"]] == ev.PAPER_PROMPTS
+
+
+def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert/config.json").write_text(json.dumps({"model_type": "bert"}))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    with pytest.raises(SystemExit, match=r"^error: --model .*bert \(bert\) needs transformers \(pip install transformers\)$"):
+        ev.load_model(str(tmp_path / "bert"), "cpu")
