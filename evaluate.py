@@ -1061,16 +1061,25 @@ def task_jglue(args, entries):
 
 
 def pair_texts(args):
-    """Positive pairs (MIRACL) and random pairs (distinct Wikipedia documents drawn at random), n of each."""
-    positives = read_miracl_pairs(args.data or DEMO / "miracl.jsonl", args.limit)[:args.pairs]
-    wiki = args.wiki or DEMO / "wiki.jsonl"
-    texts = [t for _, t in read_texts(wiki, args.limit)]
-    n = min(args.pairs, len(texts) // 2)
+    """Positive pairs (MIRACL) and n random pairs: distinct --wiki documents drawn at random (Figures 3-4), or
+    without --wiki, the query of one item and the passage of another (texts like the positives')."""
+    path = args.data or DEMO / "miracl.jsonl"
+    every = read_miracl_pairs(path, args.limit)
+    rng = random.Random(args.seed)
+    if args.wiki:
+        texts = [t for _, t in read_texts(args.wiki, args.limit)]
+        n = min(args.pairs, len(texts) // 2)
+        chosen = rng.sample(range(len(texts)), 2 * n)
+        randoms = [(texts[chosen[i]], texts[chosen[n + i]]) for i in range(n)]
+    else:
+        n = min(args.pairs, len(every)) if len(every) > 1 else 0
+        randoms = []
+        for i in rng.sample(range(len(every)), n):
+            j = rng.choice([j for j in range(len(every)) if j != i])
+            randoms.append((every[i][0], every[j][1]))
     if n == 0:
-        fail(f"{wiki}: fewer than two documents for random pairs")
-    chosen = random.Random(args.seed).sample(range(len(texts)), 2 * n)
-    randoms = [(texts[chosen[i]], texts[chosen[n + i]]) for i in range(n)]
-    return positives, randoms
+        fail(f"{args.wiki or path}: fewer than two texts for random pairs")
+    return every[:args.pairs], randoms
 
 
 def pair_embeddings(e, pairs, args):
@@ -1080,7 +1089,9 @@ def pair_embeddings(e, pairs, args):
 
 
 def pair_settings(args, entries):
-    return {"positives": str(args.data or DEMO / "miracl.jsonl"), "random": str(args.wiki or DEMO / "wiki.jsonl"),
+    return {"positives": str(args.data or DEMO / "miracl.jsonl"),
+            "random": str(args.wiki) if args.wiki else "query and passage of two different items of the positive set "
+                      "(give --wiki for the paper's random Wikipedia pairs)",
             "pairs": args.pairs, "limit": args.limit, "seed": args.seed,
             "max_len": {e.name: e.max_len(args) for e in entries},
             "embedding": "mean pooling, L2-normalised, of the text truncated at max_len tokens"}
@@ -1360,7 +1371,8 @@ def main(argv=None):
     p.add_argument("--data", help="the task's data set (published layout); default: the demo set")
     p.add_argument("--jcola_data", help="jglue: root of a JCoLA checkout (default data/demo/JCoLA)")
     p.add_argument("--jglue_version", help="jglue: JGLUE version to read, e.g. v1.1 (default: the newest present)")
-    p.add_argument("--wiki", help="alignment, simdist: Wikipedia jsonl for random pairs (default data/demo/wiki.jsonl)")
+    p.add_argument("--wiki", help="alignment, simdist: Wikipedia jsonl for random pairs, as the paper (default: "
+                   "a query and a passage of two different items of the positive set)")
     p.add_argument("--run", nargs="+", help="curves: run directories or metrics.jsonl files, stage 1 first")
     p.add_argument("--out", default="out/eval", help="where TASK.json (and TASK.png) go")
     p.add_argument("--plot", action="store_true", help="draw the paper's figure (needs matplotlib)")
