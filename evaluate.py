@@ -51,7 +51,7 @@ PAPER = dict(docs_per_bin=500, positions=100, pairs=2000, lrs=[5e-6, 1e-5, 2e-5,
              epochs=[1, 2, 3, 4, 5, 10], grid="paper", limit=None)
 # Settings that finish in minutes on a CPU: the default there, anywhere with --quick. JGLUE: one run per
 # learning rate, scored after each listed epoch of its schedule ("per_lr" below).
-SMALL = dict(docs_per_bin=5, positions=20, pairs=50, lrs=[1e-3], epochs=[3, 5], grid="per_lr", limit=1000)
+SMALL = dict(docs_per_bin=5, positions=10, pairs=50, lrs=[1e-3], epochs=[3, 5], grid="per_lr", limit=1000)
 # Table 3's prompts, exactly as printed; "{}" marks the masked token
 PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られ、世界中の登山家たちの憧れの地となっています。",
                  "{}は、歴史上の重要な出来事であり、多くの人々の生活や社会のあり方に大きな影響を与えました。",
@@ -1214,7 +1214,7 @@ def task_curves(args, entries):
 
 
 def plot_ppl(ax_grid, models, args):
-    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     fig, ax = ax_grid(1, 1, (8, 5))
     for i, (name, r) in enumerate(models.items()):
         color = f"C{i}"
@@ -1223,9 +1223,11 @@ def plot_ppl(ax_grid, models, args):
         if means:  # per-bin mean at the bin's centre
             ax.plot(*zip(*means), marker="o", color=color, label=name)
     ax.set(xlabel="sequence length (tokens)", ylabel="pseudo-perplexity", yscale="log")
-    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, ... written plainly
-    ax.yaxis.set_major_formatter(ScalarFormatter())
-    ax.yaxis.get_major_formatter().set_scientific(False)
+    # ticks written plainly (1.5, 2, 5, 10, ...), not as 1.5x10^0; denser when the values span little
+    lo, hi = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if hi / lo > 30 else (1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.legend()
     return fig
