@@ -51,7 +51,7 @@ PAPER = dict(docs_per_bin=500, positions=100, pairs=2000, lrs=[5e-6, 1e-5, 2e-5,
              epochs=[1, 2, 3, 4, 5, 10], grid="paper", limit=None)
 # Settings that finish in minutes on a CPU: the default there, anywhere with --quick. JGLUE: one run per
 # learning rate, scored after each listed epoch of its schedule ("per_lr" below).
-SMALL = dict(docs_per_bin=5, positions=10, pairs=50, lrs=[1e-3], epochs=[3, 5], grid="per_lr", limit=1000)
+SMALL = dict(docs_per_bin=3, positions=10, pairs=50, lrs=[1e-3], epochs=[3, 5], grid="per_lr", limit=1000)
 # Table 3's prompts, exactly as printed; "{}" marks the masked token
 PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られ、世界中の登山家たちの憧れの地となっています。",
                  "{}は、歴史上の重要な出来事であり、多くの人々の生活や社会のあり方に大きな影響を与えました。",
