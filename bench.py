@@ -8,6 +8,7 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
     python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
     python bench.py gpu --out DIR   # all of the GPU checks below in one call, < 8 min
     python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
+    python bench.py finetune    # a JSTS fine-tuning step vs transformers' ModernBertForSequenceClassification
 
 Each task is a function `bench_<task>(args)` below; `--out FILE` appends the printed results as JSON.
 
@@ -122,6 +123,64 @@ def bench_model(args):
     return {"layers": layers, "batch": batch, "max_len": max_len, "real_tokens": real, "ms_ours": t_ours * 1e3,
             "ms_hf": t_hf[False] * 1e3, "ms_hf_sparse": t_hf[True] * 1e3,
             "speedup": t_hf[False] / t_ours, "speedup_vs_sparse": t_hf[True] / t_ours}
+
+
+def bench_finetune(args):
+    """One JSTS fine-tuning step (forward, backward, AdamW step) on the same weights and batches: ours
+    (packed, no padding) vs transformers' ModernBertForSequenceClassification (padded batch + attention mask).
+    The base model's width, fewer layers; 32 sentence pairs of JSTS-like lengths; regression (MSE)."""
+    import tempfile
+    import transformers
+    from model import ModernBertConfig, ModernBertForSequenceClassification
+    layers, batch, max_len = (2, 32, 96) if args.quick else (6, 32, 128)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = ModernBertConfig.preset("llm-jp-modernbert-base", num_hidden_layers=layers, num_labels=1)
+    torch.manual_seed(0)
+    ours = ModernBertForSequenceClassification(config).to(device)
+    with tempfile.TemporaryDirectory() as d:
+        ours.save_pretrained(d)
+        theirs = transformers.ModernBertForSequenceClassification.from_pretrained(d, num_labels=1).to(device)
+    batches = []
+    for seed in range(4):  # JSTS pairs: mostly 20-60 tokens, a few long ones
+        lengths = document_lengths(batch, max_len, seed=seed)
+        mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(8, config.vocab_size, (batch, max_len)).masked_fill(mask == 0, config.pad_token_id)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).int()
+        batches.append({"padded": (ids.to(device), mask.to(device)), "packed": (ids[mask.bool()].to(device),
+                        cu.to(device), int(lengths.max())), "y": (torch.rand(batch) * 5).to(device)})
+    optims = {m: torch.optim.AdamW(m.parameters(), lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+              for m in (ours, theirs)}
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    at = {"ours": 0, "theirs": 0}
+
+    def step(name):
+        b = batches[at[name] % len(batches)]
+        at[name] += 1
+        if name == "ours":
+            ids, cu, m = b["packed"]
+            loss = ours(ids, labels=b["y"], cu_seqlens=cu, max_seqlen=m)[1]
+        else:
+            ids, mask = b["padded"]
+            loss = torch.nn.functional.mse_loss(theirs(input_ids=ids, attention_mask=mask).logits.squeeze(-1), b["y"])
+        loss.backward()
+        optims[ours if name == "ours" else theirs].step()
+        optims[ours if name == "ours" else theirs].zero_grad(set_to_none=True)
+        return loss.item()
+
+    ours.train(), theirs.train()
+    first = {name: step(name) for name in at}  # same weights, same first batch: the same loss
+    assert abs(first["ours"] - first["theirs"]) < 1e-3 * max(1.0, abs(first["theirs"])), f"losses differ: {first}"
+    t = compare({"ours": lambda: step("ours"), "theirs": lambda: step("theirs")}, iters=3 if args.quick else 5, sync=sync)
+    real = sum(int(b["packed"][1][-1]) for b in batches) / len(batches)
+    print(f"llm-jp-modernbert-base width with {layers} of its 22 layers; {batch} pairs x <= {max_len} tokens, "
+          f"{real:.0f} real tokens per batch on average; fwd+bwd+AdamW, fp32, {device}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(f"{'model':<52}{'ms/step':>10}{'ours faster':>13}")
+    for name, label in (("ours", "ours (packed)"), ("theirs", "transformers ModernBertForSequenceClassification")):
+        print(f"{label:<52}{t[name] * 1e3:>10.1f}{t[name] / t['ours']:>12.2f}x")
+    return {"layers": layers, "batch": batch, "max_len": max_len, "ms_ours": t["ours"] * 1e3,
+            "ms_transformers": t["theirs"] * 1e3, "speedup": t["theirs"] / t["ours"]}
+
 
 def bench_ppl(args):
     """Pseudo-perplexity as evaluate.py computes it (distinct masked copies packed without padding, only the

@@ -1,26 +1,37 @@
 """
-Evaluate encoders: every analysis of the paper (SPEC §4) in one script, on the data sets' published layouts.
+Evaluate encoders: every analysis of the llm-jp-modernbert paper (Sections 4-5: Tables 2-4, Figures 1-5) in one
+script, on the data sets' published layouts.
 
     python evaluate.py --task ppl                  # pseudo-perplexity vs length of the latest demo run
     python evaluate.py --task all --plot           # every task on the demo sets, with the paper's figures
-    python evaluate.py --task all --plot --quick   # the same with small settings: minutes on a CPU
-    python evaluate.py --task retrieval --model out/stage1/ckpt_100000 out/stage2/hf --data miracl-ja-train.jsonl
-    python evaluate.py --task jglue --model path/to/llm-jp-modernbert-base --tokenizer llm-jp.model \\
-        --data path/to/JGLUE --jcola_data path/to/JCoLA --lrs 2e-5 5e-5 --epochs 1 2 3
+    python evaluate.py --task retrieval --model out/stage2/hf path/to/bert-base-japanese-v3 --data miracl-ja-train.jsonl
+    python evaluate.py --task jglue --full --model path/to/llm-jp-modernbert-base --data path/to/JGLUE \\
+        --jcola_data path/to/JCoLA
 
-Tasks: mlm, ppl, fillmask, retrieval, jglue, alignment, simdist, lengths, curves, all.
---model takes Hugging Face ModernBERT directories, our checkpoints (RUN/ckpt_STEP) or run directories (their
-final hf/ export, else their newest checkpoint); several are compared side by side. Default: out/demo/hf.
+Tasks: mlm, ppl, fillmask, retrieval, jglue, alignment, simdist, lengths, curves, all (see TASKS at the end).
+--model takes Hugging Face model directories, our checkpoints (RUN/ckpt_STEP) or run directories (their final
+hf/ export, else their newest checkpoint), several side by side in one table and one figure. ModernBERT weights
+run on model.py; other encoders (BERT, RoBERTa, ...) and tokenizers other than sentencepiece run through
+transformers (optional: pip install transformers). Default: out/demo/hf.
 --data takes the task's data set in its published layout; without it, the demo sets in data/demo/.
-Each task writes OUT/TASK.json (its numbers and the settings that produced them) and prints a table; --plot
-also draws OUT/TASK.png where the paper has a figure (ppl, lengths, alignment, simdist, curves; needs matplotlib).
+Settings: the paper's on a GPU (or with --full), smaller ones that finish in minutes on a CPU (or with --quick).
+Each task writes OUT/TASK.json (every number and the settings that produced them) and prints a table; --task
+all also writes OUT/summary.json and one combined table; --plot draws OUT/TASK.png (needs matplotlib).
+
+Retrieval baselines (the paper's Table 4 does not define them; ours): "edit distance" scores a passage by
+1 - Levenshtein distance / length of the longer text, "Jaccard" by |A & B| / |A | B| of the two texts' sets;
+at the character level (units = characters) and the word level (units = maximal runs of one script: kanji,
+hiragana, katakana, Latin letters or digits; any other non-space character is a unit of its own).
 """
 import argparse
 import bisect
+import hashlib
 import json
 import math
+import os
 import random
 import re
+import sys
 import time
 import unicodedata
 import warnings
@@ -29,24 +40,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import checkpoint
 from data import DataError, Shards, Tokenizer, mask_tokens, read_jsonl
-from model import ModernBERT, ModernBertConfig, ModernBertForSequenceClassification
+from model import IGNORE_INDEX, ModernBERT, ModernBertConfig, ModernBertForSequenceClassification, cpu_threads
 
-TASKS = ("mlm", "ppl", "fillmask", "retrieval", "jglue", "alignment", "simdist", "lengths", "curves")
 DEMO = Path("data/demo")
 DEFAULT_MODEL = "out/demo/hf"
-# the paper's settings (SPEC §4), and --quick's for a run of minutes on a CPU
+# The paper's settings (Section 4): on a GPU by default, anywhere with --full.
 PAPER = dict(docs_per_bin=500, positions=100, pairs=2000, lrs=[5e-6, 1e-5, 2e-5, 3e-5, 5e-5, 1e-4],
-             epochs=[1, 2, 3, 4, 5, 10], limit=None)
-QUICK = dict(docs_per_bin=2, positions=10, pairs=200, lrs=[1e-4], epochs=[1, 2], limit=200)
-IGNORE_INDEX = -100
-
-# the paper's fill-mask prompts (SPEC §4); "{}" marks the masked token
-PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られています。", "1年は{}ヶ月です。", "1年はおよそ{}日です。",
-                 "英語で「ありがとう」は{}と言います。", "最も長い川は{}です。"]
+             epochs=[1, 2, 3, 4, 5, 10], grid="paper", limit=None)
+# Settings that finish in minutes on a CPU: the default there, anywhere with --quick. JGLUE: one run per
+# learning rate, scored after each listed epoch of its schedule ("per_lr" below).
+SMALL = dict(docs_per_bin=3, positions=10, pairs=50, lrs=[1e-3], epochs=[3, 5], grid="per_lr", limit=1000)
+# Table 3's prompts, exactly as printed; "{}" marks the masked token
+PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られ、世界中の登山家たちの憧れの地となっています。",
+                 "{}は、歴史上の重要な出来事であり、多くの人々の生活や社会のあり方に大きな影響を与えました。",
+                 "最も長い川は{}です。その流域には多くの都市や村が広がり、豊かな自然や文化が育まれています。",
+                 "1年は{}ヶ月です。", "英語で「ありがとう」は{}と言います。", "1年はおよそ{}日です。"]
 
 
 def fail(message):
@@ -54,8 +65,42 @@ def fail(message):
     raise SystemExit(f"error: {message}")
 
 
+class Progress:
+    """A progress bar on a terminal; elsewhere (a log file, a pipe) a plain line every 30 seconds and at the end."""
+
+    def __init__(self, desc, total=None, every=30.0):
+        self.desc, self.total, self.n, self.every = desc, total, 0, every
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stdout.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+    def update(self, n=1):
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            self.line()
+
+    def line(self):
+        of = f"/{self.total}" if self.total else ""
+        print(f"  {self.desc}: {self.n}{of} ({time.perf_counter() - self.start:.0f} s)", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif time.perf_counter() - self.start >= self.every:
+            self.line()
+
+
 def progress(iterable, desc, total=None):
-    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+    bar = Progress(desc, total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None))
+    for x in iterable:
+        yield x
+        bar.update()
+    bar.close()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -72,9 +117,24 @@ def find_weights(path):
                                if str(path) == str(DEFAULT_MODEL) else ""))
 
 
+def model_type(where):
+    """config.json's model_type, or a one-line error naming the file."""
+    file = Path(where) / "config.json"
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"{file}: not valid JSON ({e})")
+    if not isinstance(config, dict):
+        fail(f"{file}: not a JSON object")
+    return config.get("model_type")
+
+
 def load_model(path, device):
-    """-> (ModernBERT in eval mode, the tokenizer file that belongs to it or None)."""
-    find_weights(path)  # the path's errors worded for --model
+    """-> (model in eval mode, the tokenizer file that belongs to it or None). ModernBERT weights (Hugging Face
+    directories and our checkpoints) load into model.py; any other Hugging Face encoder through transformers."""
+    kind, where = find_weights(path)  # the path's errors worded for --model
+    if kind == "hf" and model_type(where) != "modernbert":
+        return load_transformers_model(where, device), None
     try:
         model, tokenizer = checkpoint.load_model(path)
     except checkpoint.CheckpointError as e:
@@ -82,18 +142,151 @@ def load_model(path, device):
     return model.to(device).eval(), (tokenizer if tokenizer.is_file() else None)
 
 
+def import_transformers(why):
+    try:
+        import transformers
+    except ImportError:
+        fail(f"{why} needs transformers (pip install transformers)")
+    transformers.logging.set_verbosity_error()  # "some weights were newly initialised": the classifier, as intended
+    return transformers
+
+
+class TransformersMLM(torch.nn.Module):
+    """A transformers masked LM (BERT, RoBERTa, ...) behind the interface the tasks use of model.ModernBERT:
+    packed input (total_tokens,) + cu_seqlens, padded here for transformers and unpadded again."""
+
+    def __init__(self, hf, where):
+        super().__init__()
+        self.hf, self.where, self.config = hf, Path(where), hf.config
+        # positions the model can embed (RoBERTa's position ids start after the padding index)
+        offset = self.config.pad_token_id + 1 if self.config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        self.max_positions = self.config.max_position_embeddings - offset
+
+    def padded(self, input_ids, cu_seqlens, max_seqlen):
+        """-> (input_ids (B, S), attention_mask (B, S), where each packed token lies in the flat (B*S,) batch)."""
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)
+        at = seq * max_seqlen + torch.arange(len(input_ids), device=input_ids.device) - cu_seqlens[:-1].long()[seq]
+        ids = torch.full((len(lengths) * max_seqlen,), self.config.pad_token_id or 0, device=input_ids.device)
+        mask = torch.zeros(len(lengths) * max_seqlen, dtype=torch.long, device=input_ids.device)
+        ids[at], mask[at] = input_ids, 1
+        return ids.view(-1, max_seqlen), mask.view(-1, max_seqlen), at
+
+    def forward(self, input_ids, labels=None, cu_seqlens=None, max_seqlen=None):
+        """As ModernBERT.forward on packed input: with labels, (logits of the labelled tokens, mean CE)."""
+        ids, mask, at = self.padded(input_ids, *packing_of(input_ids, cu_seqlens, max_seqlen))
+        logits = self.hf(input_ids=ids, attention_mask=mask).logits.flatten(0, 1)[at]  # (total_tokens, V)
+        if labels is None:
+            return logits, None
+        selected = labels != IGNORE_INDEX
+        return logits[selected], F.cross_entropy(logits[selected].float(), labels[selected])
+
+    def encode(self, input_ids, cu_seqlens=None, max_seqlen=None):
+        """Mean-pooled last hidden states over each sequence's tokens (B, H)."""
+        cu, m = packing_of(input_ids, cu_seqlens, max_seqlen)
+        ids, mask, _ = self.padded(input_ids, cu, m)
+        h = self.hf.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, S, H)
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+class TransformersClassifier(torch.nn.Module):
+    """transformers' AutoModelForSequenceClassification (the model's own pooling and head, a fresh classifier),
+    with the loss of model.ModernBertForSequenceClassification: MSE for one label, cross-entropy otherwise."""
+
+    def __init__(self, mlm, num_labels):
+        super().__init__()
+        transformers = import_transformers(f"--model {mlm.where}")
+        self.mlm = mlm
+        self.hf = transformers.AutoModelForSequenceClassification.from_pretrained(mlm.where, num_labels=num_labels)
+        self.hf.to(device_of(mlm))
+
+    def forward(self, input_ids, labels=None, cu_seqlens=None, max_seqlen=None):
+        ids, mask, _ = self.mlm.padded(input_ids, *packing_of(input_ids, cu_seqlens, max_seqlen))
+        logits = self.hf(input_ids=ids, attention_mask=mask).logits
+        if labels is None:
+            return logits, None
+        if logits.shape[-1] == 1:
+            return logits, F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return logits, F.cross_entropy(logits.float(), labels)
+
+
+def load_transformers_model(where, device):
+    """A Hugging Face encoder directory of any architecture with a masked-LM head, through transformers."""
+    transformers = import_transformers(f"--model {where} ({model_type(where)})")
+    try:
+        hf = transformers.AutoModelForMaskedLM.from_pretrained(where)
+    except (ValueError, OSError, KeyError) as e:
+        fail(f"--model {where}: transformers cannot load it ({str(e).splitlines()[0]})")
+    return TransformersMLM(hf, where).to(device).eval()
+
+
+def packing_of(input_ids, cu_seqlens, max_seqlen):
+    if cu_seqlens is None:  # one sequence
+        return torch.tensor([0, len(input_ids)], dtype=torch.int32, device=input_ids.device), len(input_ids)
+    return cu_seqlens, int(max_seqlen if max_seqlen is not None else (cu_seqlens[1:] - cu_seqlens[:-1]).max())
+
+
+class TransformersTokenizer:
+    """A Hugging Face tokenizer directory (tokenizer.json, vocab.txt, ...) behind data.Tokenizer's interface."""
+    FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
+             "sentencepiece.bpe.model", "special_tokens_map.json")
+
+    def __init__(self, path):
+        transformers = import_transformers(f"the tokenizer in {path}")
+        self.path = Path(path)
+        try:
+            self.hf = transformers.AutoTokenizer.from_pretrained(path)
+        except (ValueError, OSError, KeyError) as e:
+            fail(f"{path}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})")
+        self.hf.model_max_length = 10 ** 9  # documents are measured whole; callers truncate
+        t = self.hf
+        self.cls_id = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
+        self.sep_id = t.sep_token_id if t.sep_token_id is not None else t.eos_token_id
+        self.mask_id, self.pad_id = t.mask_token_id, t.pad_token_id
+        if None in (self.cls_id, self.sep_id, self.mask_id):
+            fail(f"{path}: the tokenizer lacks a cls/bos, sep/eos or mask token, which an encoder needs")
+        self.special_ids = set(t.all_special_ids)
+        self.vocab_size = len(t)
+        h = hashlib.sha256()
+        for name in self.FILES:
+            if (self.path / name).is_file():
+                h.update(name.encode() + (self.path / name).read_bytes())
+        self.sha256 = h.hexdigest()
+
+    def encode(self, text):
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids):
+        return self.hf.decode([int(i) for i in ids])
+
+    def encode_pair(self, a, b=None, max_len=None):
+        return self.hf(a, b, truncation=max_len is not None, max_length=max_len)["input_ids"]
+
+    def prompt_ids(self, prompt):
+        return self.hf(prompt.replace("{}", self.hf.mask_token))["input_ids"]
+
+
+def has_transformers_tokenizer(where):
+    return any((Path(where) / f).is_file() for f in TransformersTokenizer.FILES)
+
+
 def load_tokenizer(path, model, model_path):
-    """The sentencepiece tokenizer, checked against the model's vocabulary and special ids."""
-    if not Path(path).is_file():
+    """The tokenizer file or directory, checked against the model's vocabulary and special ids."""
+    p = Path(path)
+    if p.is_dir():
+        tok = TransformersTokenizer(p)
+    elif p.is_file():
+        tok = Tokenizer(str(p))
+    else:
         fail(f"tokenizer {path}: no such file (give --tokenizer X.model)")
-    tok = Tokenizer(str(path))
     c = model.config
     if tok.vocab_size > c.vocab_size:
         fail(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only {c.vocab_size} embeddings")
-    for name, mine, theirs in (("mask", tok.mask_id, c.mask_token_id), ("pad", tok.pad_id, c.pad_token_id),
-                               ("cls", tok.cls_id, c.cls_token_id), ("sep", tok.sep_id, c.sep_token_id)):
-        if mine != theirs:
-            fail(f"tokenizer {path} has {name} id {mine} but model {model_path} expects {theirs}: wrong tokenizer?")
+    if isinstance(model, ModernBERT):
+        for name, mine, theirs in (("mask", tok.mask_id, c.mask_token_id), ("pad", tok.pad_id, c.pad_token_id),
+                                   ("cls", tok.cls_id, c.cls_token_id), ("sep", tok.sep_id, c.sep_token_id)):
+            if mine != theirs:
+                fail(f"tokenizer {path} has {name} id {mine} but model {model_path} expects {theirs}: wrong tokenizer?")
     return tok
 
 
@@ -102,6 +295,11 @@ class Entry:
 
     def __init__(self, name, model, tokenizer, tokenizer_path):
         self.name, self.model, self.tok, self.tok_path = name, model, tokenizer, str(tokenizer_path)
+        self.max_positions = getattr(model, "max_positions", model.config.max_position_embeddings)
+
+    def max_len(self, args, default=None):
+        """--max_len, else `default` (as the paper: 512 for fine-tuning), else the model's maximum length."""
+        return min(args.max_len or default or self.max_positions, self.max_positions)
 
 
 def load_entries(args):
@@ -112,7 +310,13 @@ def load_entries(args):
     entries = []
     for i, path in enumerate(paths):
         model, own = load_model(path, args.device)
-        tok_path = toks[i if len(toks) > 1 else 0] or own or DEMO / "tokenizer.model"
+        kind, where = find_weights(path)
+        # the tokenizer: --tokenizer, else the model's own sentencepiece file, else its transformers tokenizer
+        # files, else (a demo model) the demo tokenizer
+        tok_path = toks[i if len(toks) > 1 else 0] or own
+        if tok_path is None and kind == "hf" and has_transformers_tokenizer(where):
+            tok_path = where
+        tok_path = tok_path or DEMO / "tokenizer.model"
         entries.append(Entry(path, model, load_tokenizer(tok_path, model, path), tok_path))
     return entries
 
@@ -138,7 +342,7 @@ def pack(seqs, device):
     """List of 1-D id tensors -> (input_ids (total,), cu_seqlens int32 (n+1,), max_seqlen) on device."""
     lengths = torch.tensor([len(s) for s in seqs])
     cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-    return torch.cat(list(seqs)).to(device), cu, int(lengths.max())
+    return torch.cat([torch.as_tensor(s) for s in seqs]).to(device), cu, int(lengths.max())
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -146,13 +350,18 @@ def pack(seqs, device):
 
 
 def records(path, limit=None):
-    """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line."""
+    """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line,
+    and so does a file without records."""
     if not Path(path).is_file():
         fail(f"{path}: no such file")
-    for n, (lineno, record) in enumerate(read_jsonl(path)):
+    n = 0
+    for lineno, record in read_jsonl(path):
         if limit is not None and n >= limit:
             return
+        n += 1
         yield lineno, record
+    if n == 0:
+        fail(f"{path}: no records (an empty file)")
 
 
 def field(record, key, path, lineno, kind=str):
@@ -168,8 +377,9 @@ def field(record, key, path, lineno, kind=str):
 
 
 def read_miracl_pairs(path, limit=None):
-    """(query, passage) pairs of a MIRACL-layout jsonl (SPEC §4): every item with >= 2 positive passages gives
-    query = positive_passages[0].text, passage = positive_passages[1].text. `limit` counts items read."""
+    """(query, passage) pairs of a MIRACL-layout jsonl, as the paper's Table 4: every item with >= 2 positive
+    passages gives query = positive_passages[0].text, passage = positive_passages[1].text. `limit` counts items
+    read."""
     pairs = []
     for lineno, item in records(path, limit):
         positives = field(item, "positive_passages", path, lineno, list)
@@ -196,7 +406,10 @@ def sample_by_length(tok, path, edges, per_bin, seed, limit=None):
     rng = random.Random(seed)
     bins, seen = [[] for _ in edges[:-1]], [0] * (len(edges) - 1)
     for lineno, r in progress(records(path, limit), f"tokenizing {Path(path).name}"):
-        ids = [tok.cls_id] + tok.encode(field(r, "text", path, lineno)) + [tok.sep_id]
+        text = tok.encode(field(r, "text", path, lineno))
+        if not [t for t in text if t not in tok.special_ids]:
+            fail(f"{path}:{lineno}: field 'text' has no token to mask")
+        ids = [tok.cls_id] + text + [tok.sep_id]
         b = bisect.bisect_left(edges, len(ids)) - 1
         if not 0 <= b < len(bins):
             continue
@@ -333,7 +546,7 @@ def edit_distances(query, corpus):
 
 
 def edit_similarity(queries, corpus):
-    """(n_queries, n_corpus) 1 - Levenshtein distance / length of the longer string (characters)."""
+    """(n_queries, n_corpus) 1 - Levenshtein distance / length of the longer string."""
     lengths = torch.tensor([len(s) for s in corpus], dtype=torch.float64)
     rows = []
     for q in progress(queries, "edit distance"):
@@ -343,7 +556,7 @@ def edit_similarity(queries, corpus):
 
 
 def jaccard_similarity(queries, corpus):
-    """(n_queries, n_corpus) Jaccard index of the strings' character sets."""
+    """(n_queries, n_corpus) Jaccard index of the strings' sets of characters."""
     vocab = {c: i for i, c in enumerate(sorted(set("".join(queries)) | set("".join(corpus))))}
 
     def onehot(texts):
@@ -357,27 +570,51 @@ def jaccard_similarity(queries, corpus):
     return torch.where(union > 0, inter / union.clamp(min=1), 0.0).double()
 
 
+WORD = re.compile(r"[\u4e00-\u9fff\u3400-\u4dbf々〆ヵヶ]+|[\u3041-\u309f]+|[\u30a1-\u30faー]+|[A-Za-zＡ-Ｚａ-ｚ]+"
+                  r"|[0-9０-９]+|\S")
+
+
+def words(text):
+    """Word-level units: maximal runs of kanji, hiragana, katakana, Latin letters or digits; any other
+    non-space character alone (Japanese has no spaces; this needs no dictionary)."""
+    return WORD.findall(text)
+
+
+def as_word_strings(texts):
+    """Each text as a string of one character per word (a private code per distinct word), so that the
+    character-level edit distance and Jaccard index become word-level ones."""
+    codes = {}
+    return ["".join(chr(0x20000 + codes.setdefault(w, len(codes))) for w in words(t)) for t in texts]
+
+
+BASELINES = {"edit distance": edit_similarity, "Jaccard": jaccard_similarity}
+UNITS = {"char": lambda texts: texts, "word": as_word_strings}
+
 # -----------------------------------------------------------------------------------------------------------
 # model computations
 
 
 @torch.no_grad()
-def embed(model, tok, texts, batch_size=32, max_len=512):
-    """L2-normalised mean-pooled embeddings (n, H) of "<CLS> text <SEP>" truncated to max_len tokens."""
-    device, out = device_of(model), []
-    for i in progress(range(0, len(texts), batch_size), "embedding"):
-        seqs = [torch.tensor(tok.encode_pair(t, max_len=max_len)) for t in texts[i:i + batch_size]]
-        ids, cu, m = pack(seqs, device)
-        out.append(F.normalize(model.encode(ids, cu_seqlens=cu, max_seqlen=m).float(), dim=-1).cpu())
-    return torch.cat(out)
+def embed(model, tok, texts, max_len, token_budget=16384):
+    """L2-normalised mean-pooled embeddings (n, H) of "<CLS> text <SEP>" truncated to max_len tokens. Texts
+    are embedded longest first in packed batches of at most token_budget tokens."""
+    device = device_of(model)
+    seqs = [torch.tensor(tok.encode_pair(t, max_len=max_len)) for t in texts]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), model.config.hidden_size)
+    for group in progress(list(by_budget([len(seqs[i]) for i in order], token_budget)), "embedding"):
+        idx = [order[i] for i in group]
+        ids, cu, m = pack([seqs[i] for i in idx], device)
+        out[idx] = F.normalize(model.encode(ids, cu_seqlens=cu, max_seqlen=m).float(), dim=-1).cpu()
+    return out
 
 
-def retrieval_scores(model, tokenizer, path, limit=None, batch_size=32, max_len=512):
-    """Zero-shot MIRACL-style retrieval (SPEC §4): Recall@10 and MRR@10 of each query's own passage among all
+def retrieval_scores(model, tokenizer, path, limit=None, max_len=8192, token_budget=16384):
+    """Zero-shot MIRACL-style retrieval (Table 4): Recall@10 and MRR@10 of each query's own passage among all
     passages, by dot product of normalised mean-pooled embeddings."""
     pairs = read_miracl_pairs(path, limit)
-    q = embed(model, tokenizer, [a for a, _ in pairs], batch_size, max_len)
-    c = embed(model, tokenizer, [b for _, b in pairs], batch_size, max_len)
+    q = embed(model, tokenizer, [a for a, _ in pairs], max_len, token_budget)
+    c = embed(model, tokenizer, [b for _, b in pairs], max_len, token_budget)
     recall, mrr = recall_mrr(q @ c.T)
     return {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
 
@@ -387,8 +624,10 @@ def draw_positions(docs, special_ids, n, seed):
     g = torch.Generator().manual_seed(seed)
     specials = torch.tensor(sorted(special_ids))
     out = []
-    for ids in docs:
+    for i, ids in enumerate(docs):
         candidates = torch.nonzero(~torch.isin(ids, specials)).flatten()
+        if len(candidates) == 0:
+            fail(f"document {i} has no token to mask")
         out.append(candidates[torch.randint(len(candidates), (n,), generator=g)])
     return out
 
@@ -405,7 +644,7 @@ def pseudo_perplexity(model, docs, positions, token_budget=16384, desc="pseudo-p
         uniq, counts = pos.unique(return_counts=True)
         copies += [(d, p, c) for p, c in zip(uniq.tolist(), counts.tolist())]
     ce_sum = torch.zeros(len(docs), dtype=torch.float64)
-    bar = progress(None, desc, total=len(copies))
+    bar = Progress(desc, total=len(copies))
     for group in by_budget([len(docs[d]) for d, _, _ in copies], token_budget):
         batch = [copies[i] for i in group]
         ids, cu, m = pack([docs[d] for d, _, _ in batch], device)
@@ -432,13 +671,14 @@ def task_mlm(args, entries):
     path = Path(args.data or DEMO / "shards")
     results = {}
     for e in entries:
+        max_len = e.max_len(args, 512)
         if path.is_dir():  # our shards: the held-out split, documents stored without <CLS>/<SEP>
             shards = Shards(path, "val", tokenizer=e.tok)
             n = len(shards) if args.limit is None else min(args.limit, len(shards))
-            seqs = [torch.tensor([e.tok.cls_id] + shards[i][:args.max_len - 2].tolist() + [e.tok.sep_id])
+            seqs = [torch.tensor([e.tok.cls_id] + shards[i][:max_len - 2].tolist() + [e.tok.sep_id])
                     for i in range(n)]
         else:
-            seqs = [torch.tensor(e.tok.encode_pair(t, max_len=args.max_len)) for _, t in read_texts(path, args.limit)]
+            seqs = [torch.tensor(e.tok.encode_pair(t, max_len=max_len)) for _, t in read_texts(path, args.limit)]
         g = torch.Generator().manual_seed(args.seed)
         masked = [mask_tokens(s, e.tok.special_ids, e.tok.mask_id, e.tok.vocab_size, g, p=args.mlm_probability)
                   for s in seqs]
@@ -455,9 +695,9 @@ def task_mlm(args, entries):
         if count == 0:
             fail(f"{path}: no tokens to mask")
         results[e.name] = {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": count,
-                           "sequences": len(seqs)}
+                           "sequences": len(seqs), "max_len": max_len}
     settings = {"data": str(path), "mlm_probability": args.mlm_probability, "seed": args.seed,
-                "max_len": args.max_len, "limit": args.limit, "masking": "data.mask_tokens (80/10/10), fixed seed"}
+                "limit": args.limit, "masking": "data.mask_tokens (80/10/10), fixed seed"}
     rows = [("loss", [f"{results[e.name]['loss']:.4f}" for e in entries]),
             ("accuracy", [f"{results[e.name]['accuracy']:.4f}" for e in entries]),
             ("masked tokens", [str(results[e.name]["masked_tokens"]) for e in entries])]
@@ -465,7 +705,7 @@ def task_mlm(args, entries):
 
 
 def task_ppl(args, entries):
-    """Pseudo-perplexity against sequence length (SPEC §4, NeoBERT's method)."""
+    """Pseudo-perplexity against sequence length (Section 5 and Figure 2; NeoBERT's method)."""
     path, edges = args.data or DEMO / "wiki.jsonl", parse_edges(args.bins)
     results, samples = {}, {}
     for e in entries:
@@ -473,6 +713,10 @@ def task_ppl(args, entries):
             samples[e.tok.sha256] = sample_by_length(e.tok, path, edges, args.docs_per_bin, args.seed, args.limit)
         bins = samples[e.tok.sha256]
         docs = [ids for b in bins for _, ids in b]
+        too_long = [len(d) for d in docs if len(d) > e.max_positions]
+        if too_long:
+            fail(f"{path}: a {too_long[0]}-token document in --bins {args.bins} is longer than model {e.name}'s "
+                 f"{e.max_positions} positions (give --bins up to {e.max_positions})")
         positions = draw_positions(docs, e.tok.special_ids, args.positions, args.seed)
         ppl = pseudo_perplexity(e.model, docs, positions, args.token_budget, f"ppl {e.name}")
         per_doc, i = [], 0
@@ -508,6 +752,8 @@ def bin_summary(edges, b, values):
 
 def read_prompts(path):
     prompts = []
+    if not Path(path).is_file():
+        fail(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
@@ -527,7 +773,10 @@ PLACEHOLDER = "\ue000"  # a private-use character: no vocabulary has it, so it n
 def prompt_ids(tok, prompt):
     """<CLS> prompt <SEP> with <MASK> at "{}". The prompt is tokenized as one text with a placeholder character
     at "{}" whose pieces then become the mask, so the words around it are tokenized as in running text (no
-    sentencepiece start-of-text "▁" in the middle of the sentence)."""
+    sentencepiece start-of-text "▁" in the middle of the sentence). A transformers tokenizer reads its own mask
+    token in the text instead."""
+    if isinstance(tok, TransformersTokenizer):
+        return tok.prompt_ids(prompt)
     ids, marker = tok.encode(prompt.replace("{}", PLACEHOLDER)), tok.encode(PLACEHOLDER)
     for m in (marker, marker[1:]):  # with and without the start-of-text "▁"
         for i in range(len(ids) - len(m) + 1):
@@ -536,51 +785,73 @@ def prompt_ids(tok, prompt):
     fail(f"prompt {prompt!r}: cannot place the mask (the tokenizer merged the placeholder)")
 
 
+def fillmask_prompts(args, e):
+    """--data's prompts; else Table 3's six, then, for a model with the demo tokenizer, the demo's own."""
+    if args.data:
+        return read_prompts(args.data)
+    demo_prompts, demo_tok = DEMO / "fillmask.txt", DEMO / "tokenizer.model"
+    if demo_prompts.is_file() and demo_tok.is_file() and Tokenizer(demo_tok).sha256 == e.tok.sha256:
+        return PAPER_PROMPTS + [p for p in read_prompts(demo_prompts) if p not in PAPER_PROMPTS]
+    return PAPER_PROMPTS
+
+
 @torch.no_grad()
 def task_fillmask(args, entries):
-    """Top-k predictions for the masked token of each prompt ("{}" marks it)."""
-    source = args.data or (DEMO / "fillmask.txt" if (DEMO / "fillmask.txt").is_file() else None)
-    prompts = read_prompts(source) if source else PAPER_PROMPTS
+    """Predictions for the masked token of each prompt (Table 3: top-1; the top k are kept in the report)."""
     results = {}
     for e in entries:
         out = []
-        for prompt in prompts:
-            ids = prompt_ids(e.tok, prompt)
-            at = ids.index(e.tok.mask_id)
-            logits, _ = e.model(torch.tensor(ids, device=device_of(e.model)))  # (seqlen, V)
-            probs = logits[at, :e.tok.vocab_size].float().softmax(-1)
+        for prompt in fillmask_prompts(args, e):
+            ids = torch.tensor(prompt_ids(e.tok, prompt))
+            if (ids == e.tok.mask_id).sum() != 1:
+                fail(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
+            labels = torch.where(ids == e.tok.mask_id, ids, IGNORE_INDEX)  # decode the masked position only
+            x, cu, m = pack([ids], device_of(e.model))
+            logits, _ = e.model(x, labels=labels.to(x.device), cu_seqlens=cu, max_seqlen=m)  # (1, V)
+            probs = logits[0, :e.tok.vocab_size].float().softmax(-1)
             p, top = probs.topk(args.topk)
             out.append({"prompt": prompt, "top": [{"token": e.tok.decode([t]), "id": t, "prob": v}
                                                   for t, v in zip(top.tolist(), p.tolist())]})
         results[e.name] = out
-    settings = {"prompts": str(source or "the paper's prompts (built in)"), "topk": args.topk}
-    rows = [(p if len(p) <= 20 else p[:19] + "…",
-             [" ".join(t["token"] or "∅" for t in results[e.name][i]["top"]) for e in entries])
-            for i, p in enumerate(prompts)]
+    settings = {"prompts": str(args.data or "Table 3's six prompts (and the demo's for a demo model)"),
+                "topk": args.topk, "table": "top-1 as in Table 3"}
+    prompts = max((r for r in results.values()), key=len)
+    rows = [(short(r["prompt"]), [(results[e.name][i]["top"][0]["token"] or "∅") if i < len(results[e.name]) else "-"
+                                  for e in entries]) for i, r in enumerate(prompts)]
     return settings, results, rows
 
 
+def short(text, n=24):
+    return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def task_retrieval(args, entries):
-    """MIRACL-style zero-shot retrieval, with the edit-distance and Jaccard baselines of the paper's Table 4."""
+    """MIRACL-style zero-shot retrieval with the edit-distance and Jaccard baselines (Table 4; the baselines'
+    definitions are ours, see the top of this file)."""
     path = args.data or DEMO / "miracl.jsonl"
-    results = {e.name: retrieval_scores(e.model, e.tok, path, args.limit, args.batch_size, args.max_len)
-               for e in entries}
+    results = {e.name: {**retrieval_scores(e.model, e.tok, path, args.limit, e.max_len(args), args.token_budget),
+                        "max_len": e.max_len(args)} for e in entries}
     baselines = {}
-    if not args.no_baselines:
-        pairs = read_miracl_pairs(path, args.limit)
-        queries, corpus = [a for a, _ in pairs], [b for _, b in pairs]
-        for name, fn in (("edit distance", edit_similarity), ("Jaccard", jaccard_similarity)):
+    pairs = read_miracl_pairs(path, args.limit)
+    for unit in args.baselines:
+        texts = UNITS[unit]([q for q, _ in pairs] + [c for _, c in pairs])  # one word code for both sides
+        queries, corpus = texts[:len(pairs)], texts[len(pairs):]
+        for name, fn in BASELINES.items():
             recall, mrr = recall_mrr(fn(queries, corpus))
-            baselines[name] = {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
-    settings = {"data": str(path), "limit": args.limit, "max_len": args.max_len,
+            baselines[f"{name} ({unit})"] = {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
+    subset = "all records" if args.limit is None else f"first {args.limit} records, --limit"
+    settings = {"data": str(path), "limit": args.limit, "subset": subset,
                 "pairs": "items with >= 2 positives: query = positive[0].text, corpus entry = positive[1].text",
-                "embedding": "mean pooling, L2-normalised, dot product",
+                "embedding": "mean pooling, L2-normalised, dot product; texts truncated at max_len tokens",
                 "ties": "count against the query",
-                "baselines": "characters: 1 - Levenshtein / longer length; Jaccard index of character sets"}
+                "baselines": "1 - Levenshtein distance / longer length; Jaccard index of the sets of units; "
+                             "units = characters (char) or runs of one script (word)"}
     results = {**results, **{f"[{k}]": v for k, v in baselines.items()}}
-    names = list(results)
-    rows = [(metric, [f"{results[n][metric]:.3f}" for n in names]) for metric in ("recall@10", "mrr@10")]
-    rows.append(("queries", [str(results[n]["n_queries"]) for n in names]))
+    rows = [(metric, [f"{results[e.name][metric]:.3f}" for e in entries]) for metric in ("recall@10", "mrr@10")]
+    for name, r in baselines.items():
+        rows += [(f"[{name}] {metric}", [f"{r[metric]:.3f}"] + [""] * (len(entries) - 1))
+                 for metric in ("recall@10", "mrr@10")]
+    rows.append((f"queries ({subset})", [str(len(pairs))] * len(entries)))
     return settings, results, rows
 
 
@@ -589,26 +860,35 @@ JGLUE = {  # task -> (text fields, labels; None = regression)
     "jnli": (("sentence1", "sentence2"), ("entailment", "contradiction", "neutral")),
     "jcola": (("sentence",), (0, 1)),
 }
+MAIN_METRIC = {"jsts": "pearson", "jnli": "accuracy", "jcola": "accuracy"}
 
 
-def jglue_files(task, jglue_root, jcola_root):
-    """(train, valid) files of a task in the JGLUE / JCoLA repositories' layout (newest version present)."""
+def version_key(path):
+    return [int(x) for x in re.findall(r"\d+", path.name)]
+
+
+def jglue_files(task, jglue_root, jcola_root, version=None):
+    """(train, valid, version) of a task in the JGLUE / JCoLA repositories' layout: JGLUE's `version`
+    (e.g. "v1.1"), else the newest version present."""
     if task == "jcola":
-        root = Path(jcola_root)
+        root, version = Path(jcola_root), "v1.0"
         files = [root / "data" / "jcola-v1.0" / f"in_domain_{s}-v1.0.json" for s in ("train", "valid")]
         where = "a JCoLA checkout (--jcola_data)"
     else:
         root = Path(jglue_root)
-        versions = sorted(root.glob(f"datasets/{task}-v1.*"), key=lambda p: [int(x) for x in re.findall(r"\d+", p.name)])
+        versions = sorted(root.glob(f"datasets/{task}-v1.*"), key=version_key)
+        if version is not None:
+            versions = [d for d in versions if d.name == f"{task}-{version}"]
         if not versions:
-            fail(f"{root}: no datasets/{task}-v1.*/ directory (expected a JGLUE checkout as --data)")
+            fail(f"{root}: no datasets/{task}-{version or 'v1.*'}/ directory (expected a JGLUE checkout as --data)")
         d = versions[-1]
-        files = [d / f"{s}-{d.name.split('-')[-1]}.json" for s in ("train", "valid")]
+        version = d.name.split("-")[-1]
+        files = [d / f"{s}-{version}.json" for s in ("train", "valid")]
         where = "a JGLUE checkout (--data)"
     for f in files:
         if not f.is_file():
             fail(f"{f}: missing (expected {where})")
-    return files
+    return files[0], files[1], version
 
 
 def read_jglue(path, task, tok, max_len, limit):
@@ -622,15 +902,22 @@ def read_jglue(path, task, tok, max_len, limit):
             try:
                 label = float(label)
             except ValueError:
-                fail(f"{path}:{lineno}: label {label!r} is not a number")
+                fail(f"{path}:{lineno}: field 'label' is {label!r}, not a number")
+            if not math.isfinite(label):
+                fail(f"{path}:{lineno}: field 'label' is {label}, not a finite number")
         elif label not in labels:
-            fail(f"{path}:{lineno}: label {label!r} is not one of {', '.join(map(repr, labels))}")
+            fail(f"{path}:{lineno}: field 'label' is {label!r}, not one of {', '.join(map(repr, labels))}")
         else:
             label = labels.index(label)
         out.append((torch.tensor(tok.encode_pair(*texts, max_len=max_len)), label))
-    if not out:
-        fail(f"{path}: no records")
     return out
+
+
+def classifier(mlm, num_labels):
+    """A fresh classifier on the pretrained encoder, pooling as the model's config says."""
+    if isinstance(mlm, TransformersMLM):
+        return TransformersClassifier(mlm, num_labels)
+    return ModernBertForSequenceClassification.from_mlm(mlm, num_labels, pooling=mlm.config.classifier_pooling)
 
 
 @torch.no_grad()
@@ -653,25 +940,22 @@ def jglue_metrics(task, pred, gold):
     return {"accuracy": acc, "mcc": 100 * mcc(pred, gold)} if task == "jcola" else {"accuracy": acc}
 
 
-MAIN_METRIC = {"jsts": "pearson", "jnli": "accuracy", "jcola": "accuracy"}
-
-
-def finetune(mlm, task, train, valid, lr, epochs, batch_size, seed, desc):
-    """Fine-tune a fresh classifier from the MLM weights for max(epochs) epochs with AdamW and a linear decay
-    to 0 over all of them; score the validation set after each epoch in `epochs`. -> {epoch: metrics}."""
+def finetune(mlm, task, train, valid, lr, epochs, score_at, batch_size, seed, desc):
+    """Fine-tune a fresh classifier from the MLM weights for `epochs` epochs: AdamW (0.9, 0.999, eps 1e-8), no
+    weight decay, no warmup, no gradient clipping, the learning rate decaying linearly to 0 over the `epochs`
+    epochs (as the released scripts). Batches are packed (no padding). Scores the validation set after each
+    epoch in `score_at`. -> {epoch: metrics}."""
     torch.manual_seed(seed)
     labels = JGLUE[task][1]
     regression = labels is None
-    clf = ModernBertForSequenceClassification.from_mlm(mlm, 1 if regression else len(labels),
-                                                       pooling=mlm.config.classifier_pooling)
+    clf = classifier(mlm, 1 if regression else len(labels))
     optimizer = torch.optim.AdamW(clf.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
-    total = steps_per_epoch * max(epochs)
+    total = math.ceil(len(train) / batch_size) * epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 - s / total)
     g = torch.Generator().manual_seed(seed)
     device, scores = device_of(clf), {}
-    bar = progress(None, desc, total=total)
-    for epoch in range(1, max(epochs) + 1):
+    bar = Progress(desc, total=total)
+    for epoch in range(1, epochs + 1):
         clf.train()
         order = torch.randperm(len(train), generator=g).tolist()
         for i in range(0, len(train), batch_size):
@@ -680,78 +964,119 @@ def finetune(mlm, task, train, valid, lr, epochs, batch_size, seed, desc):
             y = torch.tensor([y for _, y in batch], dtype=torch.float32 if regression else torch.long, device=device)
             _, loss = clf(ids, labels=y, cu_seqlens=cu, max_seqlen=m)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(clf.parameters(), 1.0)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
             bar.update(1)
-        if epoch in epochs:
+        if epoch in score_at:
             scores[epoch] = jglue_metrics(task, predict(clf, valid), [y for _, y in valid])
     bar.close()
     return scores
 
 
+GRIDS = {"paper": "one independent run per (learning rate, epoch count), each decaying over its own epochs "
+                  "and scored at its end (Table 2's protocol)",
+         "per_lr": "one run per learning rate, decaying over the longest epoch count and scored after each listed "
+                   "epoch (fewer runs; shorter epoch counts see a partly decayed learning rate)"}
+
+
+def jglue_grid(args, e, task, train, valid):
+    """Every run of the grid (GRIDS[args.grid]) -> [{lr, epochs, metrics...}]."""
+    epochs, grid = sorted(set(args.epochs)), []
+    for lr in args.lrs:
+        for run in (epochs if args.grid == "paper" else [max(epochs)]):
+            score_at = {run} if args.grid == "paper" else set(epochs)
+            scores = finetune(e.model, task, train, valid, lr, run, score_at, args.jglue_batch_size, args.seed,
+                              f"{task} lr {lr:g} {run} epochs {e.name}")
+            grid += [{"lr": lr, "epochs": ep, **m} for ep, m in scores.items()]
+    return grid
+
+
 def task_jglue(args, entries):
-    """JGLUE fine-tuning (JSTS, JNLI, JCoLA) over the LR x epoch grid; best per task and the Table 2 average."""
+    """JGLUE fine-tuning (JSTS, JNLI, JCoLA) over the LR x epoch grid; the best validation score per task and
+    Table 2's average of the three."""
     tasks = [t.strip().lower() for t in args.tasks.split(",")]
     for t in tasks:
         if t not in JGLUE:
             fail(f"--tasks {args.tasks}: unknown task {t!r}; known: {', '.join(JGLUE)}")
-    epochs = sorted(set(args.epochs))
-    files = {t: jglue_files(t, args.data or DEMO / "JGLUE", args.jcola_data or DEMO / "JCoLA") for t in tasks}
+    files = {t: jglue_files(t, args.data or DEMO / "JGLUE", args.jcola_data or DEMO / "JCoLA", args.jglue_version)
+             for t in tasks}
     results = {}
     for e in entries:
         res = {}
         for t in tasks:
-            train, valid = (read_jglue(f, t, e.tok, args.max_len, args.limit) for f in files[t])
-            grid = []
-            for lr in args.lrs:
-                scores = finetune(e.model, t, train, valid, lr, epochs, args.jglue_batch_size, args.seed,
-                                  f"{t} lr {lr:g} {e.name}")
-                grid += [{"lr": lr, "epoch": ep, **m} for ep, m in scores.items()]
+            train_file, valid_file, _ = files[t]
+            train, valid = (read_jglue(f, t, e.tok, e.max_len(args, 512), args.limit) for f in (train_file, valid_file))
+            grid = jglue_grid(args, e, t, train, valid)
             best = max(grid, key=lambda r: r[MAIN_METRIC[t]])
             res[t] = {"best": best, "grid": grid, "train": len(train), "valid": len(valid)}
-        res["average"] = float(np.mean([res[t]["best"][MAIN_METRIC[t]] for t in tasks]))
+            if t != "jsts":  # what always answering the most frequent training label scores
+                majority = max(set(y for _, y in train), key=[y for _, y in train].count)
+                res[t]["majority_baseline"] = jglue_metrics(t, [majority] * len(valid), [y for _, y in valid])
+        if set(tasks) == set(JGLUE):
+            res["average"] = float(np.mean([res[t]["best"][MAIN_METRIC[t]] for t in tasks]))
         results[e.name] = res
-    settings = {"tasks": tasks, "files": {t: [str(f) for f in files[t]] for t in tasks}, "lrs": args.lrs,
-                "epochs": epochs, "batch_size": args.jglue_batch_size, "max_len": args.max_len, "seed": args.seed,
-                "limit": args.limit, "optimizer": "AdamW betas (0.9, 0.999), eps 1e-8, no weight decay, clip 1.0",
-                "schedule": f"one run per LR, linear decay to 0 over the longest epoch count ({max(epochs)}), "
-                            "validation scored after each listed epoch (so shorter epoch counts see a "
-                            "partly decayed rather than a fully decayed learning rate)",
+    settings = {"tasks": tasks, "versions": {t: files[t][2] for t in tasks},
+                "files": {t: [str(f) for f in files[t][:2]] for t in tasks}, "grid": args.grid, "lrs": args.lrs,
+                "epochs": sorted(set(args.epochs)), "batch_size": args.jglue_batch_size, "max_len": args.max_len or 512,
+                "seed": args.seed, "limit": args.limit, "runs": GRIDS[args.grid],
+                "optimizer": "AdamW betas (0.9, 0.999), eps 1e-8, no weight decay, no warmup, no clipping",
                 "best": "highest validation score per task: JSTS Pearson, JNLI accuracy, JCoLA accuracy",
-                "average": "mean of the best JSTS Pearson, JNLI accuracy and JCoLA accuracy (Table 2)"}
+                "average": "mean of the best JSTS Pearson, JNLI accuracy and JCoLA accuracy (Table 2), "
+                           "when all three ran"}
     rows = []
     for t in tasks:
         for metric in (("pearson", "spearman") if t == "jsts" else ("accuracy", "mcc") if t == "jcola" else ("accuracy",)):
             rows.append((f"{t.upper()} {metric}", [f"{results[e.name][t]['best'][metric]:.1f}" for e in entries]))
-        rows.append((f"{t.upper()} best lr/epoch", [f"{results[e.name][t]['best']['lr']:g}/"
-                                                    f"{results[e.name][t]['best']['epoch']}" for e in entries]))
-    rows.append(("average", [f"{results[e.name]['average']:.1f}" for e in entries]))
+        if t != "jsts":
+            rows.append((f"{t.upper()} majority-label accuracy",
+                         [f"{results[e.name][t]['majority_baseline']['accuracy']:.1f}" for e in entries]))
+        rows.append((f"{t.upper()} best lr/epochs", [f"{results[e.name][t]['best']['lr']:g}/"
+                                                     f"{results[e.name][t]['best']['epochs']}" for e in entries]))
+    if set(tasks) == set(JGLUE):
+        rows.append(("average", [f"{results[e.name]['average']:.1f}" for e in entries]))
     return settings, results, rows
 
 
 def pair_texts(args):
-    """Positive pairs (MIRACL) and random pairs (distinct Wikipedia documents drawn at random), n of each."""
-    positives = read_miracl_pairs(args.data or DEMO / "miracl.jsonl", args.limit)[:args.pairs]
-    wiki = args.wiki or DEMO / "wiki.jsonl"
-    texts = [t for _, t in read_texts(wiki, args.limit)]
-    n = min(args.pairs, len(texts) // 2)
+    """Positive pairs (MIRACL) and n random pairs: distinct --wiki documents drawn at random (Figures 3-4), or
+    without --wiki, the query of one item and the passage of another (texts like the positives')."""
+    path = args.data or DEMO / "miracl.jsonl"
+    every = read_miracl_pairs(path, args.limit)
+    rng = random.Random(args.seed)
+    if args.wiki:
+        texts = [t for _, t in read_texts(args.wiki, args.limit)]
+        n = min(args.pairs, len(texts) // 2)
+        chosen = rng.sample(range(len(texts)), 2 * n)
+        randoms = [(texts[chosen[i]], texts[chosen[n + i]]) for i in range(n)]
+    else:
+        n = min(args.pairs, len(every)) if len(every) > 1 else 0
+        randoms = []
+        for i in rng.sample(range(len(every)), n):
+            j = rng.choice([j for j in range(len(every)) if j != i])
+            randoms.append((every[i][0], every[j][1]))
     if n == 0:
-        fail(f"{wiki}: fewer than two documents for random pairs")
-    chosen = random.Random(args.seed).sample(range(len(texts)), 2 * n)
-    randoms = [(texts[chosen[i]], texts[chosen[n + i]]) for i in range(n)]
-    return positives, randoms
+        fail(f"{args.wiki or path}: fewer than two texts for random pairs")
+    return every[:args.pairs], randoms
 
 
 def pair_embeddings(e, pairs, args):
-    a = embed(e.model, e.tok, [x for x, _ in pairs], args.batch_size, args.max_len)
-    b = embed(e.model, e.tok, [y for _, y in pairs], args.batch_size, args.max_len)
+    a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget)
+    b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget)
     return a, b
 
 
+def pair_settings(args, entries):
+    return {"positives": str(args.data or DEMO / "miracl.jsonl"),
+            "random": str(args.wiki) if args.wiki else "query and passage of two different items of the positive set "
+                      "(give --wiki for the paper's random Wikipedia pairs)",
+            "pairs": args.pairs, "limit": args.limit, "seed": args.seed,
+            "max_len": {e.name: e.max_len(args) for e in entries},
+            "embedding": "mean pooling, L2-normalised, of the text truncated at max_len tokens"}
+
+
 def task_alignment(args, entries):
-    """Alignment on positive pairs and uniformity (t = 2) on random texts, f = normalised mean-pooled embedding."""
+    """Alignment on positive pairs and uniformity (t = 2) on random texts (Figure 3)."""
     positives, randoms = pair_texts(args)
     results = {}
     for e in entries:
@@ -759,35 +1084,44 @@ def task_alignment(args, entries):
         x, y = pair_embeddings(e, randoms, args)
         results[e.name] = {"alignment": alignment(a, b), "uniformity": uniformity(torch.cat([x, y])),
                            "positive_pairs": len(positives), "random_texts": 2 * len(randoms)}
-    settings = {"positives": str(args.data or DEMO / "miracl.jsonl"), "random": str(args.wiki or DEMO / "wiki.jsonl"),
-                "pairs": args.pairs, "limit": args.limit, "seed": args.seed, "max_len": args.max_len, "t": 2,
+    settings = {**pair_settings(args, entries), "t": 2,
                 "uniformity": "over all pairs of distinct texts among the 2 x pairs random Wikipedia texts"}
     rows = [(k, [f"{results[e.name][k]:.4f}" for e in entries]) for k in ("alignment", "uniformity")]
     return settings, results, rows
 
 
+MEASURES = {"distance": "squared distance 2 - 2 cos", "cosine": "cosine similarity"}
+
+
 def task_simdist(args, entries):
-    """Cosine similarity of positive vs random pairs (histograms over [-1, 1])."""
+    """Similarity of positive vs random pairs (Figure 4): per pair the cosine and the squared distance
+    2 - 2 cos of the normalised embeddings, with histograms over bins fitted to the values (numpy's "auto")."""
     positives, randoms = pair_texts(args)
-    edges = np.linspace(-1, 1, args.hist_bins + 1)
     results = {}
     for e in entries:
         res = {}
         for name, pairs in (("positive", positives), ("random", randoms)):
             a, b = pair_embeddings(e, pairs, args)
-            cos = (a * b).sum(-1).clamp(-1, 1).numpy()
-            res[name] = {"mean": float(cos.mean()), "std": float(cos.std()), "n": len(cos),
-                         "counts": np.histogram(cos, edges)[0].tolist()}
-        results[e.name] = {**res, "edges": edges.tolist()}
-    settings = {"positives": str(args.data or DEMO / "miracl.jsonl"), "random": str(args.wiki or DEMO / "wiki.jsonl"),
-                "pairs": args.pairs, "limit": args.limit, "seed": args.seed, "max_len": args.max_len}
-    rows = [(f"{kind} cos {stat}", [f"{results[e.name][kind][stat]:.4f}" for e in entries])
-            for kind in ("positive", "random") for stat in ("mean", "std")]
+            cos = (a.double() * b.double()).sum(-1).clamp(-1, 1).numpy()
+            res[name] = {"cosine": cos.tolist(), "distance": (2 - 2 * cos).tolist()}
+        for measure in MEASURES:
+            both = np.array(res["positive"][measure] + res["random"][measure])
+            edges = np.histogram_bin_edges(both, bins="auto")
+            res[measure] = {"edges": edges.tolist(), **{kind: {
+                "mean": float(np.mean(res[kind][measure])), "std": float(np.std(res[kind][measure])),
+                "n": len(res[kind][measure]), "counts": np.histogram(res[kind][measure], edges)[0].tolist()}
+                for kind in ("positive", "random")}}
+        results[e.name] = {"pairs": {k: res[k] for k in ("positive", "random")},
+                           **{m: res[m] for m in MEASURES}}
+    settings = {**pair_settings(args, entries), "measures": MEASURES, "bins": "numpy histogram_bin_edges 'auto' "
+                "over the positive and random values together", "figure": args.measure}
+    rows = [(f"{kind} {measure} {stat}", [f"{results[e.name][measure][kind][stat]:.4f}" for e in entries])
+            for measure in MEASURES for kind in ("positive", "random") for stat in ("mean", "std")]
     return settings, results, rows
 
 
 def task_lengths(args, entries):
-    """Token-length distribution of the pseudo-perplexity sample (the same documents task ppl uses)."""
+    """Token-length distribution of the pseudo-perplexity sample (Figure 5; the documents task ppl uses)."""
     path, edges = args.data or DEMO / "wiki.jsonl", parse_edges(args.bins)
     results, samples = {}, {}
     for e in entries:
@@ -831,7 +1165,8 @@ def metric_files(args):
 
 def task_curves(args, entries):
     """Training curves from metrics.jsonl (Figure 1); several runs (stage 1, stage 2) are joined in order, a run
-    whose steps restart at 0 continuing after the previous one's last step."""
+    whose steps restart at 0 continuing after the previous one's last step. Its retrieval numbers are the
+    training-time evaluation's (all records of its retrieval set), not task retrieval's."""
     files = metric_files(args)
     points, starts, offset = {k: [] for k in CURVES}, [], 0
     for f in files:
@@ -846,67 +1181,92 @@ def task_curves(args, entries):
         offset = max([offset] + [s + shift for s in steps])
     results = {"runs": [str(f) for f in files], "stage_starts": starts, "points": points}
     settings = {"runs": [str(f) for f in files], "join": "runs in the order given; a run whose steps restart "
-                "continues after the previous run's last step"}
-    rows = [(k, [f"{points[k][-1][1]:.4f} @ {points[k][-1][0]}" if points[k] else "-"]) for k in CURVES]
+                "continues after the previous run's last step", "retrieval": "as logged during training"}
+    rows = [(f"{k} (training log)" if "@" in k else k, [f"{points[k][-1][1]:.4f} @ {points[k][-1][0]}" if points[k]
+                                                         else "-"]) for k in CURVES]
     return settings, {"curves": results}, rows
 
 
 # -----------------------------------------------------------------------------------------------------------
-# figures (matplotlib, optional)
+# figures (matplotlib, optional): one per task, every model in it
 
 
-def plot(task, report, out):
+def plot_ppl(ax_grid, models, args):
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fig, ax = ax_grid(1, 1, (8, 5))
+    for i, (name, r) in enumerate(models.items()):
+        color = f"C{i}"
+        ax.scatter([d["length"] for d in r["docs"]], [d["ppl"] for d in r["docs"]], s=6, alpha=0.4, color=color)
+        means = [(sum(b["range"]) / 2, b["mean_ppl"]) for b in r["bins"] if b["n"]]
+        if means:  # per-bin mean at the bin's centre
+            ax.plot(*zip(*means), marker="o", color=color, label=name)
+    ax.set(xlabel="sequence length (tokens)", ylabel="pseudo-perplexity", yscale="log")
+    # ticks written plainly (1.5, 2, 5, 10, ...), not as 1.5x10^0; denser when the values span little
+    lo, hi = ax.get_ylim()
+    subs = (1.0, 2.0, 5.0) if hi / lo > 30 else (1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 7.0)
+    ax.yaxis.set_major_locator(LogLocator(subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.legend()
+    return fig
+
+
+def plot_lengths(ax_grid, models, args):
+    fig, ax = ax_grid(1, 1, (8, 5))
+    shown = {}  # one histogram per distinct tokenizer
+    for r in models.values():
+        shown.setdefault(r["tokenizer_sha256"], r)
+    for r in shown.values():
+        ax.hist(r["lengths"], bins=r["edges"], alpha=0.6, label=r["tokenizer"])
+    ax.set(xlabel="sequence length (tokens)", ylabel="documents")
+    ax.legend()
+    return fig
+
+
+def plot_alignment(ax_grid, models, args):
+    fig, ax = ax_grid(1, 1, (6, 5))
+    for name, r in models.items():
+        ax.scatter(r["uniformity"], r["alignment"], s=40)
+        ax.annotate(name, (r["uniformity"], r["alignment"]), fontsize=8)
+    ax.set(xlabel="uniformity", ylabel="alignment")
+    return fig
+
+
+def plot_simdist(ax_grid, models, args):
+    fig, axes = ax_grid(1, len(models), (6 * len(models), 4))
+    for ax, (name, r) in zip(np.atleast_1d(axes), models.items()):
+        h = r[args.measure]
+        for kind in ("random", "positive"):
+            ax.stairs(h[kind]["counts"], h["edges"], fill=True, alpha=0.5, label=kind)
+        ax.set(title=name, xlabel=MEASURES[args.measure], ylabel="pairs")
+        ax.legend()
+    return fig
+
+
+def plot_curves(ax_grid, models, args):
+    r = models["curves"]
+    fig, axes = ax_grid(1, 4, (20, 4))
+    for ax, keys, label in zip(axes, (("loss", "val_loss"), ("val_acc",), ("recall@10",), ("mrr@10",)),
+                               ("MLM loss", "validation accuracy", "Recall@10", "MRR@10")):
+        for k in keys:
+            if r["points"][k]:
+                ax.plot(*zip(*r["points"][k]), label=k)
+        for s in r["stage_starts"][1:]:
+            ax.axvline(s, color="gray", linestyle="--")
+        ax.set(xlabel="step", ylabel=label)
+        if ax.lines:
+            ax.legend()
+    return fig
+
+
+def plot(task, report, out, args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    models = report["results"]
-    if task == "ppl":
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for i, (name, r) in enumerate(models.items()):
-            color = f"C{i}"
-            ax.scatter([d["length"] for d in r["docs"]], [d["ppl"] for d in r["docs"]], s=6, alpha=0.4, color=color)
-            means = [(sum(b["range"]) / 2, b["mean_ppl"]) for b in r["bins"] if b["n"]]
-            if means:  # per-bin mean at the bin's centre
-                ax.plot(*zip(*means), marker="o", color=color, label=name)
-        ax.set(xlabel="sequence length (tokens)", ylabel="pseudo-perplexity", yscale="log")
-        ax.legend()
-    elif task == "lengths":
-        fig, ax = plt.subplots(figsize=(8, 5))
-        shown = {}  # one histogram per distinct tokenizer
-        for r in models.values():
-            shown.setdefault(r["tokenizer_sha256"], r)
-        for r in shown.values():
-            ax.hist(r["lengths"], bins=r["edges"], alpha=0.6, label=r["tokenizer"])
-        ax.set(xlabel="sequence length (tokens)", ylabel="documents")
-        ax.legend()
-    elif task == "alignment":
-        fig, ax = plt.subplots(figsize=(6, 5))
-        for name, r in models.items():
-            ax.scatter(r["uniformity"], r["alignment"], s=40)
-            ax.annotate(name, (r["uniformity"], r["alignment"]), fontsize=8)
-        ax.set(xlabel="uniformity", ylabel="alignment")
-    elif task == "simdist":
-        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-        for ax, (name, r) in zip(axes[0], models.items()):
-            for kind in ("random", "positive"):
-                ax.stairs(r[kind]["counts"], r["edges"], fill=True, alpha=0.5, label=kind)
-            ax.set(title=name, xlabel="cosine similarity", ylabel="pairs")
-            ax.legend()
-    elif task == "curves":
-        r = models["curves"]
-        fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-        for ax, keys, label in zip(axes, (("loss", "val_loss"), ("val_acc",), ("recall@10",), ("mrr@10",)),
-                                   ("MLM loss", "validation accuracy", "Recall@10", "MRR@10")):
-            for k in keys:
-                if r["points"][k]:
-                    ax.plot(*zip(*r["points"][k]), label=k)
-            for s in r["stage_starts"][1:]:
-                ax.axvline(s, color="gray", linestyle="--")
-            ax.set(xlabel="step", ylabel=label)
-            if ax.lines:
-                ax.legend()
-    else:
+    draw = TASKS[task][1]
+    if draw is None:
         return None
+    fig = draw(lambda rows, cols, size: plt.subplots(rows, cols, figsize=size), report["results"], args)
     fig.tight_layout()
     path = out / f"{task}.png"
     fig.savefig(path, dpi=120)
@@ -921,72 +1281,129 @@ def display_width(text):
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
-def print_table(task, columns, rows):
+def print_table(title, columns, rows):
     """Rows of (label, one cell per column), aligned for a terminal (CJK characters are two columns wide)."""
     left = lambda s, w: s + " " * (w - display_width(s))
     right = lambda s, w: " " * (w - display_width(s)) + s
-    width = max(display_width(label) for label, _ in [(task, None)] + rows)
-    widths = [max([display_width(c)] + [display_width(cells[i]) for _, cells in rows]) for i, c in enumerate(columns)]
-    print(left(task, width) + "  " + "  ".join(right(c, w) for c, w in zip(columns, widths)))
+    width = max(display_width(label) for label, _ in [(title, None)] + rows)
+    widths = [max([display_width(c)] + [display_width(cells[i]) for _, cells in rows if i < len(cells)])
+              for i, c in enumerate(columns)]
+    print(left(title, width) + "  " + "  ".join(right(c, w) for c, w in zip(columns, widths)))
     for label, cells in rows:
         print(left(label, width) + "  " + "  ".join(right(c, w) for c, w in zip(cells, widths)))
 
 
+def write_json(path, obj):
+    """Atomically: a reader never sees half a report."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
 def run_task(task, args, entries):
+    """Run one task, write OUT/TASK.json (and the figure), print its table. -> (columns, rows)."""
     t0 = time.perf_counter()
-    settings, results, rows = globals()[f"task_{task}"](args, entries)
-    report = {"task": task, "settings": {**settings, "quick": args.quick, "dtype": args.dtype},
-              "models": [e.name for e in entries],
-              "results": results}
+    settings, results, rows = TASKS[task][0](args, entries)
+    report = {"task": task, "settings": {**settings, "profile": args.profile, "dtype": args.dtype},
+              "models": [e.name for e in entries], "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task}.json"
-    path.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    columns = list(results) if task in ("retrieval", "curves") else [e.name for e in entries]
-    print_table(task, columns if task != "curves" else ["final value @ step"], rows)
+    write_json(path, report)
+    columns = ["final value @ step"] if task == "curves" else [e.name for e in entries]
+    print_table(task, columns, rows)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
-    if args.plot and (figure := plot(task, report, out)):
+    if args.plot and (figure := plot(task, report, out, args)):
         print(f"wrote {figure}")
     print()
+    return columns, rows
+
+
+# task -> (run, figure or None); run returns (settings, results, table rows)
+TASKS = {
+    "mlm": (task_mlm, None),
+    "ppl": (task_ppl, plot_ppl),
+    "fillmask": (task_fillmask, None),
+    "retrieval": (task_retrieval, None),
+    "jglue": (task_jglue, None),
+    "alignment": (task_alignment, plot_alignment),
+    "simdist": (task_simdist, plot_simdist),
+    "lengths": (task_lengths, plot_lengths),
+    "curves": (task_curves, plot_curves),
+}
+
+
+def settings_line(args):
+    """One line: which settings run, and how to get the others."""
+    shown = ", ".join(f"{k} {v}" for k, v in (PAPER if args.profile == "paper" else SMALL).items())
+    if args.profile == "paper":
+        return f"settings: the paper's ({shown})"
+    why = "--quick" if args.quick else f"no GPU"
+    return f"settings: small, for a CPU ({why}: {shown}); the paper's: --full"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}, all")
     p.add_argument("--model", nargs="+", help=f"model directories, checkpoints or run directories (default {DEFAULT_MODEL})")
-    p.add_argument("--tokenizer", nargs="+", help="sentencepiece .model: one for all models or one per model "
-                   "(default: MODEL/tokenizer.model, else data/demo/tokenizer.model)")
+    p.add_argument("--tokenizer", nargs="+", help="sentencepiece .model or a transformers tokenizer directory: one "
+                   "for all models or one per model (default: the model's own, else data/demo/tokenizer.model)")
     p.add_argument("--data", help="the task's data set (published layout); default: the demo set")
     p.add_argument("--jcola_data", help="jglue: root of a JCoLA checkout (default data/demo/JCoLA)")
-    p.add_argument("--wiki", help="alignment, simdist: Wikipedia jsonl for random pairs (default data/demo/wiki.jsonl)")
+    p.add_argument("--jglue_version", help="jglue: JGLUE version to read, e.g. v1.1 (default: the newest present)")
+    p.add_argument("--wiki", help="alignment, simdist: Wikipedia jsonl for random pairs, as the paper (default: "
+                   "a query and a passage of two different items of the positive set)")
     p.add_argument("--run", nargs="+", help="curves: run directories or metrics.jsonl files, stage 1 first")
     p.add_argument("--out", default="out/eval", help="where TASK.json (and TASK.png) go")
     p.add_argument("--plot", action="store_true", help="draw the paper's figure (needs matplotlib)")
-    p.add_argument("--quick", action="store_true", help="small settings for a smoke run on the CPU: "
-                   + ", ".join(f"{k} {v}" for k, v in QUICK.items()) + " (options given explicitly win)")
+    p.add_argument("--full", action="store_true", help="the paper's settings even without a GPU: "
+                   + ", ".join(f"{k} {v}" for k, v in PAPER.items()))
+    p.add_argument("--quick", action="store_true", help="the small settings even on a GPU: "
+                   + ", ".join(f"{k} {v}" for k, v in SMALL.items()) + " (options given explicitly win)")
     p.add_argument("--limit", type=int, help="read at most this many records of each data file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype (autocast)")
-    p.add_argument("--max_len", type=int, default=512, help="truncation of embedded, masked and fine-tuned texts")
-    p.add_argument("--batch_size", type=int, default=32, help="texts per forward when embedding")
-    p.add_argument("--token_budget", type=int, default=16384, help="ppl, mlm: tokens per packed forward")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="compute dtype (autocast); auto: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--max_len", type=int, help="truncation in tokens (default: the model's maximum length for "
+                   "embeddings, 512 for fine-tuning and mlm, as the paper)")
+    p.add_argument("--token_budget", type=int, default=16384, help="tokens per packed forward (ppl, mlm, embeddings)")
     p.add_argument("--mlm_probability", type=float, default=0.3)
     p.add_argument("--bins", default="0,1024,2048,4096,8192", help="ppl, lengths: length bin edges")
-    p.add_argument("--docs_per_bin", type=int, help="ppl, lengths: documents per length bin (default 500)")
-    p.add_argument("--positions", type=int, help="ppl: masked copies per document (default 100)")
+    p.add_argument("--docs_per_bin", type=int, help="ppl, lengths: documents per length bin")
+    p.add_argument("--positions", type=int, help="ppl: masked copies per document")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--no_baselines", action="store_true", help="retrieval: skip edit distance and Jaccard")
-    p.add_argument("--pairs", type=int, help="alignment, simdist: positive and random pairs (default 2000)")
-    p.add_argument("--hist_bins", type=int, default=40)
+    p.add_argument("--baselines", default="char,word", help="retrieval: units of the edit-distance and Jaccard "
+                   "baselines, char and/or word (defined at the top of --help), or none")
+    p.add_argument("--pairs", type=int, help="alignment, simdist: positive and random pairs")
+    p.add_argument("--measure", default="distance", choices=tuple(MEASURES), help="simdist: the figure's measure "
+                   "(both are in the report): " + ", ".join(f"{k} = {v}" for k, v in MEASURES.items()))
+    p.add_argument("--hist_bins", type=int, default=40, help="lengths: histogram bins")
     p.add_argument("--tasks", default="jsts,jnli,jcola", help="jglue: which tasks")
-    p.add_argument("--lrs", type=float, nargs="+", help="jglue: learning rates (default 5e-6 1e-5 2e-5 3e-5 5e-5 1e-4)")
-    p.add_argument("--epochs", type=int, nargs="+", help="jglue: epoch counts scored (default 1 2 3 4 5 10)")
+    p.add_argument("--grid", choices=tuple(GRIDS), help="jglue: " + "; ".join(f"{k} = {v}" for k, v in GRIDS.items()))
+    p.add_argument("--lrs", type=float, nargs="+", help="jglue: learning rates")
+    p.add_argument("--epochs", type=int, nargs="+", help="jglue: epoch counts")
     p.add_argument("--jglue_batch_size", type=int, default=32)
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else PAPER).items():
+    if args.task not in tuple(TASKS) + ("all",):
+        fail(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
+    if args.full and args.quick:
+        fail("--full and --quick: choose one")
+    args.profile = "paper" if args.full or (args.device.startswith("cuda") and not args.quick) else "small"
+    for key, value in (PAPER if args.profile == "paper" else SMALL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args.baselines = [] if args.baselines == "none" else [u.strip() for u in args.baselines.split(",")]
+    if not set(args.baselines) <= set(UNITS):
+        fail(f"--baselines: expected char, word, both separated by a comma, or none")
+    if args.task == "all" and args.data:
+        fail("--data names one task's data set; with --task all every task reads its demo set")
+    if min(args.epochs) < 1 or args.limit is not None and args.limit < 1:
+        fail("--epochs and --limit must be positive")
+    if args.device == "cpu":
+        cpu_threads()
     tasks = list(TASKS) if args.task == "all" else [args.task]
     if args.plot:
         try:
@@ -994,12 +1411,8 @@ def main(argv=None):
         except ImportError:
             print("matplotlib is not installed: no figures (pip install matplotlib)\n")
             args.plot = False
-    if args.task not in TASKS + ("all",):
-        fail(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
-    if args.task == "all" and args.data:
-        fail("--data names one task's data set; with --task all every task reads its demo set")
-    if min(args.epochs) < 1 or args.limit is not None and args.limit < 1:
-        fail("--epochs and --limit must be positive")
+    print(settings_line(args) + "\n", flush=True)
+    tables = {}
     try:
         entries = [] if tasks == ["curves"] else load_entries(args)
         for task in tasks:
@@ -1008,9 +1421,24 @@ def main(argv=None):
                 print("curves: no metrics.jsonl beside the models (give the training runs with --run); skipped\n")
                 continue
             with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                run_task(task, args, entries)
+                tables[task] = run_task(task, args, entries)
     except DataError as e:
         fail(str(e))
+    if args.task == "all":
+        summarize(args, entries, tables)
+
+
+def summarize(args, entries, tables):
+    """OUT/summary.json and one table of every task's rows."""
+    columns = [e.name for e in entries]
+    rows = [(f"{task}: {label}", cells + [""] * (len(columns) - len(cells)))
+            for task, (_, task_rows) in tables.items() for label, cells in task_rows]
+    path = Path(args.out) / "summary.json"
+    write_json(path, {"profile": args.profile, "models": columns,
+                      "tasks": {task: {"columns": c, "rows": [[label, cells] for label, cells in r]}
+                                for task, (c, r) in tables.items()}})
+    print_table("summary", columns, rows)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 from evaluate import retrieval_scores
-from model import PRESETS, ModernBERT, ModernBertConfig, parallelize
+from model import PRESETS, ModernBERT, ModernBertConfig, cpu_threads, parallelize
 
 REPO = Path(__file__).resolve().parent
 
@@ -344,12 +344,7 @@ def main():
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        if "OMP_NUM_THREADS" not in os.environ:
-            # OpenMP threads wait for each other, so one descheduled thread stalls the rest: on 2 cores, 2
-            # threads ran 1.5x faster than 1 when idle, but 2x slower beside one busy process and up to 20x
-            # under heavier load. Leave a core free.
-            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world - 1))
+        cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     if "RANK" in os.environ:
         dist.init_process_group(backend)
     else:

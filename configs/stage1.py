@@ -1,4 +1,4 @@
-# Stage 1 of llm-jp-modernbert-base (SPEC 3): 500k steps of 3,328 sequences of <= 1,024 tokens, on
+# Stage 1 of llm-jp-modernbert-base (the paper's Table 1): 500k steps of 3,328 sequences of <= 1,024 tokens, on
 # llm-jp-corpus v4 (Japanese), paper: 16 x H100 for 8 days.
 #   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/stage1.py
 # The shards come from
@@ -24,7 +24,7 @@ grad_clip = 1.0
 log_every = 100
 eval_every = 10_000
 eval_batches = 4
-retrieval_eval = "data/miracl-ja/train.jsonl"  # MIRACL ja, train split (SPEC 4)
+retrieval_eval = "data/miracl-ja/train.jsonl"  # MIRACL ja, train split (the paper's Table 4 and Figure 1)
 checkpoint_every = 5_000
 keep_last = 3
 compile = True

@@ -1,4 +1,4 @@
-# Stage 2 of llm-jp-modernbert-base (SPEC 3): context extension to 8,192 tokens, 200k steps of 384
+# Stage 2 of llm-jp-modernbert-base (the paper's Table 1): context extension to 8,192 tokens, 200k steps of 384
 # sequences, from stage 1's final weights with a fresh optimizer and schedule; paper: 16 x H100 for 3 days.
 #   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/stage2.py
 out_dir = "out/stage2"

@@ -359,7 +359,8 @@ def test_curves_join_stages(tmp_path, capsys):
 
 def test_every_task_on_the_demo_data(demo, capsys):
     run_cli(demo, "--task", "all", "--plot", "--quick", "--limit", "12", "--docs_per_bin", "2", "--positions", "5",
-            "--pairs", "6", "--lrs", "1e-4", "3e-4", "--max_len", "64", "--bins", "0,128,400,1000")
+            "--pairs", "6", "--lrs", "1e-4", "3e-4", "--epochs", "1", "2", "--max_len", "64",
+            "--bins", "0,128,400,1000")
     out = capsys.readouterr().out
     for task in ev.TASKS:
         r = report(demo, task)
@@ -374,11 +375,17 @@ def test_every_task_on_the_demo_data(demo, capsys):
     assert all(d["ppl"] > 1 for d in ppl["docs"]) and all(b["n"] <= 2 for b in ppl["bins"])
     jglue = report(demo, "jglue")["results"]["out/demo/hf"]
     for t, metric in ev.MAIN_METRIC.items():
-        assert len(jglue[t]["grid"]) == 4  # one run per LR, scored after epochs 1 and 2
+        assert [(g["lr"], g["epochs"]) for g in jglue[t]["grid"]] == [(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)]
         assert jglue[t]["best"][metric] == max(g[metric] for g in jglue[t]["grid"])
     assert jglue["average"] == pytest.approx(np.mean([jglue[t]["best"][m] for t, m in ev.MAIN_METRIC.items()]))
     retrieval = report(demo, "retrieval")["results"]
-    assert set(retrieval) == {"out/demo/hf", "[edit distance]", "[Jaccard]"}
+    assert set(retrieval) == {"out/demo/hf"} | {f"[{b} ({u})]" for b in ("edit distance", "Jaccard") for u in ("char", "word")}
+    summary = json.loads((demo / "out/eval/summary.json").read_text())
+    assert set(summary["tasks"]) == set(ev.TASKS) and "summary" in out
+    simdist = report(demo, "simdist")["results"]["out/demo/hf"]
+    cos, dist = np.array(simdist["pairs"]["positive"]["cosine"]), np.array(simdist["pairs"]["positive"]["distance"])
+    assert len(cos) == 6 and np.allclose(dist, 2 - 2 * cos)
+    assert sum(simdist["distance"]["random"]["counts"]) == len(simdist["pairs"]["random"]["distance"])
     assert len(report(demo, "fillmask")["results"]["out/demo/hf"][0]["top"]) == 5
     assert report(demo, "lengths")["results"]["out/demo/hf"]["n"] == len(ppl["docs"])
     curves = report(demo, "curves")["results"]["curves"]["points"]  # train.py's metrics.jsonl
@@ -395,7 +402,7 @@ def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
         run_cli(demo, "--task", "ppl", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
                 "--limit", "6", "--docs_per_bin", "2", "--positions", "4")
         run_cli(demo, "--task", "retrieval", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
-                "--limit", "6", "--no_baselines")
+                "--limit", "6", "--baselines", "none")
         results[name] = [report(tmp_path, t, name)["results"][str(path)] for t in ("ppl", "retrieval")]
     assert results["tf"] == results["ours"]
 
@@ -443,3 +450,202 @@ def test_mlm_matches_a_per_sequence_computation(demo, tok):
     assert got["masked_tokens"] == len(losses)
     assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert got["accuracy"] == pytest.approx(sum(hits) / len(hits))
+
+# -----------------------------------------------------------------------------------------------------------
+# against transformers, with weights and data that let a wrong computation show
+
+
+def sharpen(model, factor=20.0):
+    """Scale the query and key rows of every Wqkv (attention logits grow factor**2, so attention is far from
+    uniform) and the attention outputs and MLM head (so what attention sees moves the logits): which keys a
+    layer sees, its window, then changes the result."""
+    with torch.no_grad():
+        H = model.config.hidden_size
+        for layer in model.model.layers:
+            layer.attn.Wqkv.weight[:2 * H] *= factor
+            layer.attn.Wo.weight *= factor
+        model.head.dense.weight *= factor
+    return model
+
+
+def test_pseudo_perplexity_matches_transformers_with_sharp_attention(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = sharpen(tiny_model(120, local_attention=8, num_hidden_layers=3))  # window 4: lengths 6..9 and beyond
+    model.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    g = torch.Generator().manual_seed(1)
+    docs = [doc(torch.randint(8, 120, (n,), generator=g).tolist()) for n in (3, 4, 6, 7, 8, 37, 90)]
+    positions = ev.draw_positions(docs, {3, 4, 5, 6}, 12, seed=3)
+    expected = []
+    with torch.no_grad():
+        for d, pos in zip(docs, positions):
+            ce = []
+            for p in pos.tolist():  # one masked copy at a time, every position decoded
+                x = d.clone()
+                x[p] = 3
+                ce.append(F.cross_entropy(theirs(input_ids=x[None]).logits[0, p].double(), d[p]).item())
+            expected.append(math.exp(sum(ce) / len(ce)))
+    got = ev.pseudo_perplexity(model, docs, positions, token_budget=100)
+    assert got == pytest.approx(expected, rel=1e-6)  # measured: 3.1e-7 at most
+    # the same weights with every layer global: a window that is ignored would pass the check above
+    glob = ModernBERT(ModernBertConfig(**{**model.config.__dict__, "global_attn_every_n_layers": 1})).eval()
+    glob.load_state_dict(model.state_dict())
+    wrong = ev.pseudo_perplexity(glob, docs, positions, token_budget=100)
+    assert max(abs(a / b - 1) for a, b in zip(wrong, expected)) > 1e-2
+
+
+def reference_retrieval(encode, pairs, k=10):
+    """Recall@k and MRR@k from mean-pooled embeddings computed one text at a time, ranked with numpy."""
+    def emb(texts):
+        z = np.stack([encode(t) for t in texts]).astype(np.float64)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+    scores = emb([q for q, _ in pairs]) @ emb([c for _, c in pairs]).T
+    rank = np.array([1 + sum(scores[i, j] >= scores[i, i] for j in range(len(pairs)) if j != i)
+                     for i in range(len(pairs))])
+    return float(np.mean(rank <= k)), float(np.mean(np.where(rank <= k, 1.0 / rank, 0.0)))
+
+
+def hf_mean_pool(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).last_hidden_state[0].mean(0).numpy()
+
+
+def test_retrieval_matches_transformers_mean_pooling(tmp_path, demo, tok):
+    transformers = pytest.importorskip("transformers")
+    path = demo / "data/demo/miracl.jsonl"
+    pairs = ev.read_miracl_pairs(path, 40)
+    assert len({c for _, c in pairs}) == len(pairs) and all(q != c for q, c in pairs)  # distinct passages
+    model = sharpen(tiny_model(tok.vocab_size, local_attention=8))
+    model.save_pretrained(tmp_path)
+    theirs = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    recall, mrr = reference_retrieval(lambda t: hf_mean_pool(theirs, tok.encode_pair(t)), pairs)
+    got = ev.retrieval_scores(model, tok, path, limit=40, max_len=8192, token_budget=300)
+    assert 0 < mrr < recall < 1  # recall and MRR can be told apart
+    assert (got["recall@10"], got["mrr@10"]) == (pytest.approx(recall, abs=1e-12), pytest.approx(mrr, abs=1e-12))
+
+# -----------------------------------------------------------------------------------------------------------
+# bad input: one line naming file and field, non-zero exit
+
+
+@pytest.mark.parametrize("label, message", [(float("nan"), "field 'label' is nan, not a finite number"),
+                                            ("NaN", "field 'label' is nan, not a finite number"),
+                                            ("high", "field 'label' is 'high', not a number")])
+def test_bad_jsts_labels(tmp_path, label, message):
+    write_jglue(tmp_path, jsts_label=label)
+    with pytest.raises(SystemExit) as e:
+        ev.read_jglue(ev.jglue_files("jsts", tmp_path / "JGLUE", None)[0], "jsts", FakeTok(), 512, None)
+    assert f"jsts-v1.3/train-v1.3.json:2: {message}" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_empty_data_file_and_nothing_to_mask(tmp_path, tok):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    for read in (ev.read_miracl_pairs, ev.read_texts):
+        with pytest.raises(SystemExit, match=r"empty\.jsonl: no records"):
+            read(empty)
+    wiki = write_jsonl(tmp_path / "wiki.jsonl", [{"text": "山"}, {"text": ""}])
+    with pytest.raises(SystemExit, match=r"wiki\.jsonl:2: field 'text' has no token to mask$"):
+        ev.sample_by_length(tok, wiki, [0, 100], 5, 0)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_attention_heads=3), "num_attention_heads = 3 does not divide hidden_size = 128"),
+    (dict(hidden_size="128"), "hidden_size = '128' is not an int"),
+    (dict(num_hidden_layers=0), "num_hidden_layers = 0 must be positive")])
+def test_impossible_config_is_one_line(tmp_path, change, message):
+    tiny_model(60, num_hidden_layers=2).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m/config.json").read_text())
+    (tmp_path / "m/config.json").write_text(json.dumps({**config, **change}))
+    r = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--task", "fillmask", "--model", "m"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert f"m/config.json: {message}" in r.stderr
+
+# -----------------------------------------------------------------------------------------------------------
+# the paper's protocols
+
+
+def test_jglue_grid_runs(monkeypatch):
+    calls = []
+
+    def fake(mlm, task, train, valid, lr, epochs, score_at, *rest):
+        calls.append((lr, epochs, sorted(score_at)))
+        return {e: {"pearson": lr * e} for e in score_at}
+    monkeypatch.setattr(ev, "finetune", fake)
+    args = ev.argparse.Namespace(lrs=[1e-5, 2e-5], epochs=[1, 3, 2], grid="paper", jglue_batch_size=32, seed=0)
+    entry = ev.argparse.Namespace(model=None, name="m")
+    grid = ev.jglue_grid(args, entry, "jsts", [], [])
+    assert calls == [(lr, e, [e]) for lr in (1e-5, 2e-5) for e in (1, 2, 3)]  # each run decays over its own epochs
+    assert len(grid) == 6
+    calls.clear()
+    args.grid = "per_lr"
+    assert len(ev.jglue_grid(args, entry, "jsts", [], [])) == 6 and calls == [(lr, 3, [1, 2, 3]) for lr in (1e-5, 2e-5)]
+
+
+def test_fillmask_defaults_to_table_3(tmp_path, demo):
+    run_cli(demo, "--task", "fillmask", "--out", tmp_path)
+    prompts = [r["prompt"] for r in json.loads((tmp_path / "fillmask.json").read_text())["results"]["out/demo/hf"]]
+    assert prompts[:6] == ev.PAPER_PROMPTS and len(ev.PAPER_PROMPTS) == 6
+    assert "COVID" not in prompts[1] and prompts[1].startswith("{}は、歴史上の重要な出来事であり、")
+    assert len(prompts) > 6  # a demo model: the demo's own prompts follow
+
+
+def test_progress_prints_lines_when_not_a_terminal(capsys):
+    bar = ev.Progress("embedding", total=3, every=0.0)
+    for _ in range(3):
+        bar.update()
+    bar.close()
+    assert capsys.readouterr().out.splitlines()[-1].startswith("  embedding: 3/3")
+
+# -----------------------------------------------------------------------------------------------------------
+# baseline models through transformers (built here, nothing downloaded)
+
+
+def char_wordpiece_tokenizer(texts, where):
+    """A BERT WordPiece tokenizer whose vocabulary is every character of `texts` (and its "##" form)."""
+    transformers = pytest.importorskip("transformers")
+    chars = sorted({c for t in texts for c in t if not c.isspace()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = transformers.BertTokenizerFast(str(where / "vocab.txt"), do_lower_case=False)
+    tok.save_pretrained(where)
+    return tok
+
+
+def test_bert_and_modernbert_with_their_own_tokenizers_side_by_side(tmp_path, demo):
+    transformers = pytest.importorskip("transformers")
+    path = demo / "data/demo/miracl.jsonl"
+    pairs = ev.read_miracl_pairs(path, 30)
+    texts = [t for p in ev.read_miracl_pairs(path) for t in p] + [p.replace("{}", "") for p in ev.PAPER_PROMPTS]
+    tok = char_wordpiece_tokenizer(texts, tmp_path / "bert")
+    torch.manual_seed(0)
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    bert.save_pretrained(tmp_path / "bert")
+    ids = dict(pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4)
+    tiny_model(len(tok), num_hidden_layers=2, **ids).save_pretrained(tmp_path / "mbert")
+    tok.save_pretrained(tmp_path / "mbert")  # a ModernBERT with a tokenizer.json, not a sentencepiece model
+    run_cli(tmp_path, "--task", "retrieval", "--model", "bert", "mbert", "--data", path, "--limit", "30", "--out", "eval")
+    run_cli(tmp_path, "--task", "fillmask", "--model", "bert", "mbert", "--out", "eval")
+    results = report(tmp_path, "retrieval", "eval")["results"]
+    for name, model in (("bert", transformers.AutoModel.from_pretrained(tmp_path / "bert")),
+                        ("mbert", transformers.AutoModel.from_pretrained(tmp_path / "mbert"))):
+        recall, mrr = reference_retrieval(lambda t: hf_mean_pool(model.eval(), tok(t)["input_ids"]), pairs)
+        assert (results[name]["recall@10"], results[name]["mrr@10"]) == (pytest.approx(recall, abs=1e-9),
+                                                                        pytest.approx(mrr, abs=1e-9))
+    fill = report(tmp_path, "fillmask", "eval")["results"]
+    bert.eval()
+    for r in fill["bert"]:
+        x = tok(r["prompt"].replace("{}", "[MASK]"), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logits = bert(input_ids=x).logits[0, (x[0] == 4).nonzero()[0, 0]]
+        assert r["top"][0]["id"] == int(logits.argmax())
+    assert [r["prompt"] for r in fill["mbert"]] == ev.PAPER_PROMPTS
+
+
+def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert/config.json").write_text(json.dumps({"model_type": "bert"}))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    with pytest.raises(SystemExit, match=r"^error: --model .*bert \(bert\) needs transformers \(pip install transformers\)$"):
+        ev.load_model(str(tmp_path / "bert"), "cpu")
