@@ -420,6 +420,12 @@ class _Base(nn.Module):
         unexpected = [k for k in state if k not in expected and k != "decoder.weight"]  # decoder.weight: tied
         if unexpected:
             raise ValueError(f"{path}: unexpected tensor {unexpected[0]!r} for {cls.__name__}")
+        saved = read_hf_metadata(path).get("architecture")
+        if saved:  # what the weights' shapes cannot show (written by save_pretrained below)
+            for key, value in json.loads(saved).items():
+                if key not in overrides and getattr(config, key) != value:
+                    raise ValueError(f"{os.path.join(path, 'config.json')}: {key} = {getattr(config, key)!r}, but "
+                                     f"the weights in model.safetensors were trained with {value!r}")
         model.load_state_dict({k: state[k] for k in expected}, strict=False)
         return model
 
@@ -429,7 +435,9 @@ class _Base(nn.Module):
         os.makedirs(path, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "decoder.weight"}
         tmp = os.path.join(path, "model.safetensors.tmp")
-        save_file(state, tmp, metadata={"format": "pt"})
+        # the settings that change the computation but no tensor's shape, so that loading can check config.json
+        architecture = {k: getattr(self.config, k) for k in SHAPELESS}
+        save_file(state, tmp, metadata={"format": "pt", "architecture": json.dumps(architecture)})
         os.replace(tmp, os.path.join(path, "model.safetensors"))
         config = hf_config_dict(self.config, self.architecture, next(self.parameters()).dtype)
         tmp = os.path.join(path, "config.json.tmp")
@@ -601,6 +609,20 @@ def read_hf_weights(path):
         except Exception as e:
             raise ValueError(f"{pt}: unreadable PyTorch weights file ({e})") from None
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
+
+
+SHAPELESS = ("num_attention_heads", "local_attention", "global_attn_every_n_layers", "global_rope_theta",
+             "local_rope_theta", "norm_eps")
+
+
+def read_hf_metadata(path):
+    """The string metadata of model.safetensors ({} for other formats)."""
+    st = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(st):
+        return {}
+    from safetensors import safe_open
+    with safe_open(st, "pt") as f:
+        return f.metadata() or {}
 
 
 def hf_config_dict(config, architecture, dtype):

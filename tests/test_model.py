@@ -263,6 +263,12 @@ def test_loading_errors_name_file_and_tensor(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, "intermediate_size": 80}))
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.Wi\.weight' has shape \(192, 64\)"):
         ModernBERT.from_pretrained(tmp_path / "m")
+    # what no tensor's shape shows (heads, window, ...) is checked against the weights' own record of it
+    for key, value in (("num_attention_heads", 2), ("local_attention", 64)):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, key: value}))
+        with pytest.raises(ValueError, match=rf"config\.json: {key} = {value}, but the weights in model\.safetensors "
+                                             rf"were trained with {getattr(cfg, key)}"):
+            ModernBERT.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match="no tensor 'classifier.weight'"):
         ModernBertForSequenceClassification.from_pretrained(tmp_path / "m")
