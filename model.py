@@ -422,9 +422,12 @@ class _Base(nn.Module):
             raise ValueError(f"{path}: unexpected tensor {unexpected[0]!r} for {cls.__name__}")
         saved = read_hf_metadata(path).get("architecture")
         if saved:  # what the weights' shapes cannot show (written by save_pretrained below)
+            mine, chosen = shapeless(config), set(overrides)  # overrides are the caller's choice
+            if chosen & {"global_attn_every_n_layers", "num_hidden_layers"}:
+                chosen.add("global_layers")
             for key, value in json.loads(saved).items():
-                if key not in overrides and getattr(config, key) != value:
-                    raise ValueError(f"{os.path.join(path, 'config.json')}: {key} = {getattr(config, key)!r}, but "
+                if key in mine and key not in chosen and mine[key] != value:
+                    raise ValueError(f"{os.path.join(path, 'config.json')}: {key} = {mine[key]!r}, but "
                                      f"the weights in model.safetensors were trained with {value!r}")
         model.load_state_dict({k: state[k] for k in expected}, strict=False)
         return model
@@ -436,8 +439,7 @@ class _Base(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items() if k != "decoder.weight"}
         tmp = os.path.join(path, "model.safetensors.tmp")
         # the settings that change the computation but no tensor's shape, so that loading can check config.json
-        architecture = {k: getattr(self.config, k) for k in SHAPELESS}
-        save_file(state, tmp, metadata={"format": "pt", "architecture": json.dumps(architecture)})
+        save_file(state, tmp, metadata={"format": "pt", "architecture": json.dumps(shapeless(self.config))})
         os.replace(tmp, os.path.join(path, "model.safetensors"))
         config = hf_config_dict(self.config, self.architecture, next(self.parameters()).dtype)
         tmp = os.path.join(path, "config.json.tmp")
@@ -611,8 +613,12 @@ def read_hf_weights(path):
     raise FileNotFoundError(f"{path}: no model.safetensors or pytorch_model.bin")
 
 
-SHAPELESS = ("num_attention_heads", "local_attention", "global_attn_every_n_layers", "global_rope_theta",
-             "local_rope_theta", "norm_eps")
+def shapeless(config):
+    """The settings that change the computation but no tensor's shape; which layers are global as a list, since
+    config.json's layer_types cannot tell every 2 from every 3 layers in a 2-layer model."""
+    keys = ("num_attention_heads", "local_attention", "global_rope_theta", "local_rope_theta", "norm_eps")
+    return {**{k: getattr(config, k) for k in keys},
+            "global_layers": [i for i in range(config.num_hidden_layers) if config.is_global(i)]}
 
 
 def read_hf_metadata(path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # a pinned test dependency: the independent reference
 
 import data
 from demo import write_demo
@@ -203,7 +204,6 @@ def test_pseudo_perplexity_of_a_model_with_a_known_answer():
 
 
 def test_pseudo_perplexity_matches_transformers_computed_naively(tmp_path):
-    transformers = pytest.importorskip("transformers")
     model = tiny_model(120, local_attention=8, num_hidden_layers=3)  # sequences longer than the local window
     with torch.no_grad():
         model.decoder.bias.normal_()
@@ -394,7 +394,6 @@ def test_every_task_on_the_demo_data(demo, capsys):
 
 def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
     """The same weights as a directory saved by transformers and as train.py's own checkpoint (DCP shards)."""
-    transformers = pytest.importorskip("transformers")
     tok = demo / "data/demo/tokenizer.model"
     transformers.AutoModelForMaskedLM.from_pretrained(demo / "out/demo/hf").save_pretrained(tmp_path / "tf")
     results = {}
@@ -469,7 +468,6 @@ def sharpen(model, factor=20.0):
 
 
 def test_pseudo_perplexity_matches_transformers_with_sharp_attention(tmp_path):
-    transformers = pytest.importorskip("transformers")
     model = sharpen(tiny_model(120, local_attention=8, num_hidden_layers=3))  # window 4: lengths 6..9 and beyond
     model.save_pretrained(tmp_path)
     theirs = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
@@ -511,7 +509,6 @@ def hf_mean_pool(model, ids):
 
 
 def test_retrieval_matches_transformers_mean_pooling(tmp_path, demo, tok):
-    transformers = pytest.importorskip("transformers")
     path = demo / "data/demo/miracl.jsonl"
     pairs = ev.read_miracl_pairs(path, 40)
     assert len({c for _, c in pairs}) == len(pairs) and all(q != c for q, c in pairs)  # distinct passages
@@ -602,7 +599,6 @@ def test_progress_prints_lines_when_not_a_terminal(capsys):
 
 def char_wordpiece_tokenizer(texts, where):
     """A BERT WordPiece tokenizer whose vocabulary is every character of `texts` (and its "##" form)."""
-    transformers = pytest.importorskip("transformers")
     chars = sorted({c for t in texts for c in t if not c.isspace()})
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
     where.mkdir(parents=True, exist_ok=True)
@@ -613,7 +609,6 @@ def char_wordpiece_tokenizer(texts, where):
 
 
 def test_bert_and_modernbert_with_their_own_tokenizers_side_by_side(tmp_path, demo):
-    transformers = pytest.importorskip("transformers")
     path = demo / "data/demo/miracl.jsonl"
     pairs = ev.read_miracl_pairs(path, 30)
     texts = [t for p in ev.read_miracl_pairs(path) for t in p] + [p.replace("{}", "") for p in ev.PAPER_PROMPTS]

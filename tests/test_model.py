@@ -269,6 +269,9 @@ def test_loading_errors_name_file_and_tensor(tmp_path):
         with pytest.raises(ValueError, match=rf"config\.json: {key} = {value}, but the weights in model\.safetensors "
                                              rf"were trained with {getattr(cfg, key)}"):
             ModernBERT.from_pretrained(tmp_path / "m")
+    # config.json's layer_types cannot tell every 2 from every 3 layers in a 2-layer model: not a contradiction
+    ModernBERT(tiny(num_hidden_layers=2, global_attn_every_n_layers=3)).save_pretrained(tmp_path / "two")
+    ModernBERT.from_pretrained(tmp_path / "two")
     (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
     with pytest.raises(ValueError, match="no tensor 'classifier.weight'"):
         ModernBertForSequenceClassification.from_pretrained(tmp_path / "m")
