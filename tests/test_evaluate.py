@@ -203,6 +203,7 @@ def test_pseudo_perplexity_of_a_model_with_a_known_answer():
     assert uniform == pytest.approx([V] * len(docs), rel=1e-5)
 
 
+@pytest.fixture(scope="module")
 def tok(demo):
     return data.Tokenizer(demo / "data" / "demo" / "tokenizer.model")
 
