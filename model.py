@@ -97,7 +97,6 @@ PRESETS = {
 }
 
 
-
 def cpu_threads(local_world=1):
     """Threads for CPU work, when OMP_NUM_THREADS does not say: the cores of this process's share of the machine,
     less one. OpenMP threads wait for each other, so one descheduled thread stalls the rest: on 2 cores, 2
@@ -105,6 +104,7 @@ def cpu_threads(local_world=1):
     heavier load. Leave a core free."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world - 1))
+
 
 # -----------------------------------------------------------------------------------------------------------
 # packing: padded (B, S) <-> packed (total_tokens,)
