@@ -812,7 +812,8 @@ class _Masker:
 
 def mask_tokens(ids, special_ids, mask_id, vocab_size, generator=None, p=0.3):
     """MLM masking as in the paper's recipe (Table 1): select each non-special token with probability p; of
-    those 80% become <MASK>, 10% a random non-special token, 10% stay. Returns (input_ids, labels) with labels -100 where unselected."""
+    those 80% become <MASK>, 10% a random non-special token, 10% stay. Returns (input_ids, labels) with labels
+    -100 where unselected."""
     bits = torch.empty(ids.shape, dtype=torch.int64, device=ids.device).random_(generator=generator)
     return _masker(tuple(sorted(special_ids)), mask_id, vocab_size, p)(ids, bits)
 
