@@ -224,7 +224,7 @@ def bench_ppl(args):
     results = {}
 
     def run_ours():
-        results["ours"] = pseudo_perplexity(ours, docs, positions)
+        results["ours"] = pseudo_perplexity(ours, docs, positions, config.mask_token_id)
 
     def run_plain():
         results["transformers"] = plain()

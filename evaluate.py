@@ -11,8 +11,11 @@ script, on the data sets' published layouts.
 Tasks: mlm, ppl, fillmask, retrieval, jglue, alignment, simdist, lengths, curves, all (see TASKS at the end).
 --model takes Hugging Face model directories, our checkpoints (RUN/ckpt_STEP) or run directories (their final
 hf/ export, else their newest checkpoint), several side by side in one table and one figure. ModernBERT weights
-run on model.py; other encoders (BERT, RoBERTa, ...) and tokenizers other than sentencepiece run through
-transformers (optional: pip install transformers). Default: out/demo/hf.
+run on model.py; other masked-LM encoders (BERT, RoBERTa, DeBERTa-v2, ...) and tokenizers other than
+sentencepiece run through transformers (optional: pip install transformers). Default: out/demo/hf. Special ids
+(mask, pad, cls, sep) come from each model's tokenizer. A task that cannot apply to a model (ppl bins longer than
+its positions, mlm on shards another tokenizer made, curves of a model that is no training run) says so in one
+line and "n/a" in the table; the other models run and are written.
 --data takes the task's data set in its published layout; without it, the demo sets in data/demo/.
 Settings: the paper's on a GPU (or with --full), smaller ones that finish in minutes on a CPU (or with --quick).
 Each task writes OUT/TASK.json (every number and the settings that produced them) and prints a table; --task
@@ -34,7 +37,6 @@ import re
 import sys
 import time
 import unicodedata
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from data import DataError, Shards, Tokenizer, mask_tokens, read_jsonl
-from model import IGNORE_INDEX, ModernBERT, ModernBertConfig, ModernBertForSequenceClassification, cpu_threads
+from data import DataError, Shards, Tokenizer, load_manifest, mask_tokens, read_jsonl
+from model import IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, cpu_threads
 
 DEMO = Path("data/demo")
 DEFAULT_MODEL = "out/demo/hf"
@@ -148,6 +150,7 @@ def import_transformers(why):
     except ImportError:
         fail(f"{why} needs transformers (pip install transformers)")
     transformers.logging.set_verbosity_error()  # "some weights were newly initialised": the classifier, as intended
+    transformers.logging.disable_progress_bar()  # a bar per model loaded; ours say what runs
     return transformers
 
 
@@ -161,13 +164,17 @@ class TransformersMLM(torch.nn.Module):
         # positions the model can embed (RoBERTa's position ids start after the padding index)
         offset = self.config.pad_token_id + 1 if self.config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
         self.max_positions = self.config.max_position_embeddings - offset
+        # Padding is filled with the embedding's own padding index, whatever the tokenizer calls padding: RoBERTa
+        # numbers positions by counting the ids that differ from it, so any other filler runs past its positions.
+        # Attention never sees the filler.
+        self.filler = self.config.pad_token_id or 0
 
     def padded(self, input_ids, cu_seqlens, max_seqlen):
         """-> (input_ids (B, S), attention_mask (B, S), where each packed token lies in the flat (B*S,) batch)."""
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         seq = torch.repeat_interleave(torch.arange(len(lengths), device=input_ids.device), lengths)
         at = seq * max_seqlen + torch.arange(len(input_ids), device=input_ids.device) - cu_seqlens[:-1].long()[seq]
-        ids = torch.full((len(lengths) * max_seqlen,), self.config.pad_token_id or 0, device=input_ids.device)
+        ids = torch.full((len(lengths) * max_seqlen,), self.filler, device=input_ids.device)
         mask = torch.zeros(len(lengths) * max_seqlen, dtype=torch.long, device=input_ids.device)
         ids[at], mask[at] = input_ids, 1
         return ids.view(-1, max_seqlen), mask.view(-1, max_seqlen), at
@@ -197,7 +204,11 @@ class TransformersClassifier(torch.nn.Module):
         super().__init__()
         transformers = import_transformers(f"--model {mlm.where}")
         self.mlm = mlm
-        self.hf = transformers.AutoModelForSequenceClassification.from_pretrained(mlm.where, num_labels=num_labels)
+        try:
+            self.hf = transformers.AutoModelForSequenceClassification.from_pretrained(mlm.where, num_labels=num_labels)
+        except (ValueError, OSError, KeyError) as e:
+            why = str(e).splitlines()[0]
+            raise NotApplicable(f"transformers builds no sequence classifier for it ({why})") from None
         self.hf.to(device_of(mlm))
 
     def forward(self, input_ids, labels=None, cu_seqlens=None, max_seqlen=None):
@@ -229,7 +240,7 @@ def packing_of(input_ids, cu_seqlens, max_seqlen):
 class TransformersTokenizer:
     """A Hugging Face tokenizer directory (tokenizer.json, vocab.txt, ...) behind data.Tokenizer's interface."""
     FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "spiece.model",
-             "sentencepiece.bpe.model", "special_tokens_map.json")
+             "spm.model", "sentencepiece.bpe.model", "special_tokens_map.json")
 
     def __init__(self, path):
         transformers = import_transformers(f"the tokenizer in {path}")
@@ -265,13 +276,32 @@ class TransformersTokenizer:
     def prompt_ids(self, prompt):
         return self.hf(prompt.replace("{}", self.hf.mask_token))["input_ids"]
 
+    def pieces(self, ids):
+        return self.hf.convert_ids_to_tokens([int(i) for i in ids])
+
 
 def has_transformers_tokenizer(where):
     return any((Path(where) / f).is_file() for f in TransformersTokenizer.FILES)
 
 
-def load_tokenizer(path, model, model_path):
-    """The tokenizer file or directory, checked against the model's vocabulary and special ids."""
+SPECIAL_IDS = ("mask", "pad", "cls", "sep")
+
+
+def stated_special_ids(kind, where, model):
+    """{name: id} of the special ids a ModernBERT's own files state, to catch a wrong tokenizer: every one for
+    our checkpoints; for a Hugging Face directory only those its config.json names (transformers' ModernBERT
+    config has no mask id, and ModernBertConfig's defaults are not that model's)."""
+    if not isinstance(model, ModernBERT):
+        return {}
+    if kind == "ckpt":
+        return {name: getattr(model.config, f"{name}_token_id") for name in SPECIAL_IDS}
+    config = json.loads((Path(where) / "config.json").read_text())
+    return {name: config[f"{name}_token_id"] for name in SPECIAL_IDS if config.get(f"{name}_token_id") is not None}
+
+
+def load_tokenizer(path, model, model_path, stated=None):
+    """The tokenizer file or directory, checked against the model's vocabulary and the special ids its files
+    state. Every task takes its special ids (mask, pad, cls, sep) from the tokenizer."""
     p = Path(path)
     if p.is_dir():
         tok = TransformersTokenizer(p)
@@ -279,14 +309,13 @@ def load_tokenizer(path, model, model_path):
         tok = Tokenizer(str(p))
     else:
         fail(f"tokenizer {path}: no such file (give --tokenizer X.model)")
-    c = model.config
-    if tok.vocab_size > c.vocab_size:
-        fail(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only {c.vocab_size} embeddings")
-    if isinstance(model, ModernBERT):
-        for name, mine, theirs in (("mask", tok.mask_id, c.mask_token_id), ("pad", tok.pad_id, c.pad_token_id),
-                                   ("cls", tok.cls_id, c.cls_token_id), ("sep", tok.sep_id, c.sep_token_id)):
-            if mine != theirs:
-                fail(f"tokenizer {path} has {name} id {mine} but model {model_path} expects {theirs}: wrong tokenizer?")
+    if tok.vocab_size > model.config.vocab_size:
+        fail(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only "
+             f"{model.config.vocab_size} embeddings")
+    for name, theirs in (stated or {}).items():
+        if getattr(tok, f"{name}_id") != theirs:
+            fail(f"tokenizer {path} has {name} id {getattr(tok, f'{name}_id')} but model {model_path} expects "
+                 f"{theirs}: wrong tokenizer?")
     return tok
 
 
@@ -300,6 +329,22 @@ class Entry:
     def max_len(self, args, default=None):
         """--max_len, else `default` (as the paper: 512 for fine-tuning), else the model's maximum length."""
         return min(args.max_len or default or self.max_positions, self.max_positions)
+
+
+class NotApplicable(Exception):
+    """Raised deep inside a task for a model it cannot apply to; the task catches it for that model alone."""
+
+
+def not_applicable(task, name, why):
+    """A task that cannot apply to one model: one line now, the reason in its results, "n/a" in the table; the
+    other models still run."""
+    print(f"{task}: {name}: {why}; not run for this model", flush=True)
+    return {"not_applicable": why}
+
+
+def cells(results, entries, fmt):
+    """One table cell per model: fmt(its results), or "n/a" for a model the task could not apply to."""
+    return ["n/a" if "not_applicable" in results[e.name] else fmt(results[e.name]) for e in entries]
 
 
 def load_entries(args):
@@ -317,7 +362,8 @@ def load_entries(args):
         if tok_path is None and kind == "hf" and has_transformers_tokenizer(where):
             tok_path = where
         tok_path = tok_path or DEMO / "tokenizer.model"
-        entries.append(Entry(path, model, load_tokenizer(tok_path, model, path), tok_path))
+        tok = load_tokenizer(tok_path, model, path, stated_special_ids(kind, where, model))
+        entries.append(Entry(path, model, tok, tok_path))
     return entries
 
 
@@ -401,25 +447,32 @@ def read_texts(path, limit=None):
 def sample_by_length(tok, path, edges, per_bin, seed, limit=None):
     """Documents sampled uniformly at random within each length bin (reservoir sampling over the file).
     A document is "<CLS> text <SEP>", never truncated; its length counts the special tokens. Bins are
-    (edges[i], edges[i+1]], the first including 0; documents longer than the last edge are not used.
-    -> list of bins, each a list of (id, ids int64 tensor)."""
+    (edges[i], edges[i+1]], the first including 0; documents longer than the last edge are not used, nor are
+    documents with nothing to mask (every token special or unknown), which are counted.
+    -> (list of bins, each a list of (id, ids int64 tensor); {"per_bin": counts, "ids": the first 10} of those
+    with nothing to mask)."""
     rng = random.Random(seed)
     bins, seen = [[] for _ in edges[:-1]], [0] * (len(edges) - 1)
+    unmaskable = {"per_bin": [0] * (len(edges) - 1), "ids": []}
     for lineno, r in progress(records(path, limit), f"tokenizing {Path(path).name}"):
         text = tok.encode(field(r, "text", path, lineno))
-        if not [t for t in text if t not in tok.special_ids]:
-            fail(f"{path}:{lineno}: field 'text' has no token to mask")
         ids = [tok.cls_id] + text + [tok.sep_id]
         b = bisect.bisect_left(edges, len(ids)) - 1
         if not 0 <= b < len(bins):
             continue
-        item = (str(r.get("id", f"line {lineno}")), torch.tensor(ids))
+        doc_id = str(r.get("id", f"line {lineno}"))
+        if all(t in tok.special_ids for t in text):
+            unmaskable["per_bin"][b] += 1
+            if len(unmaskable["ids"]) < 10:
+                unmaskable["ids"].append(doc_id)
+            continue
+        item = (doc_id, torch.tensor(ids))
         seen[b] += 1
         if len(bins[b]) < per_bin:
             bins[b].append(item)
         elif (j := rng.randrange(seen[b])) < per_bin:
             bins[b][j] = item
-    return bins
+    return bins, unmaskable
 
 
 def parse_edges(text):
@@ -633,12 +686,13 @@ def draw_positions(docs, special_ids, n, seed):
 
 
 @torch.no_grad()
-def pseudo_perplexity(model, docs, positions, token_budget=16384, desc="pseudo-perplexity"):
+def pseudo_perplexity(model, docs, positions, mask_id, token_budget=16384, desc="pseudo-perplexity"):
     """PPL of each document (1-D id tensors with their special tokens) = exp(mean cross-entropy of the masked
-    token over its copies), one copy per drawn position with that one position masked. Copies of the same
-    position are identical, so each distinct copy runs once and is weighted by its count. Copies are packed
-    without padding up to `token_budget` tokens per forward and only the masked tokens are decoded."""
-    device, mask_id = device_of(model), model.config.mask_token_id
+    token over its copies), one copy per drawn position with that one position masked (mask_id: the
+    tokenizer's). Copies of the same position are identical, so each distinct copy runs once and is weighted by
+    its count. Copies are packed without padding up to `token_budget` tokens per forward and only the masked
+    tokens are decoded."""
+    device = device_of(model)
     copies = []  # (document, position, count)
     for d, pos in enumerate(positions):
         uniq, counts = pos.unique(return_counts=True)
@@ -666,17 +720,36 @@ def pseudo_perplexity(model, docs, positions, token_budget=16384, desc="pseudo-p
 # tasks: each returns (settings, {model name: results}, table rows) for one report
 
 
+def val_sequences(path, e, max_len, limit, shards):
+    """The val split of our shards as "<CLS> doc <SEP>" truncated to max_len, or the reason it cannot serve
+    model e (its tokenizer did not make them). `shards` caches the split per tokenizer."""
+    if not isinstance(e.tok, Tokenizer):
+        return "the shards hold ids of the sentencepiece tokenizer that `data.py prepare` used, not of its " \
+               "transformers tokenizer (give --data a jsonl of {\"text\"})"
+    try:
+        load_manifest(path, e.tok)
+    except DataError as err:
+        return f"{err} (give --data a jsonl of {{\"text\"}})"
+    if e.tok.sha256 not in shards:
+        shards[e.tok.sha256] = Shards(path, "val", tokenizer=e.tok)
+    split = shards[e.tok.sha256]
+    n = len(split) if limit is None else min(limit, len(split))
+    return [torch.tensor([e.tok.cls_id] + split[i][:max_len - 2].tolist() + [e.tok.sep_id]) for i in range(n)]
+
+
 def task_mlm(args, entries):
     """Masked-token loss and accuracy on held-out text: our shards' val split, or a jsonl of {"text"}."""
     path = Path(args.data or DEMO / "shards")
-    results = {}
+    if path.is_dir():
+        load_manifest(path)  # a missing or damaged manifest stops every model; a tokenizer mismatch only its own
+    results, shards = {}, {}
     for e in entries:
         max_len = e.max_len(args, 512)
         if path.is_dir():  # our shards: the held-out split, documents stored without <CLS>/<SEP>
-            shards = Shards(path, "val", tokenizer=e.tok)
-            n = len(shards) if args.limit is None else min(args.limit, len(shards))
-            seqs = [torch.tensor([e.tok.cls_id] + shards[i][:max_len - 2].tolist() + [e.tok.sep_id])
-                    for i in range(n)]
+            seqs = val_sequences(path, e, max_len, args.limit, shards)
+            if isinstance(seqs, str):
+                results[e.name] = not_applicable("mlm", e.name, seqs)
+                continue
         else:
             seqs = [torch.tensor(e.tok.encode_pair(t, max_len=max_len)) for _, t in read_texts(path, args.limit)]
         g = torch.Generator().manual_seed(args.seed)
@@ -697,46 +770,61 @@ def task_mlm(args, entries):
         results[e.name] = {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": count,
                            "sequences": len(seqs), "max_len": max_len}
     settings = {"data": str(path), "mlm_probability": args.mlm_probability, "seed": args.seed,
-                "limit": args.limit, "masking": "data.mask_tokens (80/10/10), fixed seed"}
-    rows = [("loss", [f"{results[e.name]['loss']:.4f}" for e in entries]),
-            ("accuracy", [f"{results[e.name]['accuracy']:.4f}" for e in entries]),
-            ("masked tokens", [str(results[e.name]["masked_tokens"]) for e in entries])]
+                "limit": args.limit, "masking": "data.mask_tokens (80/10/10), fixed seed, the tokenizer's ids"}
+    rows = [("loss", cells(results, entries, lambda r: f"{r['loss']:.4f}")),
+            ("accuracy", cells(results, entries, lambda r: f"{r['accuracy']:.4f}")),
+            ("masked tokens", cells(results, entries, lambda r: str(r["masked_tokens"])))]
     return settings, results, rows
 
 
 def task_ppl(args, entries):
-    """Pseudo-perplexity against sequence length (Section 5 and Figure 2; NeoBERT's method)."""
+    """Pseudo-perplexity against sequence length (Section 5 and Figure 2; NeoBERT's method). A model scores the
+    bins whose longest documents fit in its positions; every bin it scores must hold a document."""
     path, edges = args.data or DEMO / "wiki.jsonl", parse_edges(args.bins)
-    results, samples = {}, {}
+    samples = {}  # models sharing a tokenizer are scored on the same documents
     for e in entries:
-        if e.tok.sha256 not in samples:  # models sharing a tokenizer are scored on the same documents
+        if e.tok.sha256 not in samples:
             samples[e.tok.sha256] = sample_by_length(e.tok, path, edges, args.docs_per_bin, args.seed, args.limit)
-        bins = samples[e.tok.sha256]
-        docs = [ids for b in bins for _, ids in b]
-        too_long = [len(d) for d in docs if len(d) > e.max_positions]
-        if too_long:
-            fail(f"{path}: a {too_long[0]}-token document in --bins {args.bins} is longer than model {e.name}'s "
-                 f"{e.max_positions} positions (give --bins up to {e.max_positions})")
-        positions = draw_positions(docs, e.tok.special_ids, args.positions, args.seed)
-        ppl = pseudo_perplexity(e.model, docs, positions, args.token_budget, f"ppl {e.name}")
-        per_doc, i = [], 0
+    fits = {e.name: [hi <= e.max_positions for hi in edges[1:]] for e in entries}
+    for e in entries:  # before any model runs
+        bins, unmaskable = samples[e.tok.sha256]
         for b, items in enumerate(bins):
-            for doc_id, ids in items:
-                per_doc.append({"id": doc_id, "bin": b, "length": len(ids), "ppl": ppl[i]})
-                i += 1
+            if fits[e.name][b] and not items:
+                why = f", {unmaskable['per_bin'][b]} with nothing to mask" if unmaskable["per_bin"][b] else ""
+                fail(f"{path}: no document of {bin_label(edges, b)} tokens to score (tokenizer {e.tok_path}{why}); "
+                     f"give other --bins or read more records (--limit)")
+    results = {}
+    for e in entries:
+        bins, unmaskable = samples[e.tok.sha256]
+        if not any(fits[e.name]):
+            why = f"every bin of --bins {args.bins} holds documents longer than its {e.max_positions} positions"
+            results[e.name] = not_applicable("ppl", e.name, why)
+            continue
+        if not all(fits[e.name]):
+            print(f"ppl: {e.name}: bins {', '.join(bin_label(edges, b) for b, ok in enumerate(fits[e.name]) if not ok)}"
+                  f" hold documents longer than its {e.max_positions} positions; not scored for this model", flush=True)
+        scored = [(b, doc_id, ids) for b, items in enumerate(bins) if fits[e.name][b] for doc_id, ids in items]
+        docs = [ids for _, _, ids in scored]
+        positions = draw_positions(docs, e.tok.special_ids, args.positions, args.seed)
+        ppl = pseudo_perplexity(e.model, docs, positions, e.tok.mask_id, args.token_budget, f"ppl {e.name}")
+        per_doc = [{"id": doc_id, "bin": b, "length": len(ids), "ppl": p} for (b, doc_id, ids), p in zip(scored, ppl)]
         results[e.name] = {"bins": [bin_summary(edges, b, [d["ppl"] for d in per_doc if d["bin"] == b])
-                                    for b in range(len(edges) - 1)], "docs": per_doc}
+                                    if fits[e.name][b] else {"range": [edges[b], edges[b + 1]], "n": 0,
+                                                             "not_scored": f"longer than {e.max_positions} positions"}
+                                    for b in range(len(edges) - 1)],
+                           "docs": per_doc, "nothing_to_mask": unmaskable}
     settings = {"data": str(path), "bins": edges, "bin_rule": "(lo, hi], the first bin including 0; length counts "
                 "<CLS> and <SEP>; longer documents are not used", "docs_per_bin": args.docs_per_bin,
                 "positions": args.positions, "seed": args.seed, "limit": args.limit,
-                "ppl": "exp(mean cross-entropy over the masked copies), one position masked per copy"}
+                "ppl": "exp(mean cross-entropy over the masked copies), one position masked per copy",
+                "nothing_to_mask": "documents whose every token is special or unknown are skipped and counted "
+                                   "(per bin, with the first ids)",
+                "positions_limit": "a model scores only the bins whose upper edge fits in its positions"}
     rows = []
     for b in range(len(edges) - 1):
-        cells = []
-        for e in entries:
-            s = results[e.name]["bins"][b]
-            cells.append(f"{s['mean_ppl']:.3f} (n={s['n']})" if s["n"] else "-")
-        rows.append((bin_label(edges, b), cells))
+        rows.append((bin_label(edges, b), cells(results, entries, lambda r: f"{r['bins'][b]['mean_ppl']:.3f} "
+                                                 f"(n={r['bins'][b]['n']})" if r["bins"][b]["n"] else "n/a")))
+    rows.append(("skipped: nothing to mask", [str(sum(samples[e.tok.sha256][1]["per_bin"])) for e in entries]))
     return settings, results, rows
 
 
@@ -768,21 +856,43 @@ def read_prompts(path):
 
 
 PLACEHOLDER = "\ue000"  # a private-use character: no vocabulary has it, so it never merges with its neighbours
+# How a prompt becomes input ids (--mask_input). Table 3's numbers came from "hf": the released script writes the
+# tokenizer's mask string into the prompt and gives it to the model's Hugging Face tokenizer, which tokenizes
+# the text on each side of a special token as a text of its own; llm-jp's starts each with the word-start
+# piece "▁" (as sentencepiece starts a text), so the text after the mask begins with one.
+MASK_INPUTS = {
+    "hf": "as the paper's released script (Table 3): the text on each side of the mask tokenized as a text of its "
+          "own, so a word-start piece begins the text after the mask (1年は<MASK> ▁ ヶ月 です。)",
+    "plain": "the prompt tokenized as one running text, as in pretraining, the mask in place of the pieces of {} "
+             "(1年は<MASK> ヶ月 です。)",
+}
 
 
-def prompt_ids(tok, prompt):
-    """<CLS> prompt <SEP> with <MASK> at "{}". The prompt is tokenized as one text with a placeholder character
-    at "{}" whose pieces then become the mask, so the words around it are tokenized as in running text (no
-    sentencepiece start-of-text "▁" in the middle of the sentence). A transformers tokenizer reads its own mask
-    token in the text instead."""
+def prompt_ids(tok, prompt, mask_input="hf"):
+    """<CLS> prompt <SEP> with <MASK> at "{}", as MASK_INPUTS[mask_input] says. A transformers tokenizer reads
+    its own mask string in the text ("hf") whichever is asked: how it splits text around a special token is
+    its own (whole words for BERT's). "plain" tokenizes the prompt with a placeholder character at "{}" whose
+    pieces then become the mask, so the words around it are tokenized as in running text."""
     if isinstance(tok, TransformersTokenizer):
         return tok.prompt_ids(prompt)
+    before, after = prompt.split("{}")
+    if mask_input == "hf":
+        return [tok.cls_id] + tok.encode(before) + [tok.mask_id] + tok.encode(after) + [tok.sep_id]
     ids, marker = tok.encode(prompt.replace("{}", PLACEHOLDER)), tok.encode(PLACEHOLDER)
     for m in (marker, marker[1:]):  # with and without the start-of-text "▁"
         for i in range(len(ids) - len(m) + 1):
             if ids[i:i + len(m)] == m:
                 return [tok.cls_id] + ids[:i] + [tok.mask_id] + ids[i + len(m):] + [tok.sep_id]
     fail(f"prompt {prompt!r}: cannot place the mask (the tokenizer merged the placeholder)")
+
+
+def mask_input_of(args, e):
+    return "hf" if isinstance(e.tok, TransformersTokenizer) else args.mask_input
+
+
+def pieces(tok, ids):
+    """The tokens of ids as the vocabulary writes them (sentencepiece's "▁" shown, unlike in decoded text)."""
+    return tok.pieces(ids) if isinstance(tok, TransformersTokenizer) else [tok.sp.id_to_piece(int(i)) for i in ids]
 
 
 def fillmask_prompts(args, e):
@@ -797,27 +907,44 @@ def fillmask_prompts(args, e):
 
 @torch.no_grad()
 def task_fillmask(args, entries):
-    """Predictions for the masked token of each prompt (Table 3: top-1; the top k are kept in the report)."""
+    """Predictions for the masked token of each prompt (Table 3: top-1; the top k are kept in the report), the
+    prompt given as --mask_input says."""
     results = {}
     for e in entries:
+        if args.mask_input != "hf" and isinstance(e.tok, TransformersTokenizer):
+            print(f"fillmask: {e.name}: a transformers tokenizer places its own mask string (--mask_input hf); "
+                  f"--mask_input {args.mask_input} applies to sentencepiece tokenizers", flush=True)
         out = []
         for prompt in fillmask_prompts(args, e):
-            ids = torch.tensor(prompt_ids(e.tok, prompt))
+            ids = torch.tensor(prompt_ids(e.tok, prompt, args.mask_input))
             if (ids == e.tok.mask_id).sum() != 1:
                 fail(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
+            if len(ids) > e.max_positions:
+                why = f"prompt {short(prompt)!r} is {len(ids)} tokens, over its {e.max_positions} positions"
+                out.append({"prompt": prompt, **not_applicable("fillmask", e.name, why)})
+                continue
             labels = torch.where(ids == e.tok.mask_id, ids, IGNORE_INDEX)  # decode the masked position only
             x, cu, m = pack([ids], device_of(e.model))
             logits, _ = e.model(x, labels=labels.to(x.device), cu_seqlens=cu, max_seqlen=m)  # (1, V)
             probs = logits[0, :e.tok.vocab_size].float().softmax(-1)
             p, top = probs.topk(args.topk)
-            out.append({"prompt": prompt, "top": [{"token": e.tok.decode([t]), "id": t, "prob": v}
-                                                  for t, v in zip(top.tolist(), p.tolist())]})
+            out.append({"prompt": prompt, "input": pieces(e.tok, ids.tolist()),
+                        "top": [{"token": e.tok.decode([t]), "id": t, "prob": v}
+                                for t, v in zip(top.tolist(), p.tolist())]})
         results[e.name] = out
     settings = {"prompts": str(args.data or "Table 3's six prompts (and the demo's for a demo model)"),
-                "topk": args.topk, "table": "top-1 as in Table 3"}
+                "topk": args.topk, "table": "top-1 as in Table 3",
+                "mask_input": {"asked": args.mask_input, "what": MASK_INPUTS[args.mask_input],
+                               "per_model": {e.name: mask_input_of(args, e) for e in entries}}}
     prompts = max((r for r in results.values()), key=len)
-    rows = [(short(r["prompt"]), [(results[e.name][i]["top"][0]["token"] or "∅") if i < len(results[e.name]) else "-"
-                                  for e in entries]) for i, r in enumerate(prompts)]
+
+    def top1(e, i):
+        if i >= len(results[e.name]):
+            return "-"
+        r = results[e.name][i]
+        return "n/a" if "not_applicable" in r else r["top"][0]["token"] or "∅"
+    rows = [(short(r["prompt"]), [top1(e, i) for e in entries]) for i, r in enumerate(prompts)]
+    rows.append(("mask input (--mask_input)", [mask_input_of(args, e) for e in entries]))
     return settings, results, rows
 
 
@@ -1003,22 +1130,14 @@ def task_jglue(args, entries):
              for t in tasks}
     results = {}
     for e in entries:
-        res = {}
-        for t in tasks:
-            train_file, valid_file, _ = files[t]
-            train, valid = (read_jglue(f, t, e.tok, e.max_len(args, 512), args.limit) for f in (train_file, valid_file))
-            grid = jglue_grid(args, e, t, train, valid)
-            best = max(grid, key=lambda r: r[MAIN_METRIC[t]])
-            res[t] = {"best": best, "grid": grid, "train": len(train), "valid": len(valid)}
-            if t != "jsts":  # what always answering the most frequent training label scores
-                majority = max(set(y for _, y in train), key=[y for _, y in train].count)
-                res[t]["majority_baseline"] = jglue_metrics(t, [majority] * len(valid), [y for _, y in valid])
-        if set(tasks) == set(JGLUE):
-            res["average"] = float(np.mean([res[t]["best"][MAIN_METRIC[t]] for t in tasks]))
-        results[e.name] = res
+        try:
+            results[e.name] = jglue_model(args, e, tasks, files)
+        except NotApplicable as err:
+            results[e.name] = not_applicable("jglue", e.name, str(err))
     settings = {"tasks": tasks, "versions": {t: files[t][2] for t in tasks},
                 "files": {t: [str(f) for f in files[t][:2]] for t in tasks}, "grid": args.grid, "lrs": args.lrs,
-                "epochs": sorted(set(args.epochs)), "batch_size": args.jglue_batch_size, "max_len": args.max_len or 512,
+                "epochs": sorted(set(args.epochs)), "batch_size": args.jglue_batch_size,
+                "max_len": {e.name: e.max_len(args, 512) for e in entries},
                 "seed": args.seed, "limit": args.limit, "runs": GRIDS[args.grid],
                 "optimizer": "AdamW betas (0.9, 0.999), eps 1e-8, no weight decay, no warmup, no clipping",
                 "best": "highest validation score per task: JSTS Pearson, JNLI accuracy, JCoLA accuracy",
@@ -1027,15 +1146,32 @@ def task_jglue(args, entries):
     rows = []
     for t in tasks:
         for metric in (("pearson", "spearman") if t == "jsts" else ("accuracy", "mcc") if t == "jcola" else ("accuracy",)):
-            rows.append((f"{t.upper()} {metric}", [f"{results[e.name][t]['best'][metric]:.1f}" for e in entries]))
+            rows.append((f"{t.upper()} {metric}", cells(results, entries, lambda r: f"{r[t]['best'][metric]:.1f}")))
         if t != "jsts":
             rows.append((f"{t.upper()} majority-label accuracy",
-                         [f"{results[e.name][t]['majority_baseline']['accuracy']:.1f}" for e in entries]))
-        rows.append((f"{t.upper()} best lr/epochs", [f"{results[e.name][t]['best']['lr']:g}/"
-                                                     f"{results[e.name][t]['best']['epochs']}" for e in entries]))
+                         cells(results, entries, lambda r: f"{r[t]['majority_baseline']['accuracy']:.1f}")))
+        rows.append((f"{t.upper()} best lr/epochs", cells(results, entries, lambda r: f"{r[t]['best']['lr']:g}/"
+                                                                                      f"{r[t]['best']['epochs']}")))
     if set(tasks) == set(JGLUE):
-        rows.append(("average", [f"{results[e.name]['average']:.1f}" for e in entries]))
+        rows.append(("average", cells(results, entries, lambda r: f"{r['average']:.1f}")))
     return settings, results, rows
+
+
+def jglue_model(args, e, tasks, files):
+    """One model's JGLUE results: per task the best of the grid, every run, the majority baseline."""
+    res = {}
+    for t in tasks:
+        train_file, valid_file, _ = files[t]
+        train, valid = (read_jglue(f, t, e.tok, e.max_len(args, 512), args.limit) for f in (train_file, valid_file))
+        grid = jglue_grid(args, e, t, train, valid)
+        best = max(grid, key=lambda r: r[MAIN_METRIC[t]])
+        res[t] = {"best": best, "grid": grid, "train": len(train), "valid": len(valid)}
+        if t != "jsts":  # what always answering the most frequent training label scores
+            majority = max(set(y for _, y in train), key=[y for _, y in train].count)
+            res[t]["majority_baseline"] = jglue_metrics(t, [majority] * len(valid), [y for _, y in valid])
+    if set(tasks) == set(JGLUE):
+        res["average"] = float(np.mean([res[t]["best"][MAIN_METRIC[t]] for t in tasks]))
+    return res
 
 
 def pair_texts(args):
@@ -1060,17 +1196,34 @@ def pair_texts(args):
     return every[:args.pairs], randoms
 
 
+def random_pairs(args, task):
+    """Which random pairs a run uses, for its report and table; without --wiki, one line saying they are not the
+    paper's."""
+    if args.wiki:
+        return {"source": "wiki", "as_paper": True, "file": str(args.wiki),
+                "what": "two distinct documents of --wiki drawn at random, as the paper's random Wikipedia articles"}
+    print(f"{task}: random pairs are MIRACL queries against other items' passages, not the paper's random Wikipedia "
+          f"articles (Figures 3-4, longer texts), so the values are not comparable to the paper's; give --wiki "
+          f"jawiki.jsonl for those", flush=True)
+    return {"source": "miracl", "as_paper": False, "file": str(args.data or DEMO / "miracl.jsonl"),
+            "what": "the query of one item and the positive passage of another (give --wiki for the paper's "
+                    "random Wikipedia articles)"}
+
+
+def random_pairs_row(pairs, entries):
+    label = "--wiki (as the paper)" if pairs["as_paper"] else "MIRACL, not the paper's"
+    return ("random pairs", [label] * len(entries))
+
+
 def pair_embeddings(e, pairs, args):
     a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget)
     b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget)
     return a, b
 
 
-def pair_settings(args, entries):
-    return {"positives": str(args.data or DEMO / "miracl.jsonl"),
-            "random": str(args.wiki) if args.wiki else "query and passage of two different items of the positive set "
-                      "(give --wiki for the paper's random Wikipedia pairs)",
-            "pairs": args.pairs, "limit": args.limit, "seed": args.seed,
+def pair_settings(args, entries, pairs):
+    return {"positives": str(args.data or DEMO / "miracl.jsonl"), "random_pairs": pairs, "pairs": args.pairs,
+            "limit": args.limit, "seed": args.seed,
             "max_len": {e.name: e.max_len(args) for e in entries},
             "embedding": "mean pooling, L2-normalised, of the text truncated at max_len tokens"}
 
@@ -1078,16 +1231,18 @@ def pair_settings(args, entries):
 def task_alignment(args, entries):
     """Alignment on positive pairs and uniformity (t = 2) on random texts (Figure 3)."""
     positives, randoms = pair_texts(args)
+    pairs = random_pairs(args, "alignment")
     results = {}
     for e in entries:
         a, b = pair_embeddings(e, positives, args)
         x, y = pair_embeddings(e, randoms, args)
         results[e.name] = {"alignment": alignment(a, b), "uniformity": uniformity(torch.cat([x, y])),
-                           "positive_pairs": len(positives), "random_texts": 2 * len(randoms)}
-    settings = {**pair_settings(args, entries), "t": 2,
-                "uniformity": "over all pairs of distinct texts among the 2 x pairs random Wikipedia texts"}
+                           "positive_pairs": len(positives), "random_texts": 2 * len(randoms),
+                           "random_pairs": pairs["source"]}
+    settings = {**pair_settings(args, entries, pairs), "t": 2,
+                "uniformity": "over all pairs of distinct texts among the 2 x pairs random texts"}
     rows = [(k, [f"{results[e.name][k]:.4f}" for e in entries]) for k in ("alignment", "uniformity")]
-    return settings, results, rows
+    return settings, results, rows + [random_pairs_row(pairs, entries)]
 
 
 MEASURES = {"distance": "squared distance 2 - 2 cos", "cosine": "cosine similarity"}
@@ -1097,6 +1252,7 @@ def task_simdist(args, entries):
     """Similarity of positive vs random pairs (Figure 4): per pair the cosine and the squared distance
     2 - 2 cos of the normalised embeddings, with histograms over bins fitted to the values (numpy's "auto")."""
     positives, randoms = pair_texts(args)
+    random_source = random_pairs(args, "simdist")
     results = {}
     for e in entries:
         res = {}
@@ -1112,12 +1268,13 @@ def task_simdist(args, entries):
                 "n": len(res[kind][measure]), "counts": np.histogram(res[kind][measure], edges)[0].tolist()}
                 for kind in ("positive", "random")}}
         results[e.name] = {"pairs": {k: res[k] for k in ("positive", "random")},
-                           **{m: res[m] for m in MEASURES}}
-    settings = {**pair_settings(args, entries), "measures": MEASURES, "bins": "numpy histogram_bin_edges 'auto' "
-                "over the positive and random values together", "figure": args.measure}
+                           **{m: res[m] for m in MEASURES}, "random_pairs": random_source["source"]}
+    settings = {**pair_settings(args, entries, random_source), "measures": MEASURES,
+                "bins": "numpy histogram_bin_edges 'auto' over the positive and random values together",
+                "figure": args.measure}
     rows = [(f"{kind} {measure} {stat}", [f"{results[e.name][measure][kind][stat]:.4f}" for e in entries])
             for measure in MEASURES for kind in ("positive", "random") for stat in ("mean", "std")]
-    return settings, results, rows
+    return settings, results, rows + [random_pairs_row(random_source, entries)]
 
 
 def task_lengths(args, entries):
@@ -1126,11 +1283,12 @@ def task_lengths(args, entries):
     results, samples = {}, {}
     for e in entries:
         if e.tok.sha256 not in samples:
-            bins = sample_by_length(e.tok, path, edges, args.docs_per_bin, args.seed, args.limit)
+            bins, unmaskable = sample_by_length(e.tok, path, edges, args.docs_per_bin, args.seed, args.limit)
             lengths = [len(ids) for b in bins for _, ids in b]
             hist_edges = np.linspace(0, edges[-1], args.hist_bins + 1)
             samples[e.tok.sha256] = {
                 "n": len(lengths), "per_bin": [len(b) for b in bins], "lengths": lengths,
+                "nothing_to_mask": unmaskable,
                 "mean": float(np.mean(lengths)) if lengths else None,
                 "median": float(np.median(lengths)) if lengths else None,
                 "edges": hist_edges.tolist(), "counts": np.histogram(lengths, hist_edges)[0].tolist()}
@@ -1140,6 +1298,8 @@ def task_lengths(args, entries):
     rows = [(bin_label(edges, b), [str(results[e.name]["per_bin"][b]) for e in entries]) for b in range(len(edges) - 1)]
     rows += [(stat, [f"{results[e.name][stat]:.0f}" if results[e.name][stat] is not None else "-" for e in entries])
              for stat in ("mean", "median")]
+    rows.append(("skipped: nothing to mask", [str(sum(results[e.name]["nothing_to_mask"]["per_bin"]))
+                                              for e in entries]))
     return settings, results, rows
 
 
@@ -1153,21 +1313,31 @@ def run_dirs(args):
 
 
 def metric_files(args):
-    """metrics.jsonl files from --run (run directories or the files), else from the --model run directories."""
-    files = []
-    for r in args.run or run_dirs(args):
-        f = Path(r) / "metrics.jsonl" if Path(r).is_dir() else Path(r)
+    """-> (metrics.jsonl files to join, {model: why it has none}). --run names the runs, each of which must have
+    one; else the run directories of the --model arguments that have one, each once."""
+    if args.run:
+        files = [Path(r) / "metrics.jsonl" if Path(r).is_dir() else Path(r) for r in args.run]
+        for r, f in zip(args.run, files):
+            if not f.is_file():
+                fail(f"--run {r}: no metrics.jsonl (give the training run directories)")
+        return files, {}
+    files, missing = [], {}
+    for model, run in zip(args.model or [DEFAULT_MODEL], run_dirs(args)):
+        f = run / "metrics.jsonl"
         if not f.is_file():
-            fail(f"{r}: no metrics.jsonl (give the training run directories with --run)")
-        files.append(f)
-    return files
+            missing[str(model)] = f"no metrics.jsonl in {run}: not a training run (give the runs with --run)"
+        elif f not in files:
+            files.append(f)
+    if not files:
+        fail("--model: none of the models is a training run with a metrics.jsonl (give the runs with --run)")
+    return files, missing
 
 
 def task_curves(args, entries):
     """Training curves from metrics.jsonl (Figure 1); several runs (stage 1, stage 2) are joined in order, a run
     whose steps restart at 0 continuing after the previous one's last step. Its retrieval numbers are the
     training-time evaluation's (all records of its retrieval set), not task retrieval's."""
-    files = metric_files(args)
+    files, missing = metric_files(args)
     points, starts, offset = {k: [] for k in CURVES}, [], 0
     for f in files:
         lines = list(records(f))
@@ -1179,7 +1349,8 @@ def task_curves(args, entries):
                 if isinstance(r.get(k), (int, float)):
                     points[k].append([s + shift, r[k]])
         offset = max([offset] + [s + shift for s in steps])
-    results = {"runs": [str(f) for f in files], "stage_starts": starts, "points": points}
+    results = {"runs": [str(f) for f in files], "stage_starts": starts, "points": points,
+               "models_without_a_run": {m: not_applicable("curves", m, why) for m, why in missing.items()}}
     settings = {"runs": [str(f) for f in files], "join": "runs in the order given; a run whose steps restart "
                 "continues after the previous run's last step", "retrieval": "as logged during training"}
     rows = [(f"{k} (training log)" if "@" in k else k, [f"{points[k][-1][1]:.4f} @ {points[k][-1][0]}" if points[k]
@@ -1195,6 +1366,8 @@ def plot_ppl(ax_grid, models, args):
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
     fig, ax = ax_grid(1, 1, (8, 5))
     for i, (name, r) in enumerate(models.items()):
+        if "not_applicable" in r:
+            continue
         color = f"C{i}"
         ax.scatter([d["length"] for d in r["docs"]], [d["ppl"] for d in r["docs"]], s=6, alpha=0.4, color=color)
         means = [(sum(b["range"]) / 2, b["mean_ppl"]) for b in r["bins"] if b["n"]]
@@ -1372,7 +1545,10 @@ def main(argv=None):
     p.add_argument("--bins", default="0,1024,2048,4096,8192", help="ppl, lengths: length bin edges")
     p.add_argument("--docs_per_bin", type=int, help="ppl, lengths: documents per length bin")
     p.add_argument("--positions", type=int, help="ppl: masked copies per document")
-    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--topk", type=int, default=5, help="fillmask: predictions kept in the report")
+    p.add_argument("--mask_input", default="hf", choices=tuple(MASK_INPUTS), help="fillmask, with a sentencepiece "
+                   "tokenizer: " + "; ".join(f"{k} = {v}" for k, v in MASK_INPUTS.items()) + ". Default hf: the "
+                   "input Table 3's numbers came from (a transformers tokenizer always places its own mask string)")
     p.add_argument("--baselines", default="char,word", help="retrieval: units of the edit-distance and Jaccard "
                    "baselines, char and/or word (defined at the top of --help), or none")
     p.add_argument("--pairs", type=int, help="alignment, simdist: positive and random pairs")
@@ -1416,7 +1592,7 @@ def main(argv=None):
     try:
         entries = [] if tasks == ["curves"] else load_entries(args)
         for task in tasks:
-            if task == "curves" and args.task == "all" and not args.run and not all(
+            if task == "curves" and args.task == "all" and not args.run and not any(
                     (f / "metrics.jsonl").is_file() for f in run_dirs(args)):
                 print("curves: no metrics.jsonl beside the models (give the training runs with --run); skipped\n")
                 continue

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
+import tokenizers
 import torch
 import torch.nn.functional as F
 import transformers  # a pinned test dependency: the independent reference
@@ -195,11 +197,11 @@ def test_pseudo_perplexity_of_a_model_with_a_known_answer():
     positions = ev.draw_positions(docs, {3, 4, 5, 6}, 100, seed=0)
     for p, d in zip(positions, docs):
         assert len(p) == 100 and 0 < p.min() and p.max() < len(d) - 1  # never <CLS> or <SEP>
-    got = ev.pseudo_perplexity(model, docs, positions, token_budget=600)  # several packed forwards
+    got = ev.pseudo_perplexity(model, docs, positions, 3, token_budget=600)  # several packed forwards
     expected = [math.exp(-log_probs[d[p]].double().mean().item()) for d, p in zip(docs, positions)]
     assert got == pytest.approx(expected, rel=1e-5)
     assert got[-1] == pytest.approx(math.exp(-log_probs[11].item()), rel=1e-5)  # one repeated token: 1 / p
-    uniform = ev.pseudo_perplexity(known_model(torch.full((V,), -math.log(V))), docs, positions)
+    uniform = ev.pseudo_perplexity(known_model(torch.full((V,), -math.log(V))), docs, positions, 3)
     assert uniform == pytest.approx([V] * len(docs), rel=1e-5)
 
 
@@ -213,10 +215,10 @@ def test_length_bins_and_sampling(tmp_path, tok):
     lengths = [len(tok.encode(t)) + 2 for t in texts]
     path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(i), "text": t} for i, t in enumerate(texts)])
     edges = [0, lengths[1], lengths[3], 10 ** 6]
-    bins = ev.sample_by_length(tok, path, edges, per_bin=10, seed=0)
+    bins, unmaskable = ev.sample_by_length(tok, path, edges, per_bin=10, seed=0)
     assert [sorted(i for i, _ in b) for b in bins] == [["0", "1"], ["2", "3"], ["4"]]  # (lo, hi] bins
-    assert [len(x) for _, x in bins[0]] == lengths[:2]
-    assert sum(len(b) for b in ev.sample_by_length(tok, path, edges, per_bin=1, seed=0)) == 3
+    assert [len(x) for _, x in bins[0]] == lengths[:2] and unmaskable["per_bin"] == [0, 0, 0]
+    assert sum(len(b) for b in ev.sample_by_length(tok, path, edges, per_bin=1, seed=0)[0]) == 3
 
 # -----------------------------------------------------------------------------------------------------------
 # published layouts and errors for people
@@ -339,7 +341,7 @@ def test_curves_join_stages(tmp_path, capsys):
 def test_every_task_on_the_demo_data(demo, capsys):
     run_cli(demo, "--task", "all", "--plot", "--quick", "--limit", "12", "--docs_per_bin", "2", "--positions", "5",
             "--pairs", "6", "--lrs", "1e-4", "3e-4", "--epochs", "1", "2", "--max_len", "64",
-            "--bins", "0,128,400,1000")
+            "--bins", "0,400,1000,3000")
     out = capsys.readouterr().out
     for task in ev.TASKS:
         r = report(demo, task)
@@ -378,7 +380,7 @@ def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
     results = {}
     for name, path in (("tf", tmp_path / "tf"), ("ours", demo / "out/demo/ckpt_2")):
         run_cli(demo, "--task", "ppl", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
-                "--limit", "6", "--docs_per_bin", "2", "--positions", "4")
+                "--limit", "6", "--docs_per_bin", "2", "--positions", "4", "--bins", "0,400,1000,3000")
         run_cli(demo, "--task", "retrieval", "--model", path, "--tokenizer", tok, "--out", tmp_path / name,
                 "--limit", "6", "--baselines", "none")
         results[name] = [report(tmp_path, t, name)["results"][str(path)] for t in ("ppl", "retrieval")]
@@ -398,15 +400,6 @@ def test_fillmask_top_predictions_of_a_known_model(tmp_path, tok):
     for r in report(tmp_path, "fillmask")["results"]["m"]:
         assert [t["id"] for t in r["top"]] == [top, tok.sep_id]
         assert r["top"][0]["prob"] == pytest.approx(1 / (1 + math.exp(-1) + (tok.vocab_size - 2) * math.exp(-20)))
-
-
-def test_fillmask_prompt_tokenized_as_running_text(llmjp_tokenizer):
-    tok = data.Tokenizer(llmjp_tokenizer)
-    sp = tok.sp
-    ids = ev.prompt_ids(tok, "1年は{}ヶ月です。")
-    pieces = ["▁1", "年", "は", None, "ヶ月", "です。"]  # no start-of-text "▁" after the mask
-    assert ids == [tok.cls_id] + [sp.piece_to_id(p) if p else tok.mask_id for p in pieces] + [tok.sep_id]
-    assert ev.prompt_ids(tok, "{}は、地球上")[:2] == [tok.cls_id, tok.mask_id]
 
 
 def test_mlm_matches_a_per_sequence_computation(demo, tok):
@@ -462,12 +455,12 @@ def test_pseudo_perplexity_matches_transformers_with_sharp_attention(tmp_path):
                 x[p] = 3
                 ce.append(F.cross_entropy(theirs(input_ids=x[None]).logits[0, p].double(), d[p]).item())
             expected.append(math.exp(sum(ce) / len(ce)))
-    got = ev.pseudo_perplexity(model, docs, positions, token_budget=100)
+    got = ev.pseudo_perplexity(model, docs, positions, 3, token_budget=100)
     assert got == pytest.approx(expected, rel=1e-6)  # measured: 3.1e-7 at most
     # the same weights with every layer global: a window that is ignored would pass the check above
     glob = ModernBERT(ModernBertConfig(**{**model.config.__dict__, "global_attn_every_n_layers": 1})).eval()
     glob.load_state_dict(model.state_dict())
-    wrong = ev.pseudo_perplexity(glob, docs, positions, token_budget=100)
+    wrong = ev.pseudo_perplexity(glob, docs, positions, 3, token_budget=100)
     assert max(abs(a / b - 1) for a, b in zip(wrong, expected)) > 1e-2
 
 
@@ -513,14 +506,11 @@ def test_bad_jsts_labels(tmp_path, label, message):
     assert f"jsts-v1.3/train-v1.3.json:2: {message}" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_empty_data_file_and_nothing_to_mask(tmp_path, tok):
+def test_empty_data_file(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     for read in (ev.read_miracl_pairs, ev.read_texts):
         with pytest.raises(SystemExit, match=r"empty\.jsonl: no records"):
             read(empty)
-    wiki = write_jsonl(tmp_path / "wiki.jsonl", [{"text": "山"}, {"text": ""}])
-    with pytest.raises(SystemExit, match=r"wiki\.jsonl:2: field 'text' has no token to mask$"):
-        ev.sample_by_length(tok, wiki, [0, 100], 5, 0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -587,34 +577,246 @@ def char_wordpiece_tokenizer(texts, where):
     return tok
 
 
-def test_bert_and_modernbert_with_their_own_tokenizers_side_by_side(tmp_path, demo):
-    path = demo / "data/demo/miracl.jsonl"
-    pairs = ev.read_miracl_pairs(path, 30)
-    texts = [t for p in ev.read_miracl_pairs(path) for t in p] + [p.replace("{}", "") for p in ev.PAPER_PROMPTS]
-    tok = char_wordpiece_tokenizer(texts, tmp_path / "bert")
+def release_style_tokenizer(sp_model):
+    """A Hugging Face tokenizer made from a sentencepiece unigram model the way llm-jp's Hugging Face release is:
+    the same pieces and scores; a normalizer that starts every text segment with "▁" and writes spaces as "▁"
+    (sentencepiece's own treatment of a text); the special pieces as special tokens, which cut the text into
+    segments before it is normalised; "<CLS> text <SEP>". Independent of evaluate.py: the released scripts'
+    input is this tokenizer given the prompt with the mask string in it."""
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    n = sp.get_piece_size()
+    backend = tokenizers.Tokenizer(tokenizers.models.Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(n)],
+                                                             sp.unk_id(), byte_fallback=True))
+    Replace, Regex = tokenizers.normalizers.Replace, tokenizers.Regex
+    backend.normalizer = tokenizers.normalizers.Sequence([Replace(Regex("^"), "▁"), Replace(Regex("\n▁"), "\n"),
+                                                          Replace(" ", "▁")])
+    specials = [sp.id_to_piece(i) for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    backend.add_special_tokens(specials)
+    named = {name: next(p for p in specials if p in (f"<{name}>", f"<{name}|LLM-jp>"))
+             for name in ("CLS", "SEP", "MASK", "PAD")}
+    cls, sep = named["CLS"], named["SEP"]
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+        special_tokens=[(cls, sp.piece_to_id(cls)), (sep, sp.piece_to_id(sep))])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, cls_token=cls, sep_token=sep, mask_token=named["MASK"], pad_token=named["PAD"],
+        unk_token=sp.id_to_piece(sp.unk_id()), model_max_length=10 ** 9,
+        extra_special_tokens=[p for p in specials if p not in named.values() and p != sp.id_to_piece(sp.unk_id())])
+
+
+# Table 3's prompts as the released script feeds them ("hf") and as running text ("plain"), in llm-jp's pieces:
+# the text after the mask begins with a word-start piece "▁" in the first, not in the second.
+TABLE_3_PIECES = [
+    (["<MASK>", "▁", "は、", "地球"], ["<MASK>", "は、", "地球"]),
+    (["<MASK>", "▁", "は、", "歴史"], ["<MASK>", "は、", "歴史"]),
+    (["▁最も", "長い", "川", "は", "<MASK>", "▁です。", "その"],
+     ["▁最も", "長い", "川", "は", "<MASK>", "です。", "その"]),
+    (["▁1", "年", "は", "<MASK>", "▁", "ヶ月", "です。"],
+     ["▁1", "年", "は", "<MASK>", "ヶ月", "です。"]),
+    (["▁英語", "で", "「", "ありがとう", "」", "は", "<MASK>", "▁と", "言", "います。"],
+     ["▁英語", "で", "「", "ありがとう", "」", "は", "<MASK>", "と", "言", "います。"]),
+    (["▁1", "年", "は", "およそ", "<MASK>", "▁日", "です。"],
+     ["▁1", "年", "は", "およそ", "<MASK>", "日", "です。"]),
+]
+
+
+def test_fillmask_inputs_of_table_3_with_the_llmjp_tokenizer(llmjp_tokenizer):
+    tok = data.Tokenizer(llmjp_tokenizer)
+    released = release_style_tokenizer(llmjp_tokenizer)
+    for prompt, (hf, plain) in zip(ev.PAPER_PROMPTS, TABLE_3_PIECES):
+        got = {mode: [tok.sp.id_to_piece(i) for i in ev.prompt_ids(tok, prompt, mode)] for mode in ("hf", "plain")}
+        for mode, start in (("hf", hf), ("plain", plain)):
+            assert got[mode][0] == "<CLS>" and got[mode][-1] == "<SEP>" and got[mode][1:1 + len(start)] == start
+        assert got["hf"][1 + len(hf):] == got["plain"][1 + len(plain):]  # the rest of the sentence alike
+        # "hf" is what the released script gives the model
+        assert ev.prompt_ids(tok, prompt, "hf") == released(prompt.replace("{}", released.mask_token))["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def zoo(demo):
+    """Beside the demo run (our checkpoint, a sentencepiece tokenizer), tiny random models of every other kind,
+    each with its own tokenizer, as transformers saves them: a ModernBERT with a tokenizer.json (a WordPiece
+    vocabulary whose special ids are not ModernBertConfig's defaults; its config.json names no mask id, as
+    transformers' ModernBERT configs do not), a BERT (WordPiece vocab.txt), a RoBERTa (byte-level BPE) and a
+    DeBERTa-v2 (a sentencepiece-style unigram). The last three hold 1,024 positions.
+    -> {--model name: (transformers directory of the same weights, the tokenizer the released scripts use)}."""
+    d, z = demo / "data/demo", demo / "zoo"
+    texts = ([r["text"] for _, r in data.read_jsonl(d / "wiki.jsonl")]
+             + [t for p in ev.read_miracl_pairs(d / "miracl.jsonl") for t in p]
+             + [p.replace("{}", "") for p in ev.PAPER_PROMPTS])
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=1024)
     torch.manual_seed(0)
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(
-        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
-    bert.save_pretrained(tmp_path / "bert")
-    ids = dict(pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4)
-    tiny_model(len(tok), num_hidden_layers=2, **ids).save_pretrained(tmp_path / "mbert")
-    tok.save_pretrained(tmp_path / "mbert")  # a ModernBERT with a tokenizer.json, not a sentencepiece model
-    run_cli(tmp_path, "--task", "retrieval", "--model", "bert", "mbert", "--data", path, "--limit", "30", "--out", "eval")
-    run_cli(tmp_path, "--task", "fillmask", "--model", "bert", "mbert", "--out", "eval")
-    results = report(tmp_path, "retrieval", "eval")["results"]
-    for name, model in (("bert", transformers.AutoModel.from_pretrained(tmp_path / "bert")),
-                        ("mbert", transformers.AutoModel.from_pretrained(tmp_path / "mbert"))):
-        recall, mrr = reference_retrieval(lambda t: hf_mean_pool(model.eval(), tok(t)["input_ids"]), pairs)
-        assert (results[name]["recall@10"], results[name]["mrr@10"]) == (pytest.approx(recall, abs=1e-9),
-                                                                        pytest.approx(mrr, abs=1e-9))
-    fill = report(tmp_path, "fillmask", "eval")["results"]
-    bert.eval()
-    for r in fill["bert"]:
-        x = tok(r["prompt"].replace("{}", "[MASK]"), return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            logits = bert(input_ids=x).logits[0, (x[0] == 4).nonzero()[0, 0]]
-        assert r["top"][0]["id"] == int(logits.argmax())
-    assert [r["prompt"] for r in fill["mbert"]] == ev.PAPER_PROMPTS
+    bert_tok = char_wordpiece_tokenizer(texts, z / "bert")
+    transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=len(bert_tok), **small)).save_pretrained(z / "bert")
+
+    ids = dict(pad_token_id=0, cls_token_id=2, sep_token_id=3, mask_token_id=4)  # the mask at ModernBertConfig's <SEP>
+    tiny_model(len(bert_tok), num_hidden_layers=2, local_attention=16, **ids).save_pretrained(z / "modernbert")
+    bert_tok.save_pretrained(z / "modernbert")
+    config = json.loads((z / "modernbert/config.json").read_text())
+    del config["mask_token_id"]
+    (z / "modernbert/config.json").write_text(json.dumps(config))
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.post_processor = tokenizers.processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    roberta_tok = transformers.RobertaTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>", cls_token="<s>", unk_token="<unk>",
+        pad_token="<pad>", mask_token="<mask>")
+    roberta_tok.save_pretrained(z / "roberta")
+    transformers.RobertaForMaskedLM(transformers.RobertaConfig(
+        vocab_size=len(roberta_tok), pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        **{**small, "max_position_embeddings": 1024 + 2})).save_pretrained(z / "roberta")  # positions start at 2
+
+    # the demo sentencepiece model's pieces and scores behind DeBERTa's special tokens (training a unigram
+    # vocabulary here would take a minute)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    pieces = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())
+              if not (sp.is_control(i) or sp.is_unknown(i))]
+    uni = tokenizers.Tokenizer(tokenizers.models.Unigram([(t, 0.0) for t in specials] + pieces, 3, byte_fallback=True))
+    uni.pre_tokenizer, uni.decoder = tokenizers.pre_tokenizers.Metaspace(), tokenizers.decoders.Metaspace()
+    uni.add_special_tokens(specials)
+    uni.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    deberta_tok = transformers.DebertaV2TokenizerFast(tokenizer_object=uni, bos_token="[CLS]", eos_token="[SEP]",
+                                                      unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                                                      cls_token="[CLS]", mask_token="[MASK]")
+    deberta_tok.save_pretrained(z / "deberta")
+    transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+        vocab_size=len(deberta_tok), pad_token_id=0, relative_attention=True, position_biased_input=False,
+        pos_att_type=["p2c", "c2p"], **small)).save_pretrained(z / "deberta")
+
+    return {"out/demo/ckpt_2": (demo / "out/demo/hf", release_style_tokenizer(d / "tokenizer.model")),
+            **{f"zoo/{m}": (z / m, transformers.AutoTokenizer.from_pretrained(z / m))
+               for m in ("modernbert", "bert", "roberta", "deberta")}}
+
+
+def reference_ppl(model, tok, docs, n_positions, seed):
+    """Pseudo-perplexity as the released script computes it: each masked copy through transformers on its own,
+    every position decoded."""
+    positions = ev.draw_positions(docs, set(tok.all_special_ids), n_positions, seed)
+    out = []
+    with torch.no_grad():
+        for d, pos in zip(docs, positions):
+            ce = []
+            for p in pos.tolist():
+                x = d.clone()
+                x[p] = tok.mask_token_id
+                ce.append(F.cross_entropy(model(input_ids=x[None]).logits[0, p].double(), d[p]).item())
+            out.append(math.exp(sum(ce) / len(ce)))
+    return out
+
+
+def test_every_task_on_every_kind_of_model_side_by_side(demo, zoo, capsys):
+    """One run of every task with our checkpoint, a Hugging Face ModernBERT, a BERT, a RoBERTa and a DeBERTa-v2
+    in one --model list: exit 0, every model in every report, the tasks that cannot apply to a model saying so;
+    then mlm, ppl, fill-mask and retrieval against transformers with the tokenizer the released scripts use."""
+    names = list(zoo)
+    run_cli(demo, "--task", "all", "--model", *names, "--quick", "--limit", "12", "--docs_per_bin", "2",
+            "--positions", "3", "--pairs", "6", "--lrs", "1e-4", "--epochs", "1", "--bins", "0,400,1000,3000",
+            "--out", "out/zoo")
+    out = capsys.readouterr().out
+    for task in set(ev.TASKS) - {"curves"}:
+        assert list(report(demo, task, "out/zoo")["results"])[:len(names)] == names, task
+    summary = json.loads((demo / "out/zoo/summary.json").read_text())
+    assert summary["models"] == names and set(summary["tasks"]) == set(ev.TASKS)
+    # mlm on the demo shards: only the model of the tokenizer that made them
+    mlm = report(demo, "mlm", "out/zoo")["results"]
+    assert mlm[names[0]]["masked_tokens"] > 0 and all("not_applicable" in mlm[n] for n in names[1:])
+    assert "mlm: zoo/bert: the shards hold ids of the sentencepiece tokenizer" in out
+    texts = {str(t["id"]): t["text"] for _, t in data.read_jsonl(demo / "data/demo/wiki.jsonl")}
+    pairs = ev.read_miracl_pairs(demo / "data/demo/miracl.jsonl", 12)
+    ppl, fill, retrieval = (report(demo, t, "out/zoo")["results"] for t in ("ppl", "fillmask", "retrieval"))
+    for name, (where, tok) in zoo.items():
+        theirs = transformers.AutoModelForMaskedLM.from_pretrained(where).eval()
+        positions = 8192 if name in ("out/demo/ckpt_2", "zoo/modernbert") else 1024
+        # ppl: a bin beyond the model's positions is not scored; the others as transformers computes them
+        r = ppl[name]
+        assert [b["n"] > 0 for b in r["bins"]] == [True, True, positions > 3000]
+        assert r["nothing_to_mask"]["per_bin"] == [0, 0, 0]
+        assert positions > 3000 or f"ppl: {name}: bins (1000, 3000] hold documents longer than its 1024" in out
+        docs = [torch.tensor(tok(texts[d["id"]])["input_ids"]) for d in r["docs"]]
+        assert [len(x) for x in docs] == [d["length"] for d in r["docs"]], name
+        assert [d["ppl"] for d in r["docs"]] == pytest.approx(reference_ppl(theirs, tok, docs, 3, 0), rel=1e-5), name
+        # fill-mask: the released script's input, top-k probabilities
+        for prompt in fill[name]:
+            x = tok(prompt["prompt"].replace("{}", tok.mask_token), return_tensors="pt")["input_ids"]
+            assert len(prompt["input"]) == x.shape[1], name
+            with torch.no_grad():
+                probs = theirs(input_ids=x).logits[0, x[0].tolist().index(tok.mask_token_id)].double().softmax(-1)
+            got = [t["prob"] for t in prompt["top"]]
+            assert got == pytest.approx(probs.topk(5).values.tolist(), rel=1e-4, abs=1e-7), name
+            assert got == pytest.approx(probs[[t["id"] for t in prompt["top"]]].tolist(), rel=1e-4, abs=1e-7), name
+        # retrieval: mean pooling
+        encoder = transformers.AutoModel.from_pretrained(where).eval()
+        recall, mrr = reference_retrieval(
+            lambda t: hf_mean_pool(encoder, tok(t, truncation=True, max_length=positions)["input_ids"]), pairs)
+        assert (retrieval[name]["recall@10"], retrieval[name]["mrr@10"]) == (pytest.approx(recall, abs=1e-9),
+                                                                            pytest.approx(mrr, abs=1e-9)), name
+    # the embedding tasks name their random pairs; curves come from the one training run
+    for task in ("alignment", "simdist"):
+        assert report(demo, task, "out/zoo")["settings"]["random_pairs"]["as_paper"] is False
+        assert f"{task}: random pairs are MIRACL queries" in out and "give --wiki" in out
+    curves = report(demo, "curves", "out/zoo")["results"]["curves"]
+    assert curves["runs"] == [str(Path("out/demo/metrics.jsonl"))]
+    assert set(curves["models_without_a_run"]) == set(names[1:])
+    assert "curves: zoo/bert: no metrics.jsonl in zoo/bert" in out
+    assert report(demo, "fillmask", "out/zoo")["settings"]["mask_input"]["per_model"] == {n: "hf" for n in names}
+
+
+def test_mlm_of_every_kind_of_model_against_transformers(demo, zoo):
+    """Masked-token loss and accuracy of a jsonl, the masks drawn as evaluate.py does (data.mask_tokens, one
+    generator over the documents in order), each sequence through transformers on its own."""
+    names = list(zoo)
+    run_cli(demo, "--task", "mlm", "--model", *names, "--data", "data/demo/wiki.jsonl", "--limit", "4",
+            "--seed", "5", "--out", "out/zoo-mlm")
+    got = report(demo, "mlm", "out/zoo-mlm")["results"]
+    texts = [r["text"] for _, (_, r) in zip(range(4), data.read_jsonl(demo / "data/demo/wiki.jsonl"))]
+    for name, (where, tok) in zoo.items():
+        theirs = transformers.AutoModelForMaskedLM.from_pretrained(where).eval()
+        g = torch.Generator().manual_seed(5)
+        losses, hits = [], []
+        for t in texts:
+            ids = torch.tensor(tok(t, truncation=True, max_length=512)["input_ids"])
+            x, y = data.mask_tokens(ids, set(tok.all_special_ids), tok.mask_token_id, len(tok), g, p=0.3)
+            with torch.no_grad():
+                logits = theirs(input_ids=x[None]).logits[0]
+            sel = y != -100
+            losses += F.cross_entropy(logits[sel], y[sel], reduction="none").tolist()
+            hits += (logits[sel].argmax(-1) == y[sel]).tolist()
+        assert got[name]["masked_tokens"] == len(losses), name
+        assert got[name]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5), name
+        assert got[name]["accuracy"] == pytest.approx(sum(hits) / len(hits)), name
+
+
+def test_ppl_skips_documents_with_nothing_to_mask(demo, zoo, tmp_path, capsys):
+    """An all-unknown document (characters outside BERT's vocabulary: every token [UNK]) and an empty one are
+    skipped and counted, per model's tokenizer; the run fails, in one line, only if that leaves a bin empty."""
+    texts = [r["text"] for _, (_, r) in zip(range(6), data.read_jsonl(demo / "data/demo/wiki.jsonl"))]
+    rows = ([{"id": "unknown", "text": "☃ ☄ ☃☃ " * 10}, {"id": "empty", "text": ""}]
+            + [{"id": str(i), "text": t} for i, t in enumerate(texts)])
+    wiki = write_jsonl(tmp_path / "wiki.jsonl", rows)
+    run_cli(demo, "--task", "ppl", "--model", "out/demo/ckpt_2", "zoo/bert", "--data", wiki, "--bins", "0,1000",
+            "--docs_per_bin", "3", "--positions", "2", "--out", tmp_path / "eval")
+    out = capsys.readouterr().out
+    r = report(tmp_path, "ppl", "eval")["results"]
+    assert r["zoo/bert"]["nothing_to_mask"] == {"per_bin": [2], "ids": ["unknown", "empty"]}
+    assert r["out/demo/ckpt_2"]["nothing_to_mask"] == {"per_bin": [1], "ids": ["empty"]}  # byte fallback: no <unk>
+    assert all(d["id"] not in ("unknown", "empty") for d in r["zoo/bert"]["docs"]) and len(r["zoo/bert"]["docs"]) == 3
+    table = [line.split()[-2:] for line in out.splitlines() if line.startswith("skipped: nothing to mask")]
+    assert table == [["1", "2"]]
+    only = write_jsonl(tmp_path / "only.jsonl", rows[:2] + rows[3:4])
+    with pytest.raises(SystemExit) as e:
+        run_cli(demo, "--task", "ppl", "--model", "zoo/bert", "--data", only, "--bins", "0,10,1000",
+                "--out", tmp_path / "eval")
+    # the empty document is the bin's only one (the unknown one is 42 tokens long)
+    assert str(e.value).startswith(f"error: {only}: no document of [0, 10] tokens to score (tokenizer zoo/bert, "
+                                   "1 with nothing to mask); give other --bins") and "\n" not in str(e.value)
 
 
 def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
