@@ -164,10 +164,7 @@ class TransformersMLM(torch.nn.Module):
         # positions the model can embed (RoBERTa's position ids start after the padding index)
         offset = self.config.pad_token_id + 1 if self.config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
         self.max_positions = self.config.max_position_embeddings - offset
-        # Padding is filled with the embedding's own padding index, whatever the tokenizer calls padding: RoBERTa
-        # numbers positions by counting the ids that differ from it, so any other filler runs past its positions.
-        # Attention never sees the filler.
-        self.filler = self.config.pad_token_id or 0
+        self.filler = self.config.pad_token_id or 0  # fills the padding, which attention never sees
 
     def padded(self, input_ids, cu_seqlens, max_seqlen):
         """-> (input_ids (B, S), attention_mask (B, S), where each packed token lies in the flat (B*S,) batch)."""
@@ -944,7 +941,8 @@ def task_fillmask(args, entries):
         r = results[e.name][i]
         return "n/a" if "not_applicable" in r else r["top"][0]["token"] or "∅"
     rows = [(short(r["prompt"]), [top1(e, i) for e in entries]) for i, r in enumerate(prompts)]
-    rows.append(("mask input (--mask_input)", [mask_input_of(args, e) for e in entries]))
+    why = {"hf": "hf (Table 3's input)", "plain": "plain (running text)"}
+    rows.append(("mask input (--mask_input)", [why[mask_input_of(args, e)] for e in entries]))
     return settings, results, rows
 
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -792,6 +793,17 @@ def test_mlm_of_every_kind_of_model_against_transformers(demo, zoo):
         assert got[name]["masked_tokens"] == len(losses), name
         assert got[name]["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5), name
         assert got[name]["accuracy"] == pytest.approx(sum(hits) / len(hits)), name
+
+
+def test_mlm_runs_on_shards_only_for_the_tokenizer_that_made_them(demo, tmp_path, capsys):
+    other = data.train_tokenizer(demo / "data/demo/corpus.jsonl", 1100, tmp_path / "other.model")
+    tiny_model(1100, num_hidden_layers=2).save_pretrained(tmp_path / "other")
+    shutil.copyfile(other, tmp_path / "other/tokenizer.model")
+    run_cli(demo, "--task", "mlm", "--model", "out/demo/hf", tmp_path / "other", "--limit", "3",
+            "--out", tmp_path / "eval")
+    r = report(tmp_path, "mlm", "eval")["results"]
+    assert r["out/demo/hf"]["masked_tokens"] > 0 and set(r[str(tmp_path / "other")]) == {"not_applicable"}
+    assert f"mlm: {tmp_path / 'other'}: tokenizer " in capsys.readouterr().out
 
 
 def test_ppl_skips_documents_with_nothing_to_mask(demo, zoo, tmp_path, capsys):
