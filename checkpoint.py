@@ -9,9 +9,14 @@ Training checkpoints: where they live, how they are written, verified and read, 
                                   of every other file
 
 A checkpoint is written as ckpt_STEP.tmp/ and renamed once all of it, meta.json last, is on disk: a kill
-while saving leaves only a .tmp directory, which the next run removes. Before a checkpoint is used, its
-files are checked against meta.json, so a truncated, altered or incomplete one is reported in one line and
-never loaded. CRC-32 rather than a cryptographic hash: it catches damage, not tampering, at ~2 GB/s.
+while saving leaves only a .tmp directory, which the next run removes. Each process checksums the files it
+wrote, and rank 0 writes them all into meta.json. Before a checkpoint is used, its files are checked against
+meta.json, so a truncated, altered or incomplete one is reported in one line and never loaded; on several
+processes rank 0 lists the checkpoints and reads meta.json, each process checks a share of the files, and
+the verdicts are combined, so every process loads the same one. Old checkpoints are renamed to
+ckpt_STEP.trash-N and then removed; a file that cannot be removed yet (open elsewhere on a network
+filesystem) stays until a later run removes it. CRC-32 rather than a cryptographic hash: it catches damage,
+not tampering, at ~2 GB/s.
 """
 import json
 import os
@@ -56,6 +61,19 @@ def crc32(path, chunk=16 << 20):
     return f"{crc:08x}"
 
 
+def _rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _from_rank0(obj):
+    """Rank 0's obj on every process: one decision for all, whatever each process's view of the filesystem."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box)
+    return box[0]
+
+
 def _share(names):
     """This process's part of a list of files, so that hashing is spread over all processes."""
     if dist.is_initialized():
@@ -93,12 +111,16 @@ def read_meta(path):
 
 def verify(path):
     """meta.json of a checkpoint whose every file has the size and CRC-32 it records; otherwise CheckpointError
-    naming the first damaged file. Collective when a process group exists (each process checks a share)."""
+    naming the first damaged file. Collective when a process group exists: rank 0 reads meta.json, each process
+    checks a share of the files, and every process gets the same answer."""
     path = Path(path)
     try:
-        meta = read_meta(path)
-        problems = []
-        for name in _share(sorted(meta["files"])):
+        meta, problems = (read_meta(path) if _rank() == 0 else None), []
+    except CheckpointError as e:
+        meta, problems = None, [str(e)]
+    meta, problems = _from_rank0((meta, problems))
+    try:
+        for name in _share(sorted(meta["files"])) if meta else []:
             want, file = meta["files"][name], path / name
             if not file.is_file():
                 problems.append(f"{file}: missing")
@@ -106,12 +128,10 @@ def verify(path):
                 problems.append(f"{file}: {file.stat().st_size} bytes, {META} records {want['size']}")
             elif (crc := crc32(file)) != want["crc32"]:
                 problems.append(f"{file}: CRC-32 {crc}, {META} records {want['crc32']} (altered)")
-    except CheckpointError as e:
-        problems = [str(e)]
     except (TypeError, KeyError, AttributeError) as e:  # every process must reach the gather below
-        problems = [f"{path / META}: malformed ({type(e).__name__}: {e})"]
+        problems.append(f"{path / META}: malformed ({type(e).__name__}: {e})")
     except OSError as e:
-        problems = [f"{path}: {e}"]
+        problems.append(f"{path}: {e}")
     problems = sorted(set(_gather(problems)))
     if problems:
         raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
@@ -119,9 +139,9 @@ def verify(path):
 
 
 def latest(out_dir, report=print):
-    """(newest checkpoint of out_dir that verifies, its meta) or (None, None); each newer one that does not is
-    reported in one line and left in place."""
-    for path in reversed(list_checkpoints(out_dir)):
+    """(newest checkpoint of out_dir that verifies, its meta) or (None, None), the same on every process (rank 0
+    lists them); each newer one that does not verify is reported in one line and left in place."""
+    for path in reversed(_from_rank0(list_checkpoints(out_dir))):
         try:
             return path, verify(path)
         except CheckpointError as e:
@@ -129,10 +149,21 @@ def latest(out_dir, report=print):
     return None, None
 
 
+def discard(path):
+    """Remove a directory without ever failing a run: renamed out of the way first (a name list_checkpoints skips),
+    then removed as far as possible; what remains (a file still open elsewhere) goes with a later remove_partial."""
+    trash = path.with_name(f"{path.name}.trash-{time.time_ns()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def remove_partial(out_dir):
-    """Remove checkpoints whose writing was interrupted (ckpt_STEP.tmp)."""
-    for tmp in Path(out_dir).glob("ckpt_*.tmp"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Remove checkpoints whose writing was interrupted (ckpt_STEP.tmp) and what discard() left."""
+    for leftover in [*Path(out_dir).glob("ckpt_*.tmp"), *Path(out_dir).glob("ckpt_*.trash-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def save(out_dir, step, model, optimizer, own, meta, keep_last):
@@ -142,26 +173,32 @@ def save(out_dir, step, model, optimizer, own, meta, keep_last):
     rank = dist.get_rank()
     final, tmp = Path(out_dir) / f"ckpt_{step}", Path(out_dir) / f"ckpt_{step}.tmp"
     if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
+        discard(tmp)
     dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    written = dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     torch.save(own, tmp / f"rank{rank}.pt")
-    dist.barrier()  # every process's files are written
+    # each process checksums the files it wrote (named __RANK_N.distcp by dcp, still in its page cache), not a
+    # listing of the directory, which another node may see late on a network filesystem; rank 0 gathers them
+    data_files = sorted({info.relative_path for info in written.storage_data.values()})
     t0 = time.perf_counter()
-    files = _gather({name: {"size": (tmp / name).stat().st_size, "crc32": crc32(tmp / name)}
-                     for name in _share(sorted(p.name for p in tmp.iterdir()))})
+    mine = [n for n in data_files if n.startswith(f"__{rank}_")] + [f"rank{rank}.pt"] + [".metadata"] * (rank == 0)
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object({n: {"size": (tmp / n).stat().st_size, "crc32": crc32(tmp / n)} for n in mine}, parts)
     hashing = time.perf_counter() - t0
     if rank == 0:
+        files = {name: entry for part in parts for name, entry in part.items()}
+        expected = {*data_files, ".metadata", *(f"rank{r}.pt" for r in range(len(parts)))}
+        assert files.keys() == expected, sorted(expected ^ files.keys())  # a file no process claims
         with open(tmp / META, "w") as f:
-            json.dump({**meta, "step": step, "world_size": dist.get_world_size(), "files": files}, f, indent=2)
+            json.dump({**meta, "step": step, "world_size": len(parts), "files": files}, f, indent=2)
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes the checkpoint visible
         if final.exists():  # a damaged checkpoint of this step, skipped when the run resumed
-            shutil.rmtree(final)
+            discard(final)
         os.rename(tmp, final)
         for old in list_checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old)
+            discard(old)
     dist.barrier()
     return final, hashing
 

@@ -1,6 +1,7 @@
 # Stage 1 of llm-jp-modernbert-base (the paper's Table 1): 500k steps of 3,328 sequences of <= 1,024 tokens, on
 # llm-jp-corpus v4 (Japanese), paper: 16 x H100 for 8 days.
 #   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/stage1.py
+# on each node (README: a SLURM script), with out_dir on a filesystem all nodes see.
 # The shards come from
 #   python data.py prepare --input 'llm-jp-corpus-v4/ja/**/*.jsonl.gz' \
 #       --tokenizer data/llm-jp-tokenizer-100k.ver3.0b1.model --out data/llm-jp-corpus-v4 --workers 64
@@ -11,7 +12,7 @@ tokenizer = "data/llm-jp-tokenizer-100k.ver3.0b1.model"
 mode = "line_by_line"  # one document per sequence, truncated, as the paper trained
 max_seqlen = 1024
 batch_size = 3328      # 16 GPUs x 26 sequences x 8 micro-steps
-micro_batch_size = 26      # evaluation; training packs micro-batches by tokens instead:
+micro_batch_size = 26      # the paper's sequences per GPU (bench.py's shape); train.py packs by tokens instead:
 micro_batch_tokens = 26_624  # the same peak (26 x 1,024), ~1.6x fewer micro-steps (`bench.py data --budget`)
 mlm_probability = 0.3
 max_steps = 500_000

@@ -1,6 +1,7 @@
 # Stage 2 of llm-jp-modernbert-base (the paper's Table 1): context extension to 8,192 tokens, 200k steps of 384
 # sequences, from stage 1's final weights with a fresh optimizer and schedule; paper: 16 x H100 for 3 days.
 #   torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py configs/stage2.py
+# on each node (README: a SLURM script), with out_dir on a filesystem all nodes see.
 out_dir = "out/stage2"
 model = "llm-jp-modernbert-base"
 init_from = "out/stage1/hf"  # what stage 1 exports at its end (or any out/stage1/ckpt_STEP)
@@ -9,7 +10,7 @@ tokenizer = "data/llm-jp-tokenizer-100k.ver3.0b1.model"
 mode = "line_by_line"
 max_seqlen = 8192
 batch_size = 384       # 16 GPUs x 2 sequences x 12 micro-steps
-micro_batch_size = 2   # evaluation; training packs micro-batches by tokens instead:
+micro_batch_size = 2   # the paper's sequences per GPU (bench.py's shape); train.py packs by tokens instead:
 micro_batch_tokens = 16_384  # the same peak (2 x 8,192), ~6x fewer micro-steps (`bench.py data --budget`)
 mlm_probability = 0.3
 max_steps = 200_000

@@ -1,15 +1,20 @@
 """train.py end to end on a very small model: gradients on 1, 2 and 3 processes against plain PyTorch, 1 vs 2
 processes and resumes across process counts, exact resume after SIGKILL, damaged checkpoints, bf16 compute,
-NaN detection, export, config checking and the command line.
+NaN detection, export, config checking and the command line; two nodes simulated by two torchrun launchers
+(a killed, a stuck and a misconfigured node); micro-batch planning for 128 processes.
 
-Run as a script under torchrun, this file is the worker of the gradient test."""
+Run as a script under torchrun, this file is the worker of the gradient and retrieval tests."""
+import errno
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import fields
 from pathlib import Path
 
@@ -22,6 +27,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 import train  # noqa: E402
+from evaluate import read_miracl_pairs, retrieval_scores  # noqa: E402
 from model import ModernBERT, ModernBertConfig, parallelize  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # deterministic and fast on a shared CPU
@@ -226,6 +232,41 @@ def test_two_processes_match_one(reference, reference2):
     assert_same_curve(metrics(reference2), one, rel=1e-5)
 
 
+def retrieval_worker(config, model_dir, out):
+    """Under torchrun: train.py's retrieval evaluation of a model, its texts shared over the ranks; rank 0 saves it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg, _ = train.load_config([config])
+    model = parallelize(ModernBERT.from_pretrained(model_dir), init_device_mesh("cpu", (world,))).eval()
+    run = train.Run(cfg, config, rank, world, torch.device("cpu"), None, Path(out).parent,
+                    tokenizer=data.Tokenizer(cfg.tokenizer), pairs=read_miracl_pairs(cfg.retrieval_eval))
+    scores = train.evaluate_retrieval(run, model, 0)
+    if rank == 0:
+        Path(out).write_text(json.dumps(scores))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_retrieval_shared_over_ranks_equals_evaluate_py(config, reference2, tmp_path):
+    """Recall@10 / MRR@10 with the texts shared over 2 ranks (the run's last evaluation) and over 3 (14 batches:
+    the third rank fills up with an empty one) are evaluate.py's on the final model."""
+    root = config.parent
+    expected = retrieval_scores(ModernBERT.from_pretrained(reference2 / "hf"), data.Tokenizer(root / "tok.model"),
+                                root / "miracl.jsonl", max_len=64)
+    assert expected["n_queries"] == 30
+    proc = subprocess.run([*TORCHRUN[:-1], "--nproc_per_node=3", __file__, "retrieval", str(config),
+                           str(reference2 / "hf"), str(tmp_path / "scores.json")], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = metrics(reference2)[-1]
+    assert final["step"] == STEPS
+    for got in (final, json.loads((tmp_path / "scores.json").read_text())):
+        assert (got["recall@10"], got["mrr@10"]) == pytest.approx((expected["recall@10"], expected["mrr@10"]),
+                                                                 rel=1e-9)
+
+
 @pytest.mark.parametrize("cmd", [TORCHRUN, [sys.executable]], ids=["1to2", "2to1"])
 def test_resume_on_another_number_of_processes(config, reference, reference2, cmd, tmp_path):
     written_by = reference if cmd is TORCHRUN else reference2
@@ -414,12 +455,10 @@ def test_export_matches_final_weights(reference, tmp_path):
 
 
 def config_error(capsys, *args):
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(train.Stop) as e:
         train.load_config([str(a) for a in args])
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1
-    return err
+    assert len(str(e.value).splitlines()) == 1
+    return f"error: {e.value}"
 
 
 def test_config_errors_name_the_key(tmp_path, capsys):
@@ -548,5 +587,299 @@ def test_real_tokenizer_gives_the_released_vocabulary(llmjp_tokenizer):
     assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (768, 22, 1152)
 
 
+# ---- several nodes: two torchrun launchers on 127.0.0.1 -------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_everything_in(dirs):
+    """SIGKILL every process whose working directory is one of the node directories (a torchrun worker that lost
+    its launcher included); a stopped process dies too."""
+    for cwd in Path("/proc").glob("[0-9]*/cwd"):
+        try:
+            here = Path(os.readlink(cwd))
+        except OSError:
+            continue
+        if any(here == d or d in here.parents for d in dirs) and int(cwd.parent.name) != os.getpid():
+            try:
+                os.kill(int(cwd.parent.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+class Nodes:
+    """Two `torchrun --nnodes=2 --nproc_per_node=1` launchers as two nodes run them, each in its own directory (its
+    relative paths are its own), node n at address 127.0.0.{n+1} (c10d ranks follow the addresses), node 0
+    hosting the rendezvous. Leaving the `with` block kills whatever they left running."""
+
+    def __init__(self, dirs, *args, restarts=0, env=(), script=REPO / "train.py"):
+        self.dirs, self.procs, port = dirs, [], free_port()
+        for n, d in enumerate(dirs):
+            with open(d / "launcher.log", "w") as log:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                     "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--local_addr=127.0.0.{n + 1}",
+                     f"--rdzv_conf=is_host={int(n == 0)}", f"--max-restarts={restarts}", str(script),
+                     *map(str, args)], cwd=d, env={**ENV, **dict(env)}, stdout=log, stderr=subprocess.STDOUT))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for proc in self.procs:
+            for pid in process_tree(proc.pid) if proc.poll() is None else []:
+                with __import__("contextlib").suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+        kill_everything_in(self.dirs)
+
+    def log(self, n):
+        return (self.dirs[n] / "launcher.log").read_text(errors="replace")
+
+    def errors(self, n):
+        """The lines train.py printed as errors on node n (torchrun's summary repeats them indented)."""
+        return [line for line in self.log(n).splitlines() if line.startswith("error: ")]
+
+    def worker(self, n):
+        return next(p for p in process_tree(self.procs[n].pid)[1:]
+                    if "train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
+
+    def wait_until(self, condition, limit=300):
+        deadline = time.time() + limit
+        while not condition():
+            assert all(p.poll() is None for p in self.procs) and time.time() < deadline, self.tails()
+            time.sleep(0.005)
+
+    def wait(self, limit=300):
+        """-> (the launchers' exit codes, seconds until the last one exited)."""
+        t0 = time.time()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(1.0, limit - (time.time() - t0)))
+            except subprocess.TimeoutExpired:
+                pass
+        return [p.poll() for p in self.procs], time.time() - t0
+
+    def tails(self):
+        return "\n".join(f"--- node {n}:\n" + "\n".join(self.log(n).splitlines()[-25:]) for n in (0, 1))
+
+
+@pytest.fixture(scope="module")
+def node_config(config, tmp_path_factory):
+    """The tiny config with each node's own inputs: data, tokenizer and retrieval file relative to the node's
+    working directory."""
+    text = config.read_text()
+    for key, name in (("data_dir", "shards"), ("tokenizer", "tok.model"), ("retrieval_eval", "miracl.jsonl")):
+        text = re.sub(rf"^{key} = .*$", f'{key} = "{name}"', text, flags=re.M)
+    path = tmp_path_factory.mktemp("nodes") / "nodes.py"
+    path.write_text(text)
+    return path
+
+
+def node_dirs(root, config, missing_on_node1=()):
+    """Two node directories under root, each with its links to the inputs."""
+    dirs = [root / "node0", root / "node1"]
+    for n, d in enumerate(dirs):
+        d.mkdir(parents=True)
+        for name in {"shards", "tok.model", "miracl.jsonl"} - set(missing_on_node1 if n == 1 else ()):
+            (d / name).symlink_to(config.parent / name)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def two_nodes(config, node_config, tmp_path_factory):
+    """An uninterrupted run on two nodes; its out_dir (shared by the nodes: an absolute path). Rank 1's first
+    verification of the shards takes 15 s longer than the 10 s timeout without tripping the watchdog."""
+    root = tmp_path_factory.mktemp("two_nodes")
+    with Nodes(node_dirs(root, config), 15, node_config, f"--out_dir={root / 'out'}", "--collective_timeout=10",
+               script=REPO / "tests" / "slow_verification.py") as job:
+        assert job.wait()[0] == [0, 0], job.tails()
+    return root / "out"
+
+
+def evaluated(out, step):
+    def until():
+        try:
+            return any(m["step"] == step and "val_loss" in m for m in metrics(out))
+        except (OSError, json.JSONDecodeError, KeyError):
+            return False
+    return until
+
+
+def test_two_nodes_match_one_process_and_meta_json_checksums_every_rank_files(two_nodes, reference):
+    assert_same_curve(metrics(two_nodes), metrics(reference), rel=1e-5)
+    for ckpt in checkpoint.list_checkpoints(two_nodes):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        on_disk = sorted(p.name for p in ckpt.iterdir() if p.name != "meta.json")
+        assert sorted(meta["files"]) == on_disk and meta["world_size"] == 2
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rank0.pt", "rank1.pt"} <= set(on_disk)
+        for name, entry in meta["files"].items():
+            raw = (ckpt / name).read_bytes()
+            assert entry == {"size": len(raw), "crc32": f"{zlib.crc32(raw):08x}"}, (ckpt.name, name)
+
+
+def test_a_killed_worker_ends_both_nodes_and_the_rerun_resumes_exactly(config, node_config, two_nodes, tmp_path):
+    dirs, out = node_dirs(tmp_path, config), tmp_path / "out"
+    with Nodes(dirs, node_config, f"--out_dir={out}") as job:
+        job.wait_until(evaluated(out, 8))  # ckpt_3 and ckpt_6 are written
+        os.kill(job.worker(1), signal.SIGKILL)
+        codes, took = job.wait(120)
+        assert codes[0] == 1 and codes[1] not in (0, None) and took < 30, (codes, took)
+        lines = job.errors(0)
+        assert len(lines) == 1 and re.match(r"error: rank 0 \(.+\): step \d+ \(.+\): a collective failed: ", lines[0])
+    # a byte flipped in the newest checkpoint's file written by rank 1: every rank skips it for the one before
+    *_, before, newest = checkpoint.list_checkpoints(out)
+    flipped = newest / "__1_0.distcp"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    with Nodes(dirs, node_config, f"--out_dir={out}") as job:
+        assert job.wait()[0] == [0, 0], job.tails()
+        log = job.log(0)
+    assert f"skipping checkpoint {flipped}: CRC-32 " in log and "(altered)" in log
+    assert f"resuming from {before} at step {checkpoint.step_of(before)}" in log
+    assert metrics(out) == metrics(two_nodes)  # every step, bit for bit
+
+
+def test_two_nodes_restart_by_themselves_and_finish_on_the_same_curve(config, node_config, two_nodes, tmp_path):
+    # torchrun's store shared with the workers can hand a restarted worker a peer's old address: not sharing it
+    # is what train.py's warning recommends
+    dirs, out = node_dirs(tmp_path, config), tmp_path / "out"
+    with Nodes(dirs, node_config, f"--out_dir={out}", restarts=1,
+               env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}) as job:
+        job.wait_until(evaluated(out, 8))
+        os.kill(job.worker(1), signal.SIGKILL)
+        assert job.wait()[0] == [0, 0], job.tails()
+        assert "resuming from" in job.log(0)
+    assert metrics(out) == metrics(two_nodes)
+
+
+def test_a_node_missing_its_data_stops_both_with_its_line(config, node_config, tmp_path):
+    dirs, out = node_dirs(tmp_path, config, missing_on_node1=("shards",)), tmp_path / "out"
+    host = socket.gethostname()
+    with Nodes(dirs, node_config, f"--out_dir={out}") as job:
+        job.wait_until(lambda: job.errors(1), limit=120)
+        codes, took = job.wait(60)
+        assert codes == [1, 1] and took < 30, (codes, took, job.tails())
+        mine, other = job.errors(1), job.errors(0)
+        summary = job.log(1)
+    assert mine == [f"error: rank 1 ({host}): {node_config}: input missing: data_dir shards (= {dirs[1] / 'shards'}): "
+                    f"make it with python data.py prepare --input 'CORPUS/*.jsonl' --tokenizer tok.model --out shards"]
+    assert other == [f"error: rank 0 ({host}): stopped by rank 1 ({host}): " + mine[0].split("): ", 1)[1]]
+    assert "rank      : 1 (local_rank: 0)" in summary and f"traceback : {mine[0]}" in summary  # torchrun's summary
+    assert not out.exists()
+
+
+def test_a_node_local_out_dir_is_one_line_and_nothing_is_written(config, node_config, tmp_path):
+    dirs = node_dirs(tmp_path, config)
+    with Nodes(dirs, node_config, "--out_dir=out/run") as job:  # relative: each node its own
+        assert job.wait()[0] == [1, 1], job.tails()
+        mine = job.errors(1)
+    assert len(mine) == 1 and mine[0].startswith(
+        f"error: rank 1 ({socket.gethostname()}): out_dir out/run ({dirs[1] / 'out' / 'run'}) is not the directory "
+        f"rank 0 writes to: "), mine
+    for d in dirs:
+        assert sorted(p.name for p in d.iterdir()) == ["launcher.log", "miracl.jsonl", "shards", "tok.model"]
+
+
+def test_a_stuck_worker_ends_the_job_naming_the_step_and_the_silent_rank(config, node_config, tmp_path):
+    # a 20 s timeout rather than the default 600 s or a 60 s one: what is checked does not depend on it, and the job
+    # still needs another 30 s to end after the line (torchrun waits that long for a stopped worker to take
+    # SIGTERM before it kills it)
+    dirs, out = node_dirs(tmp_path, config), tmp_path / "out"
+    with Nodes(dirs, node_config, f"--out_dir={out}", "--collective_timeout=20") as job:
+        job.wait_until(lambda: logged_step(5)(out))
+        os.kill(job.worker(1), signal.SIGSTOP)
+        codes, took = job.wait(240)
+        assert codes[0] == 1 and codes[1] not in (0, None) and took < 120, (codes, took, job.tails())
+        lines = job.errors(0)
+    host = re.escape(socket.gethostname())
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: rank 0 \({host}\): step (\d+) \(.+\): (no progress for \d+ s|a collective failed: .*Timed out.*); "
+        rf"not heard from: rank 1 \({host}, last heard \d+ s ago, at step \d+, .+\)", lines[0]), lines
+    assert int(re.search(r"step (\d+)", lines[0]).group(1)) >= 5
+
+
+# ---- micro-batches by tokens on many processes ------------------------------------------------------------------
+
+
+class Lengths:
+    """A loader stand-in whose samples all have the same token count."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def sample_tokens(self, first, n):
+        return [self.tokens] * n
+
+
+def test_empty_share_counts_what_pack_by_tokens_leaves_empty():
+    # every sample fills a micro-batch: 384 micro-batches on 128 ranks fit exactly, on 100 ranks 4 x 100 - 384
+    assert train.empty_share(Lengths(100), 100, 128, 384, batches=2) == (0, 2 * 384)
+    assert train.empty_share(Lengths(100), 100, 100, 384, batches=2) == (2 * 16, 2 * 400)
+    # two samples per micro-batch: 192 micro-batches, 2 micro-steps on each of 128 ranks, 64 of them empty
+    assert train.empty_share(Lengths(50), 100, 128, 384, batches=1) == (64, 256)
+
+
+def test_more_than_a_quarter_empty_is_a_warning_with_what_to_change():
+    cfg = train.Config(batch_size=384, max_seqlen=30, micro_batch_tokens=150)
+    assert train.micro_batch_report(Lengths(30), cfg, 16) == (  # 77 micro-batches: 5 steps on 16 ranks, 3 empty
+        "4% of the micro-batches of <= 150 tokens empty on 16 processes (the first 8 global batches)")
+    # on 128 ranks 51 of the 77 + 51 are empty; 4 samples of 30 tokens per micro-batch would make 96 (25% empty)
+    assert train.micro_batch_report(Lengths(30), cfg, 128) == (
+        "warning: 40% of the micro-batches of <= 150 tokens empty on 128 processes (the first 8 global batches): a "
+        "global batch of 384 sequences fills about 77 micro-batches and each process runs 1; to fill them, lower "
+        "micro_batch_tokens to 120 (25% empty), raise batch_size to about 639 or run on about 77 processes")
+
+
+def test_stage2_batch_splits_over_128_processes_by_tokens(config):
+    stage2, _ = train.load_config(["stage2"])
+    assert stage2.batch_size == 384 and stage2.micro_batch_tokens and train.batch_problem(stage2, 128) is None
+    assert train.batch_problem(train.Config(batch_size=384, micro_batch_size=2), 128) == (
+        "batch_size 384 is not a multiple of 128 processes x micro_batch_size 2; micro_batch_size can be 1, 3")
+    # the same split on the demo shards, training and validation: every rank runs as many micro-steps
+    cfg, _ = train.load_config([config, "--batch_size=384", "--micro_batch_tokens=96"])
+    steps = set()
+    for rank in (0, 1, 127):
+        _, loader, val, _ = train.open_inputs(cfg, config, rank, 128)
+        steps.add((len(next(iter(loader))), len(next(iter(val)))))
+    assert len(steps) == 1, steps
+    empty, total = train.empty_share(loader, 96, 128, 384)
+    report = train.micro_batch_report(loader, cfg, 128)
+    assert f"{empty / total:.0%} of the micro-batches of <= 96 tokens empty on 128 processes" in report
+    assert report.startswith("warning: ") == (empty / total > train.EMPTY_WARNING), report
+
+
+# ---- retention on a network filesystem --------------------------------------------------------------------------
+
+
+def test_a_busy_file_never_fails_retention_and_goes_with_the_next_start(tmp_path, monkeypatch):
+    old = tmp_path / "ckpt_3"
+    old.mkdir()
+    (old / "__0_0.distcp").write_bytes(b"x" * 10)
+    (old / ".nfs0000busy").write_bytes(b"y")  # what NFS leaves for a file still open elsewhere
+    unlink = os.unlink
+
+    def busy(path, *args, **kwargs):
+        if str(path).endswith(".nfs0000busy"):
+            raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+        return unlink(path, *args, **kwargs)
+    monkeypatch.setattr(os, "unlink", busy)
+    checkpoint.discard(old)
+    assert not old.exists() and checkpoint.list_checkpoints(tmp_path) == []
+    left = list(tmp_path.glob("ckpt_3.trash-*"))
+    assert len(left) == 1 and [p.name for p in left[0].iterdir()] == [".nfs0000busy"]
+    monkeypatch.setattr(os, "unlink", unlink)  # the file was closed meanwhile
+    checkpoint.remove_partial(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 if __name__ == "__main__":
-    gradient_worker(sys.argv[1])
+    if sys.argv[1] == "retrieval":
+        retrieval_worker(*sys.argv[2:])
+    else:
+        gradient_worker(sys.argv[1])
