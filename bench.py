@@ -331,7 +331,8 @@ def bench_attention(args):
                "fwd_tflops": fwd_flops / t_fwd / 1e12, "fwd_bwd_ms": t_all * 1e3,
                "fwd_bwd_tflops": 3.5 * fwd_flops / t_all / 1e12}
         ref = ours or row
-        row.update(ours_faster_fwd=row["fwd_ms"] / ref["fwd_ms"], ours_faster_fwd_bwd=row["fwd_bwd_ms"] / ref["fwd_bwd_ms"],
+        row.update(ours_faster_fwd=row["fwd_ms"] / ref["fwd_ms"],
+                   ours_faster_fwd_bwd=row["fwd_bwd_ms"] / ref["fwd_bwd_ms"],
                    max_abs_diff=0.0 if ours is None else (out - ref["_out"]).abs().max().item())
         print(f"{seqlen:>6} {str(window):>6}  {name:<24} {row['fwd_ms']:8.3f} {row['fwd_tflops']:8.1f} "
               f"{row['fwd_bwd_ms']:10.3f} {row['fwd_bwd_tflops']:8.1f} {row['ours_faster_fwd']:7.2f}x "
@@ -357,7 +358,8 @@ def bench_attention(args):
             masks = []  # built on the first call, before the timing, where a failure is reported
 
             def flex_attn(q, k, v):
-                masks or masks.append(create_block_mask(visible, None, None, total, total, device="cuda", _compile=True))
+                if not masks:
+                    masks.append(create_block_mask(visible, None, None, total, total, device="cuda", _compile=True))
                 return flex(q, k, v, block_mask=masks[0])
 
             flat = lambda x: x.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, total_tokens, D)
