@@ -69,19 +69,19 @@ EPS32 = torch.finfo(torch.float32).eps
 def single_key_floors(q, k, v, do, softmax_scale):
     """Error allowances for dq, dk, dv of queries that see one key only (window 0, one-token sequences; q, k,
     v, do are those tokens' rows). There softmax is 1 and its gradient 0, which the reference computes
-    exactly; the kernels' out is exact too (P = exp2(0)), but their backward forms dS = P (dP - delta) from
+    exactly, and so is the kernels' out (P = exp2(0)). Their backward, though, forms dS = P (dP - delta) from
     two dot products of dO and V summed in different orders (dP by a matrix product, delta = rowsum(dO * O)
-    with O = V), equal only in exact arithmetic, and recomputes P = exp2(S - LSE) from scores summed apart
-    from the forward's. Each such sum keeps the rounding of a length-head_dim fp32 dot product, about
-    sqrt(head_dim) eps sum|terms|, which reaches dq = scale (dP - delta) K, dk = scale (dP - delta) Q and
-    dv = P dO. (Measured in the interpreter: dq, dk within a tenth of these, dv exact.)"""
+    with O = V), equal only in exact arithmetic: each keeps the rounding of a length-head_dim fp32 dot
+    product, about sqrt(head_dim) eps sum|dO V|, which reaches dq = scale (dP - delta) K and
+    dk = scale (dP - delta) Q (measured: within a tenth of that). And it recomputes P = exp2(S - LSE), exactly
+    1 where S is summed as in the forward (the interpreter: dv measured exact), else off by a rounding of
+    S, eps scale sum|Q K|, which reaches dv = P dO."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     q, k, v, do = (x.double() for x in (q, k, v, do))
-    rounding = 2 * q.shape[-1] ** 0.5 * EPS32  # two roundings of a length-head_dim dot product, per |term|
-    ds = rounding * (do * v).abs().sum(-1)  # (tokens, n_heads): dP - delta
-    dp = rounding * scale * (q * k).abs().sum(-1)  # relative error of P
+    ds = 2 * q.shape[-1] ** 0.5 * EPS32 * (do * v).abs().sum(-1)  # (tokens, n_heads): dP - delta
+    p = EPS32 * scale * (q * k).abs().sum(-1)  # relative error of P
     return {"dq": scale * (ds * k.abs().amax(-1)).max().item(), "dk": scale * (ds * q.abs().amax(-1)).max().item(),
-            "dv": (dp * do.abs().amax(-1)).max().item()}
+            "dv": (p * do.abs().amax(-1)).max().item()}
 
 
 def assert_within_reference_error(got, want, exact, names, floors=None):
