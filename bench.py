@@ -2,7 +2,7 @@
 Benchmarks, each measured side by side with its baseline in one run and printed as a ratio.
 
     python bench.py model       # our MLM step vs transformers' ModernBertForMaskedLM (CPU or GPU)
-    python bench.py attention   # Triton varlen attention vs SDPA / FlexAttention / varlen_attn (GPU)
+    python bench.py attention   # Triton varlen attention vs SDPA / varlen_attn (GPU); --flex: vs FlexAttention
     python bench.py data        # prepare and loader throughput
     python bench.py data --budget  # micro-batches by token budget vs by sequence count, stage 1 and 2
     python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
@@ -12,24 +12,30 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
 
 Each task is a function `bench_<task>(args)` below; `--out FILE` appends the printed results as JSON.
 
-`python bench.py gpu --out bench/results/` is the one call for a GPU machine, held to a 7.5-minute
-budget from a cold Triton cache: the CUDA tests of tests/test_kernels.py and tests/test_model.py, then
-`attention` (both backward variants vs SDPA, FlexAttention, varlen_attn; 1k and 8k sequences, global and
-window 64), then `train --quick` without and with torch.compile, each part in its own process under a time
-limit so that a failed part does not stop the rest; one JSON line per figure in bench/results/gpu.jsonl
-(device, date, commit, versions), each part's output in gpu_<part>.log, and a summary table last. Without
-CUDA it stops with one line.
+`python bench.py gpu --out DIR` is the one call for a GPU machine, held to a 7.5-minute budget from a cold
+Triton cache: the CUDA tests of tests/test_kernels.py and tests/test_model.py, then `attention` (ours vs
+SDPA and varlen_attn, then the atomic-dq backward; 1k and 8k sequences, global and window 64), then
+`train --quick` without and with torch.compile, then `attention --flex`, each part in its own processes
+under a time limit so that a failed part does not stop the rest. Every figure is appended to DIR/gpu.jsonl
+(device, date, commit, versions on each line) the moment it is measured, each part's output goes to
+DIR/gpu_<part>.log as it comes, and a summary table comes last. Without CUDA it stops with one line.
 """
 import argparse
 import json
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
+import textwrap
+import threading
 import time
 from datetime import datetime, timezone
 
 import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def compare(fns, warmup=1, iters=5, sync=None):
@@ -64,6 +70,16 @@ def environment():
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "commit": commit, "device": device,
             "torch": torch.__version__, "python": platform.python_version()}
+
+
+FIGURE = "@figure "  # starts an output line that carries one measured figure as JSON (bench.py gpu collects them)
+
+
+def emit(args, figure):
+    """With --stream, print one measured figure as a FIGURE line at once, for bench.py gpu to append to
+    gpu.jsonl while the benchmark runs (a benchmark killed at its time limit keeps what it measured)."""
+    if args.stream:
+        print(FIGURE + json.dumps(figure), flush=True)
 
 # ---------------------------------------------------------------------------------------------------------
 # benchmarks (one function each)
@@ -245,101 +261,144 @@ def bench_ppl(args):
 
 
 def bench_attention(args):
-    """Our Triton varlen attention (two-pass deterministic backward, and the FlashAttention-2 style one with
-    atomic dq) against, in the same run: torch SDPA on the padded batch (flash backend,
-    global only), compiled FlexAttention with a document + sliding-window block mask (mask built outside the
-    timing), and torch's varlen_attn (FA2) where this torch has it. 64k packed tokens (--quick: 8k) in
-    sequences of 1k and of 8k, 12 heads, head_dim 64, bf16, global and window 64. FLOPs count the keys inside
-    the window only; fwd+bwd counts 3.5x the forward (5 matmuls backward, 2 forward)."""
+    """Our Triton varlen attention against, in the same run, torch SDPA's flash kernel on the padded batch
+    (global only) and torch's varlen_attn (FA2, where this torch has it): 64k packed tokens (--quick: 8k) in
+    sequences of 1k and of 8k, 12 heads, head_dim 64, bf16, global and window 64, ours first in each pair
+    and a headline row (ours vs the fastest baseline) after it; then ours with the FlashAttention-2 style
+    backward (atomic dq), and RoPE's time as a share of ours. With --flex, ours against compiled
+    FlexAttention with a document + sliding-window block mask (built outside the timing) instead: its
+    compilation (mask and kernel for each of the 4 pairs) is slow, so `bench.py gpu` runs it as a part of its
+    own. FLOPs count the keys inside the window only; fwd+bwd counts 3.5x the forward (5 matmuls backward, 2
+    forward). With --stream, each figure is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
         sys.exit("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
     import kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         varlen_attn = None
-    flex = torch.compile(flex_attention)
+    if args.flex:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        flex = torch.compile(flex_attention)
     n_heads, head_dim, total, reps = 12, 64, 8192 if args.quick else 65536, 10
     print(f"{total:,} tokens, {n_heads} heads, head_dim {head_dim}, bf16; ms per call (median of 10 runs of "
           f"{reps} calls); 'ours faster' = their time / our time; max |diff| = output vs ours")
     print(f"{'seqlen':>6} {'window':>6}  {'implementation':<24} {'fwd ms':>8} {'TFLOP/s':>8} {'fwd+bwd ms':>10} "
           f"{'TFLOP/s':>8} {'ours faster: fwd, fwd+bwd':>25} {'max |diff|':>10}")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, do = (torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+                   for _ in range(4))  # (total_tokens, n_heads, head_dim)
+    pairs = [(1024, None), (1024, 64), (8192, None), (8192, 64)]
     results = []
-    for seqlen in (1024, 8192):
+
+    def record(row):
+        results.append(row)
+        emit(args, row)
+
+    def time_it(seqlen, window, name, to_layout, from_layout, attn, ours=None):
+        """Time one contender on this (seqlen, window); print and record its row. `ours` = our row of the
+        pair (None when timing ours). Returns the row, or None when a baseline fails on this torch or GPU."""
         batch = total // seqlen
+        pos = torch.arange(seqlen)
+        w = seqlen if window is None else window
+        visible_pairs = batch * int(((pos + w).clamp(max=seqlen - 1) - (pos - w).clamp(min=0) + 1).sum())
+        fwd_flops = 4 * visible_pairs * head_dim * n_heads
+        leaves = [to_layout(x).detach().requires_grad_() for x in (q, k, v)]
+        grad = to_layout(do)
+
+        def fwd():
+            with torch.no_grad():
+                for _ in range(reps):
+                    attn(*leaves)
+
+        def fwd_bwd():
+            for _ in range(reps):
+                torch.autograd.grad(attn(*leaves), leaves, grad)
+
+        try:
+            out = from_layout(attn(*leaves).detach()).float()
+            t_fwd = timeit(fwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
+            t_all = timeit(fwd_bwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
+        except Exception as e:  # a baseline this torch or GPU cannot run is reported, not fatal
+            if ours is None:
+                raise
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            print(f"{seqlen:>6} {str(window):>6}  {name:<24} failed: {reason}")
+            record({"seqlen": seqlen, "window": window, "impl": name, "failed": reason})
+            return None
+        row = {"seqlen": seqlen, "window": window, "impl": name, "fwd_ms": t_fwd * 1e3,
+               "fwd_tflops": fwd_flops / t_fwd / 1e12, "fwd_bwd_ms": t_all * 1e3,
+               "fwd_bwd_tflops": 3.5 * fwd_flops / t_all / 1e12}
+        ref = ours or row
+        row.update(ours_faster_fwd=row["fwd_ms"] / ref["fwd_ms"],
+                   ours_faster_fwd_bwd=row["fwd_bwd_ms"] / ref["fwd_bwd_ms"],
+                   max_abs_diff=0.0 if ours is None else (out - ref["_out"]).abs().max().item())
+        print(f"{seqlen:>6} {str(window):>6}  {name:<24} {row['fwd_ms']:8.3f} {row['fwd_tflops']:8.1f} "
+              f"{row['fwd_bwd_ms']:10.3f} {row['fwd_bwd_tflops']:8.1f} {row['ours_faster_fwd']:7.2f}x "
+              f"{row['ours_faster_fwd_bwd']:7.2f}x {row['max_abs_diff']:10.2e}")
+        record(row)
+        return {**row, "_out": out} if ours is None else row
+
+    def ours(seqlen, window, deterministic=True):
         cu = torch.arange(0, total + 1, seqlen, dtype=torch.int32, device="cuda")
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v, do = (torch.randn(total, n_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
-                       for _ in range(4))  # (total_tokens, n_heads, head_dim)
-        padded = lambda x: x.view(batch, seqlen, n_heads, head_dim).transpose(1, 2).contiguous()  # (B, H, L, D)
-        unpadded = lambda x: x.transpose(1, 2).reshape(total, n_heads, head_dim)
-        flat = lambda x: x.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, total_tokens, D)
-        unflat = lambda x: x[0].transpose(0, 1)
-        for window in (None, 64):
-            pos = torch.arange(seqlen)
+        return lambda q, k, v: kernels.flash_attn_varlen(q, k, v, cu, seqlen, window=window,
+                                                         deterministic=deterministic)
+
+    def baselines(seqlen, window):
+        """name: (layout in, layout out, attention on that layout) of each baseline for this pair."""
+        batch = total // seqlen
+        same = lambda x: x
+        if args.flex:
             w = seqlen if window is None else window
-            pairs = batch * int(((pos + w).clamp(max=seqlen - 1) - (pos - w).clamp(min=0) + 1).sum())
-            fwd_flops = 4 * pairs * head_dim * n_heads
 
             def visible(b, h, q_idx, kv_idx):  # same document and inside the window
                 return (q_idx // seqlen == kv_idx // seqlen) & ((q_idx - kv_idx).abs() <= w)
 
-            block_mask = create_block_mask(visible, None, None, total, total, device="cuda", _compile=True)
-            contenders = {  # name: (layout in, layout out, attention on that layout)
-                "triton (ours)": (lambda x: x, lambda x: x,
-                                  lambda q, k, v: kernels.flash_attn_varlen(q, k, v, cu, seqlen, window=window)),
-                "triton, atomic dq bwd": (lambda x: x, lambda x: x, lambda q, k, v: kernels.flash_attn_varlen(
-                    q, k, v, cu, seqlen, window=window, deterministic=False)),
-                "flex_attention": (flat, unflat, lambda q, k, v: flex(q, k, v, block_mask=block_mask))}
-            if window is None:
-                def sdpa(q, k, v):
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-                contenders["sdpa flash (padded)"] = (padded, unpadded, sdpa)
-            if varlen_attn is not None:  # window_size only where needed: older torch lacks the argument
-                band = {} if window is None else {"window_size": (window, window)}
-                contenders["varlen_attn"] = (lambda x: x, lambda x: x, lambda q, k, v: varlen_attn(
-                    q, k, v, cu, cu, seqlen, seqlen, **band))
-            ours = None  # (output, fwd s, fwd+bwd s) of the first contender, ours
-            for name, (to_layout, from_layout, attn) in contenders.items():
-                leaves = [to_layout(x).detach().requires_grad_() for x in (q, k, v)]
-                grad = to_layout(do)
+            masks = []  # built on the first call, before the timing, where a failure is reported
 
-                def fwd():
-                    with torch.no_grad():
-                        for _ in range(reps):
-                            attn(*leaves)
+            def flex_attn(q, k, v):
+                if not masks:
+                    masks.append(create_block_mask(visible, None, None, total, total, device="cuda", _compile=True))
+                return flex(q, k, v, block_mask=masks[0])
 
-                def fwd_bwd():
-                    for _ in range(reps):
-                        torch.autograd.grad(attn(*leaves), leaves, grad)
+            flat = lambda x: x.transpose(0, 1).unsqueeze(0).contiguous()  # (1, H, total_tokens, D)
+            return {"flex_attention": (flat, lambda x: x[0].transpose(0, 1), flex_attn)}
+        found = {}
+        if window is None:
+            def sdpa(q, k, v):
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            padded = lambda x: x.view(batch, seqlen, n_heads, head_dim).transpose(1, 2).contiguous()  # (B, H, L, D)
+            found["sdpa flash (padded)"] = (padded, lambda x: x.transpose(1, 2).reshape(total, n_heads, head_dim), sdpa)
+        if varlen_attn is not None:  # window_size only where needed: older torch lacks the argument
+            cu = torch.arange(0, total + 1, seqlen, dtype=torch.int32, device="cuda")
+            band = {} if window is None else {"window_size": (window, window)}
+            found["varlen_attn"] = (same, same, lambda q, k, v: varlen_attn(q, k, v, cu, cu, seqlen, seqlen, **band))
+        return found
 
-                try:
-                    out = from_layout(attn(*leaves).detach()).float()
-                    t_fwd = timeit(fwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
-                    t_all = timeit(fwd_bwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
-                except Exception as e:  # a baseline this torch or GPU cannot run is reported, not fatal
-                    if ours is None:
-                        raise
-                    print(f"{seqlen:>6} {str(window):>6}  {name:<24} failed: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:80]}")
-                    continue
-                ours = ours or (out, t_fwd, t_all)
-                row = {"seqlen": seqlen, "window": window, "impl": name, "fwd_ms": t_fwd * 1e3,
-                       "fwd_tflops": fwd_flops / t_fwd / 1e12, "fwd_bwd_ms": t_all * 1e3,
-                       "fwd_bwd_tflops": 3.5 * fwd_flops / t_all / 1e12, "ours_faster_fwd": t_fwd / ours[1],
-                       "ours_faster_fwd_bwd": t_all / ours[2], "max_abs_diff": (out - ours[0]).abs().max().item()}
-                results.append(row)
-                print(f"{seqlen:>6} {str(window):>6}  {name:<24} {row['fwd_ms']:8.3f} {row['fwd_tflops']:8.1f} "
-                      f"{row['fwd_bwd_ms']:10.3f} {row['fwd_bwd_tflops']:8.1f} {row['ours_faster_fwd']:7.2f}x "
-                      f"{row['ours_faster_fwd_bwd']:7.2f}x {row['max_abs_diff']:10.2e}")
-            fa = kernels.flash_attn
-            tuned = [(kern.fn.__name__, kern.best_config) for kern in (fa._fwd_kernel, fa._bwd_dq_kernel,
-                                                                        fa._bwd_dkdv_kernel)]
-            print(f"{'':15}autotuned (BLOCK_M x BLOCK_N, warps, stages): " + "; ".join(
-                f"{n} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} {c.num_warps} {c.num_stages}" for n, c in tuned))
+    fa = kernels.flash_attn
+    ours_rows = {}
+    for seqlen, window in pairs:  # the headline: ours against the fastest baseline of each pair
+        mine = time_it(seqlen, window, "triton (ours)", lambda x: x, lambda x: x, ours(seqlen, window))
+        ours_rows[seqlen, window] = mine
+        theirs = [time_it(seqlen, window, name, *c, ours=mine) for name, c in baselines(seqlen, window).items()]
+        theirs = [r for r in theirs if r is not None]
+        if theirs:
+            best = min(theirs, key=lambda r: r["fwd_bwd_ms"])
+            record({"seqlen": seqlen, "window": window, "headline": "ours vs the fastest baseline",
+                    "baseline": best["impl"], "ours_fwd_bwd_ms": mine["fwd_bwd_ms"],
+                    "baseline_fwd_bwd_ms": best["fwd_bwd_ms"], "ours_faster_fwd": best["ours_faster_fwd"],
+                    "ours_faster_fwd_bwd": best["ours_faster_fwd_bwd"]})
+        tuned = [(kern.fn.__name__, kern.best_config) for kern in (fa._fwd_kernel, fa._bwd_dq_kernel,
+                                                                    fa._bwd_dkdv_kernel)]
+        print(f"{'':15}autotuned (BLOCK_M x BLOCK_N, warps, stages): " + "; ".join(
+            f"{n} {c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} {c.num_warps} {c.num_stages}" for n, c in tuned))
+    if args.flex:
+        return results
+    for seqlen, window in pairs:  # the other backward
+        time_it(seqlen, window, "triton, atomic dq bwd", lambda x: x, lambda x: x,
+                ours(seqlen, window, deterministic=False), ours=ours_rows[seqlen, window])
 
     # RoPE runs as its own kernel before attention; its share of attention's time is what fusing it into the
     # attention kernels' Q/K loads could save at most (and fusing repeats the rotation per query block)
@@ -358,137 +417,192 @@ def bench_attention(args):
 
     t_fwd = timeit(rope_fwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
     t_all = timeit(rope_fwd_bwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
-    ours = {(r["seqlen"], r["window"]): r["fwd_bwd_ms"] for r in results if r["impl"] == "triton (ours)"}
-    shares = ", ".join(f"{t_all * 1e3 / ms:.1%} of ours at seqlen {L} window {w}" for (L, w), ms in ours.items())
-    print(f"RoPE kernel on q and k: fwd {t_fwd * 1e3:.3f} ms, fwd+bwd {t_all * 1e3:.3f} ms = {shares}")
-    results.append({"impl": "rope (separate kernel)", "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_all * 1e3})
+    shares = {f"{L}_{w}": t_all * 1e3 / r["fwd_bwd_ms"] for (L, w), r in ours_rows.items()}
+    print(f"RoPE kernel on q and k: fwd {t_fwd * 1e3:.3f} ms, fwd+bwd {t_all * 1e3:.3f} ms = " + ", ".join(
+        f"{share:.1%} of ours at seqlen {key.replace('_', ' window ')}" for key, share in shares.items()))
+    record({"impl": "rope (separate kernel)", "fwd_ms": t_fwd * 1e3, "fwd_bwd_ms": t_all * 1e3,
+            "share_of_ours_fwd_bwd": shares})
     return results
 
 
-GPU_PARTS = [("tests", 170), ("attention", 120), ("train, eager", 60), ("train, compiled", 100)]  # seconds each
+# bench.py gpu's parts, in order, with the seconds each may take (what one leaves unused passes on). The
+# tests compile most of the Triton kernels (into Triton's cache, for the parts after); FlexAttention's
+# compilation comes last, in a part of its own, so that it cannot take time from the headline figures.
+GPU_PARTS = [("tests", 170), ("attention", 85), ("train, eager", 60), ("train, compiled", 100), ("flex", 35)]
+
+
+def gpu_usage():
+    """What `bench.py gpu` writes and how long it may take (part of --help)."""
+    budget = sum(seconds for _, seconds in GPU_PARTS)
+    return (f"bench.py gpu --out DIR writes only into DIR: DIR/gpu.jsonl, one JSON line per figure (each test's "
+            f"outcome, each timing, each part's status) with device, date, commit and versions, appended the "
+            f"moment the figure is measured; and DIR/gpu_<part>.log, each part's output as it comes. Time budget "
+            f"{budget} s ({budget / 60:.1f} min) from a cold Triton cache: " +
+            "; ".join(f"{part} {seconds} s" for part, seconds in GPU_PARTS) +
+            "; in that order, unused time passing on. A part still running at its end is killed and reported "
+            "as timed out, with every figure it measured already in gpu.jsonl.")
+
+
+def gpu_commands(args):
+    """{part: [argv, ...]}: the processes of each part of GPU_PARTS, run side by side within the part."""
+    bench = [sys.executable, os.path.join(ROOT, "bench.py")]
+    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
+    quick = ["--quick"] if args.quick else []
+    # three pytest processes side by side on the one GPU: each spends most of its time compiling kernels on
+    # a CPU core (~1 s per config), and the compiled kernels land in Triton's cache for the parts after
+    return {"tests": [pytest + ["tests/test_kernels.py", "-k", "flash_attn_gpu_bf16"],
+                      pytest + ["tests/test_kernels.py", "-k", "gpu_head_dims or rotary_gpu"],
+                      pytest + ["tests/test_kernels.py", "tests/test_model.py", "-k",
+                                "(gpu or cuda or model_on_kernels) and not flash_attn_gpu_bf16 and not "
+                                "gpu_head_dims and not rotary_gpu"]],
+            "attention": [bench + ["attention", "--stream", *quick]],
+            "train, eager": [["env", "TORCHDYNAMO_DISABLE=1", *bench, "train", "--quick", "--stream"]],
+            "train, compiled": [bench + ["train", "--quick", "--stream"]],
+            "flex": [bench + ["attention", "--flex", "--stream", *quick]]}
+
+
+TEST_OUTCOME = re.compile(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)")
+
+
+def run_parts(parts, out_dir, env):
+    """Run (name, seconds, commands) parts one after another: a part's commands side by side, each in a
+    process group of its own with PYTHONUNBUFFERED=1, until the part's end (the sum of the seconds so far,
+    so that time a part leaves unused passes on), then killed with whatever they started. Each line they
+    print goes at once to out_dir/gpu_<part>.log; each figure in it (a FIGURE line, or a `pytest -v`
+    outcome) is appended at once to out_dir/gpu.jsonl with `env` and the part's name, one complete line per
+    write; a status figure ends each part. Returns (figures as written, {part: (state, seconds)})."""
+    os.makedirs(out_dir, exist_ok=True)
+    jsonl = os.path.join(out_dir, "gpu.jsonl")
+    figures, status, lock = [], {}, threading.Lock()
+
+    def record(figure):
+        line = (json.dumps({**env, **figure}) + "\n").encode()
+        with lock:
+            fd = os.open(jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)  # one write of one whole line: nothing half-written is ever left
+            finally:
+                os.close(fd)
+            figures.append(figure)
+
+    start = end = time.monotonic()
+    for name, seconds, commands in parts:
+        t0, end = time.monotonic(), end + seconds
+        log = open(os.path.join(out_dir, f"gpu_{re.sub(r'[^A-Za-z0-9]+', '_', name)}.log"), "w")
+
+        def pump(i, proc):
+            for line in proc.stdout:
+                with lock:
+                    if not log.closed:
+                        log.write(line if len(commands) == 1 else f"[{i}] {line}")
+                        log.flush()
+                outcome = TEST_OUTCOME.match(line)
+                if outcome:
+                    record({"part": name, "test": outcome[1], "outcome": outcome[2].lower()})
+                elif line.startswith(FIGURE):
+                    try:
+                        record({"part": name, **json.loads(line[len(FIGURE):])})
+                    except ValueError:  # a line cut short: the log has it
+                        pass
+
+        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                  start_new_session=True) for cmd in commands]
+        readers = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for reader in readers:
+            reader.start()
+        codes = []
+        for proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(0.0, end - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                codes.append("timeout")
+            try:  # the command's process group: it, and what it left running (compile workers)
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        for reader in readers:  # the pipes close once the groups are gone
+            reader.join(timeout=10)
+        with lock:
+            log.close()
+        failed = [c for c in codes if c != 0]
+        state = "ok" if not failed else (f"timeout after {end - t0:.0f} s" if "timeout" in failed
+                                         else f"exit {failed[0]}")
+        status[name] = (state, time.monotonic() - t0)
+        record({"part": name, "status": state, "seconds": round(time.monotonic() - t0, 1)})
+        print(f"[{time.monotonic() - start:5.0f} s] {name}: {state}", flush=True)
+    return figures, status
+
+
+def print_gpu_summary(env, figures, status):
+    """The summary table of bench.py gpu: parts, tests, the headline, every attention and training row."""
+    print(f"\n# summary: {env['device']}, torch {env['torch']}, triton {env.get('triton')}, commit {env['commit']}")
+    print(f"{'part':<18}{'status':<26}{'seconds':>8}")
+    for part, (state, seconds) in status.items():
+        print(f"{part:<18}{state:<26}{seconds:>8.0f}")
+    tests = [(f["test"], f["outcome"]) for f in figures if "test" in f]
+    counts = {o: sum(outcome == o for _, outcome in tests) for o in ("passed", "failed", "error", "skipped")}
+    print("tests: " + ", ".join(f"{n} {o}" for o, n in counts.items()) +
+          "".join(f"\n  {o}: {name}" for name, o in tests if o in ("failed", "error")))
+    timed = [f for f in figures if "seqlen" in f and "fwd_bwd_ms" in f]
+    ours = {(f["seqlen"], f["window"]): f for f in timed if f["impl"] == "triton (ours)" and f["part"] == "attention"}
+    if ours:
+        print(f"{'seqlen':>6} {'window':>6}  {'ours vs the fastest baseline (fwd+bwd ms)':<44}{'ours faster':>12}")
+        for (seqlen, window), mine in ours.items():
+            theirs = [f for f in timed if (f["seqlen"], f["window"]) == (seqlen, window)
+                      and not f["impl"].startswith("triton")]
+            best = min(theirs, key=lambda f: f["fwd_bwd_ms"], default=None)
+            vs = f"{best['impl']} {best['fwd_bwd_ms']:.3f}" if best else "no baseline ran"
+            pair = f"{mine['fwd_bwd_ms']:.3f} vs {vs}"
+            print(f"{seqlen:>6} {str(window):>6}  {pair:<44}" +
+                  (f"{best['fwd_bwd_ms'] / mine['fwd_bwd_ms']:>11.2f}x" if best else ""))
+        print(f"{'seqlen':>6} {'window':>6}  {'attention':<24}{'part':<10}{'fwd ms':>8}{'fwd+bwd ms':>11}"
+              f"{'TFLOP/s':>8}{'ours faster':>12}")
+        for f in timed:  # flex's ratios are against ours timed again in its own part
+            print(f"{f['seqlen']:>6} {str(f['window']):>6}  {f['impl']:<24}{f['part']:<10}{f['fwd_ms']:>8.3f}"
+                  f"{f['fwd_bwd_ms']:>11.3f}{f['fwd_bwd_tflops']:>8.1f}{f['ours_faster_fwd_bwd']:>11.2f}x")
+    train = [f for f in figures if "tokens_per_s" in f]
+    if train:
+        print(f"{'train':<26}{'compile':>8}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+        for f in train:
+            print(f"{f['stage'] + ' ' + f['lengths']:<26}{str(f['compile']):>8}{f['tokens_per_s']:>11,.0f}"
+                  f"{f['mfu']:>7.1%}{f['peak_mem_gib']:>10.1f}")
 
 
 def bench_gpu(args):
-    """Everything the kernels and the training step need checked and timed on a GPU, in one call held to 7.5
-    minutes from a cold Triton cache (GPU_PARTS; the time a part leaves unused passes on):
+    """Everything the kernels and the training step need checked and timed on a GPU, in one call held to a
+    7.5-minute budget from a cold Triton cache (GPU_PARTS):
       1. tests: the CUDA tests of tests/test_kernels.py and tests/test_model.py: the kernels against the fp32
          reference in bf16 and fp16, global and window 64, 1k and 8k sequences, both backward variants,
          int64 offsets, RoPE, and the model on the kernels against the model on the reference;
-      2. attention (`bench.py attention`): fwd and fwd+bwd of ours, both backward variants, against SDPA,
-         FlexAttention and torch's varlen_attn at the stage-1 (1k) and stage-2 (8k) sequence lengths, global
-         and window 64;
+      2. attention (`bench.py attention`): ours against SDPA and torch's varlen_attn at the stage-1 (1k) and
+         stage-2 (8k) sequence lengths, global and window 64, the headline (ours vs the fastest baseline)
+         first; then the atomic-dq backward and RoPE;
       3. train (`bench.py train --quick`): tokens/s, MFU, peak memory at the stage-1 and stage-2 shapes, without
-         torch.compile (TORCHDYNAMO_DISABLE=1), then with it as the configs set it.
-    Each part runs in its own process under its time limit, so a failure, crash or hang is recorded and the
-    next part still runs. --out DIR appends one JSON line per figure (each test's outcome, each timing, each
-    part's status) with device, date, commit and versions to DIR/gpu.jsonl, and each part's full output to
-    DIR/gpu_<part>.log; a summary table is printed last. Exits 1 if any part failed. --quick passes on to
-    `attention` (8k tokens instead of 64k: a smoke test, not a measurement)."""
+         torch.compile (TORCHDYNAMO_DISABLE=1), then with it as the configs set it;
+      4. flex (`bench.py attention --flex`): ours against compiled FlexAttention, the same four pairs.
+    Each part runs in its own processes under its time limit (run_parts), so a failure, crash or hang is
+    recorded and the next part still runs; every figure reaches DIR/gpu.jsonl the moment it is measured
+    (gpu_usage). A summary table is printed last. Exits 1 if any part failed. --quick passes on to
+    attention (8k tokens instead of 64k: a smoke test, not a measurement)."""
+    if not args.out:
+        sys.exit("bench.py gpu: --out DIR is required (the directory for gpu.jsonl and the part logs)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"bench.py gpu: --out {args.out} is a file; it must be a directory")
     if not torch.cuda.is_available():
         sys.exit("bench.py gpu: needs a CUDA GPU, and none is visible")
-    import re
-    import tempfile
-
+    out_dir, args.out = args.out, None  # the figures go to out_dir/gpu.jsonl, instead of main's one line
     import triton
-    root = os.path.dirname(os.path.abspath(__file__))
-    out_dir, args.out = args.out, None  # the per-figure lines are written here, instead of main's one line
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
     env = {**environment(), "triton": triton.__version__, "cuda": torch.version.cuda}
     try:
         import transformers
         env["transformers"] = transformers.__version__
     except ImportError:
         pass
-    figures, status = [], {}
-    start, ends = time.monotonic(), {}
-    for name, seconds in GPU_PARTS:
-        ends[name] = (max(ends.values()) if ends else start) + seconds
-
-    def run(part, cmds, extra_env=None, ok_codes=(0,)):
-        """Run the commands side by side, each in its own process, until the part's end time; returns their
-        output (stdout + stderr) one after the other."""
-        t0 = time.monotonic()
-        limit = max(1.0, ends[part] - t0)
-        with tempfile.TemporaryDirectory() as tmp:
-            logs = [open(os.path.join(tmp, f"{i}.log"), "w+") for i in range(len(cmds))]
-            procs = [subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True,
-                                      env={**os.environ, **(extra_env or {})}) for cmd, log in zip(cmds, logs)]
-            codes = []
-            for proc in procs:
-                try:
-                    codes.append(proc.wait(timeout=max(0.1, t0 + limit - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    codes.append("timeout")
-            output = ""
-            for log in logs:
-                log.seek(0)
-                output += log.read()
-                log.close()
-        failed = [c for c in codes if c not in ok_codes]
-        state = "ok" if not failed else (f"timeout after {limit:.0f} s" if "timeout" in failed
-                                         else f"exit {failed[0]}")
-        status[part] = (state, time.monotonic() - t0)
-        figures.append({"part": part, "status": state, "seconds": round(time.monotonic() - t0, 1)})
-        print(f"[{time.monotonic() - start:5.0f} s] {part}: {state}", flush=True)
-        if out_dir:
-            with open(os.path.join(out_dir, f"gpu_{part.replace(', ', '_')}.log"), "w") as f:
-                f.write(output)
-        return output
-
-    def bench_task(part, task, *flags, extra_env=None):
-        """`bench.py task` in its own process; its result rows, tagged with the part."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "result.jsonl")
-            run(part, [[sys.executable, os.path.join(root, "bench.py"), task, "--out", path, *flags]], extra_env)
-            rows = json.loads(open(path).readline())["results"] if os.path.exists(path) else []
-        rows = rows if isinstance(rows, list) else [rows]
-        figures.extend({"part": part, **row} for row in rows)
-        return rows
-
-    # three pytest processes side by side on the one GPU: each spends most of its time compiling kernels on
-    # a CPU core (~1 s per config), and the compiled kernels land in Triton's cache for the parts after
-    pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
-    output = run("tests", [pytest + ["tests/test_kernels.py", "-k", "flash_attn_gpu_bf16"],
-                           pytest + ["tests/test_kernels.py", "-k", "gpu_head_dims or rotary_gpu"],
-                           pytest + ["tests/test_kernels.py", "tests/test_model.py", "-k",
-                                     "(gpu or cuda or model_on_kernels) and not flash_attn_gpu_bf16 and not "
-                                     "gpu_head_dims and not rotary_gpu"]],
-                 ok_codes=(0, 5))  # pytest's 5: no test selected
-    tests = re.findall(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", output, re.M)
-    figures.extend({"part": "tests", "test": name, "outcome": outcome.lower()} for name, outcome in tests)
-    attention = bench_task("attention", "attention", *(["--quick"] if args.quick else []))
-    train = bench_task("train, eager", "train", "--quick", extra_env={"TORCHDYNAMO_DISABLE": "1"})
-    for row in train:
-        row["compile"] = False
-    train += bench_task("train, compiled", "train", "--quick")
-
-    print(f"\n# summary: {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
-    print(f"{'part':<18}{'status':<26}{'seconds':>8}")
-    for part, (state, seconds) in status.items():
-        print(f"{part:<18}{state:<26}{seconds:>8.0f}")
-    counts = {o: sum(outcome == o for _, outcome in tests) for o in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
-    print("tests: " + ", ".join(f"{n} {o.lower()}" for o, n in counts.items()) +
-          "".join(f"\n  {o.lower()}: {name}" for name, o in tests if o in ("FAILED", "ERROR")))
-    if attention:
-        print(f"{'seqlen':>6} {'window':>6}  {'attention':<24}{'fwd ms':>8}{'fwd+bwd ms':>11}{'TFLOP/s':>8}"
-              f"{'ours faster':>12}")
-        for r in attention:
-            if "seqlen" in r:
-                print(f"{r['seqlen']:>6} {str(r['window']):>6}  {r['impl']:<24}{r['fwd_ms']:>8.3f}"
-                      f"{r['fwd_bwd_ms']:>11.3f}{r['fwd_bwd_tflops']:>8.1f}{r['ours_faster_fwd_bwd']:>11.2f}x")
-    if train:
-        print(f"{'train':<24}{'compile':>8}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
-        for r in train:
-            print(f"{r.get('stage', '?') + ' ' + str(r.get('lengths', '')):<24}{str(r.get('compile')):>8}"
-                  f"{r.get('tokens_per_s', float('nan')):>11,.0f}{r.get('mfu', float('nan')):>7.1%}"
-                  f"{r.get('peak_mem_gib', float('nan')):>10.1f}")
-    if out_dir:
-        with open(os.path.join(out_dir, "gpu.jsonl"), "a") as f:
-            for figure in figures:
-                f.write(json.dumps({**env, **figure}) + "\n")
+    commands = gpu_commands(args)
+    figures, status = run_parts([(part, seconds, commands[part]) for part, seconds in GPU_PARTS], out_dir, env)
+    print_gpu_summary(env, figures, status)
     if any(state != "ok" for state, _ in status.values()):
         sys.exit(1)
 
@@ -498,8 +612,11 @@ def bench_train(args):
     weights and reductions, the config's compile / activation checkpointing / micro-batch, AdamW, clipping),
     at the stage-1 and stage-2 shapes of configs/stage1.py and stage2.py, with the gradient accumulation of
     the paper's 16 GPUs. Synthetic line-by-line batches, 30% of tokens labelled: "documents" draws lengths
-    log-normally (median 400 tokens, truncated at max_seqlen); "full" fills every sequence to max_seqlen (the
-    memory worst case). Tokens/s counts real tokens; MFU against the bf16 dense peak of an H100/H200."""
+    log-normally (median 400 tokens, truncated at max_seqlen), measured first for both stages (the headline
+    figures); "full" fills every sequence to max_seqlen (the memory worst case). Each measurement builds its
+    model afresh, so that its peak memory is its own. Tokens/s counts real tokens; MFU against the bf16 dense
+    peak of an H100/H200. TORCHDYNAMO_DISABLE=1 runs without torch.compile (the rows say which ran). With
+    --stream, each row is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
         sys.exit("bench.py train: needs a CUDA GPU, and none is visible")
     import torch.distributed as dist
@@ -509,19 +626,21 @@ def bench_train(args):
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cuda", (1,))
     warmup, steps = (1, 2) if args.quick else (2, 5)
+    dynamo_off = os.environ.get("TORCHDYNAMO_DISABLE") == "1"
     results = []
     print(f"{'shape':<26}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
-    for stage in ("stage1", "stage2"):
-        cfg = {}
-        exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{stage}.py")).read(), cfg)
-        max_len, micro = cfg["max_seqlen"], cfg["micro_batch_size"]
-        accum = 2 if args.quick else cfg["batch_size"] // (16 * micro)
-        config = ModernBertConfig.preset("llm-jp-modernbert-base")
-        torch.manual_seed(0)
-        model = parallelize(ModernBERT(config).cuda(), mesh, torch.bfloat16, bool(cfg.get("compile")),
-                            bool(cfg.get("activation_checkpointing")))  # as train.py wraps it
-        optimizer = model.configure_optimizers(1e-5, 1e-4, (0.9, 0.98), 1e-6, "cuda")
-        for kind in ("documents", "full"):
+    for kind in ("documents", "full"):
+        for stage in ("stage1", "stage2"):
+            cfg = {}
+            exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{stage}.py")).read(), cfg)
+            max_len, micro = cfg["max_seqlen"], cfg["micro_batch_size"]
+            accum = 2 if args.quick else cfg["batch_size"] // (16 * micro)
+            compiled = bool(cfg.get("compile")) and not dynamo_off
+            config = ModernBertConfig.preset("llm-jp-modernbert-base")
+            torch.manual_seed(0)
+            model = parallelize(ModernBERT(config).cuda(), mesh, torch.bfloat16, bool(cfg.get("compile")),
+                                bool(cfg.get("activation_checkpointing")))  # as train.py wraps it
+            optimizer = model.configure_optimizers(1e-5, 1e-4, (0.9, 0.98), 1e-6, "cuda")
             g = torch.Generator().manual_seed(0)
 
             def micro_batch():
@@ -557,7 +676,7 @@ def bench_train(args):
             predicted = sum(mb[5] for batch in batches[warmup:] for mb in batch)
             tokens = sum(seqlens) / steps
             row = {"stage": stage, "lengths": kind, "max_seqlen": max_len, "micro_batch_size": micro,
-                   "grad_accum": accum, "compile": bool(cfg.get("compile")),
+                   "grad_accum": accum, "compile": compiled,
                    "activation_checkpointing": bool(cfg.get("activation_checkpointing")),
                    "tokens_per_step": tokens, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
                    "mfu": model.estimate_mfu(seqlens, predicted, seconds * steps),
@@ -565,8 +684,9 @@ def bench_train(args):
             results.append(row)
             print(f"{f'{stage} {max_len} {kind}':<26}{tokens:>12,.0f}{seconds:>9.3f}{row['tokens_per_s']:>11,.0f}"
                   f"{row['mfu']:>7.1%}{row['peak_mem_gib']:>10.1f}")
-        del model, optimizer
-        torch.cuda.empty_cache()
+            emit(args, row)
+            del model, optimizer, batches
+            torch.cuda.empty_cache()
     dist.destroy_process_group()
     return results
 
@@ -709,11 +829,16 @@ def bench_data(args):
 
 def main():
     tasks = {name[len("bench_"):]: fn for name, fn in globals().items() if name.startswith("bench_")}
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, epilog=textwrap.fill(gpu_usage(), 110),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=sorted(tasks))
-    parser.add_argument("--out", default=None, help="append results as one JSON line to this file")
+    parser.add_argument("--out", default=None, help="append results as one JSON line to this file (gpu: the "
+                                                    "directory for gpu.jsonl and the part logs, required)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
+    parser.add_argument("--flex", action="store_true", help="attention: against compiled FlexAttention instead")
+    parser.add_argument("--stream", action="store_true", help="attention, train: also print each figure as a "
+                                                              "JSON line the moment it is measured")
     args = parser.parse_args()
     env = environment()
     print(f"# {args.task} on {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")

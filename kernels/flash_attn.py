@@ -461,13 +461,15 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scal
 
 
 def attention_reference(q, k, v, cu_seqlens, max_seqlen, window=None, softmax_scale=None):
-    """Plain PyTorch equivalent of flash_attn_varlen: per sequence, explicit (n_heads, L, L) fp32 scores with
-    the |i - j| <= window mask, softmax in fp32. O(L^2) memory: for tests and short inputs only."""
+    """Plain PyTorch equivalent of flash_attn_varlen: per sequence, explicit (n_heads, L, L) scores with the
+    |i - j| <= window mask, softmax, all in fp32 (fp64 for fp64 inputs), the result in q's dtype. O(L^2)
+    memory: for tests and short inputs only."""
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    compute = torch.promote_types(q.dtype, torch.float32)
     bounds = cu_seqlens.tolist()
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (x[start:end].transpose(0, 1).float() for x in (q, k, v))  # (n_heads, L, head_dim)
+        qs, ks, vs = (x[start:end].transpose(0, 1).to(compute) for x in (q, k, v))  # (n_heads, L, head_dim)
         scores = qs @ ks.transpose(1, 2) * scale  # (n_heads, L, L)
         if window is not None:
             pos = torch.arange(end - start, device=q.device)

@@ -91,11 +91,12 @@ def apply_rotary(q, k, cos, sin):
 
 
 def apply_rotary_reference(q, k, cos, sin):
-    """Plain PyTorch equivalent of apply_rotary."""
-    cos, sin = cos[:, None, :].float(), sin[:, None, :].float()  # (total_tokens, 1, head_dim)
+    """Plain PyTorch equivalent of apply_rotary (in fp64 for fp64 inputs)."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    cos, sin = cos[:, None, :].to(compute), sin[:, None, :].to(compute)  # (total_tokens, 1, head_dim)
 
     def rotate(x):
-        xf = x.float()  # one cast, so the backward also sums both terms in fp32
+        xf = x.to(compute)  # one cast, so the backward also sums both terms in fp32
         x1, x2 = xf.chunk(2, -1)
         return (xf * cos + torch.cat((-x2, x1), -1) * sin).to(x.dtype)
 

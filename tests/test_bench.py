@@ -1,0 +1,82 @@
+"""bench.py's GPU runner, on the CPU: a part killed at its time limit keeps every figure it measured."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a fake part: starts a process of its own (as torch.compile's workers are), prints a figure and a pytest
+# outcome without flushing (the runner must make it unbuffered), waits until the runner has appended the
+# figure to gpu.jsonl, says so in a second figure, then runs far past its limit
+SLOW_PART = r"""
+import json, os, subprocess, sys, time
+sub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print("@figure " + json.dumps({"step": 1, "grandchild": sub.pid}))
+print("tests/test_fake.py::test_one PASSED")
+jsonl = os.path.join(sys.argv[1], "gpu.jsonl")
+while not (os.path.exists(jsonl) and '"step": 1' in open(jsonl).read()):
+    time.sleep(0.05)
+print("@figure " + json.dumps({"step": 2}))
+time.sleep(600)
+"""
+LIMIT = 15  # seconds; the fake part needs well under one to reach step 2
+
+
+def alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] not in "ZX"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+def test_gpu_runner_keeps_the_figures_of_a_part_killed_at_its_limit(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the runner must set it for its commands
+    env = {"device": "fake", "commit": "abc"}
+    parts = [("slow part", LIMIT, [[sys.executable, "-c", SLOW_PART, str(tmp_path)]]),
+             ("next", 60, [[sys.executable, "-c", "print('@figure {\"step\": 3}')"],
+                           [sys.executable, "-c", "import sys; sys.exit(3)"]])]
+    t0 = time.monotonic()
+    figures, status = bench.run_parts(parts, str(tmp_path), env)
+    assert time.monotonic() - t0 < LIMIT + 60  # the kill took the grandchild too, so its pipe closed
+    lines = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert lines == [{**env, **f} for f in figures]  # every line whole, with the environment
+    slow = [f for f in figures if f["part"] == "slow part"]
+    assert [f.get("step") for f in slow[:3] if "step" in f] == [1, 2]  # step 2: step 1 was written as it came
+    assert {"part": "slow part", "test": "tests/test_fake.py::test_one", "outcome": "passed"} in slow
+    assert slow[-1]["status"] == status["slow part"][0] == f"timeout after {LIMIT} s"
+    assert not alive(slow[0]["grandchild"])
+    # the next part still ran, with its whole time; a failing command fails the part
+    assert {"part": "next", "step": 3} in figures and status["next"][0] == "exit 3"
+    log = (tmp_path / "gpu_slow_part.log").read_text()
+    assert '@figure {"step": 2}' in log and "tests/test_fake.py::test_one PASSED" in log
+    assert "[1]" not in log and "[0] @figure" in (tmp_path / "gpu_next.log").read_text()
+
+
+def run_bench(*argv):
+    return subprocess.run([sys.executable, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_gpu_help_says_where_results_go_and_the_budget(tmp_path):
+    run = run_bench("gpu", "--out", str(tmp_path / "results"), "--help")
+    assert run.returncode == 0
+    text = " ".join(run.stdout.split())
+    budget = sum(seconds for _, seconds in bench.GPU_PARTS)
+    assert "DIR/gpu.jsonl" in text and "DIR/gpu_<part>.log" in text and f"Time budget {budget} s" in text
+    assert all(f"{part} {seconds} s" in text for part, seconds in bench.GPU_PARTS)
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_without_cuda_or_out_dir_fails_in_one_line(tmp_path):
+    for argv, message in ((["gpu"], "bench.py gpu: --out DIR is required"),
+                          (["gpu", "--out", str(tmp_path / "results")], "bench.py gpu: needs a CUDA GPU")):
+        run = run_bench(*argv)
+        assert run.returncode == 1 and run.stderr.startswith(message) and run.stderr.count("\n") == 1, run.stderr
+    assert not (tmp_path / "results").exists()
