@@ -470,7 +470,7 @@ def main():
     dist.all_gather_object(problems, verifying.result())
     if any(problems):
         fail(next(p for p in problems if p))
-    batches = iter(loader)
+    batches = loader.prefetch(pin_memory=device.type == "cuda")  # the next step is built while this one runs
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not (master and sys.stdout.isatty()), dynamic_ncols=True)
     while True:
         last_step = step == cfg.max_steps
@@ -500,17 +500,18 @@ def main():
         flops = 3 * model.flops_per_token(seqlens, sum(n_masked)) * sum(seqlens)
         counts = torch.tensor([sum(n_masked), sum(seqlens), flops], dtype=torch.float64, device=device)
         dist.all_reduce(counts)  # over all ranks: masked tokens, real tokens, model FLOPs of this step
-        total_masked = counts[0].item()
+        total_masked = counts[0].clamp(min=1)  # stays on the device: the forward need not wait for the all-reduce
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for mb, n in zip(micro_batches, n_masked):
-            _, loss = model(mb["input_ids"].to(device), labels=mb["labels"].to(device),
-                            cu_seqlens=mb["cu_seqlens"].to(device), max_seqlen=mb["max_seqlen"])
+            _, loss = model(mb["input_ids"].to(device, non_blocking=True),
+                            labels=mb["labels"].to(device, non_blocking=True),
+                            cu_seqlens=mb["cu_seqlens"].to(device, non_blocking=True), max_seqlen=mb["max_seqlen"])
             # mean over the masked tokens of the global batch, however it is split into micro-batches and ranks
             # (parallelize() makes the reduction across ranks a sum)
-            (loss * (n / max(total_masked, 1))).backward()
+            (loss * (n / total_masked)).backward()
             loss_sum += loss.detach().double() * n
         dist.all_reduce(loss_sum)
-        loss = (loss_sum / max(total_masked, 1)).item()
+        loss = (loss_sum / total_masked).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).full_tensor().item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             last = checkpoint.list_checkpoints(out_dir)
