@@ -749,7 +749,11 @@ def loader_probe(spec):
     bins = [Path(spec["dir"]) / e["bin"] for e in manifest["splits"]["train"]["shards"]]
     make = lambda: data.Loader(spec["dir"], batch_size=G, micro_batch_size=micro, max_seqlen=L, rank=0,  # noqa: E731
                                world_size=spec["world"], micro_batch_tokens=micro * L, verify=False)
-    evict(bins + [Path(spec["dir"]) / e["idx"] for e in manifest["splits"]["train"]["shards"]])
+    indexes = [Path(spec["dir"]) / e["idx"] for e in manifest["splits"]["train"]["shards"]]
+    evict(bins + indexes)
+    if spec.get("cached_index"):  # as a while into a run, when every .idx page has been read once
+        for path in indexes:
+            path.read_bytes()
     before, read0 = memory(), read_bytes()
     t0 = time.perf_counter()
     loader = make()
@@ -852,6 +856,17 @@ def data_scale(args):
               "path (ours: built by prefetch() during a 100 ms stand-in step that launches small torch ops / that "
               "sleeps, 30 steps; baseline: all of it), and its share of the paper's step (8 days / 500k steps, 3 "
               "days / 200k, on 16 GPUs; 8x shorter on 128)")
+
+        def row(stage, world, name, r):
+            """Print one probe's line; its critical path as a share of the paper's step, added to r."""
+            critical = [r.get(f"critical_ms_{k}", r["step_ms"]) for k in ("launching", "waiting")]
+            r["critical_of_step"] = critical[0] / 1e3 / (STEP_SECONDS[stage] * 16 / world)
+            print(f"  {stage} x{world:<4} {name:<12}{r['startup_s']:>9.2f}{r['first_batch_s']:>10.2f}"
+                  f"{r['open_files']:>6}{r['anonymous_mb_first']:>8.1f}{r['anonymous_mb_steps']:>8.1f}"
+                  f"{r['anonymous_per_doc_steps']:>7.2f}{r['step_ms']:>8.1f}{r['tokens_per_s'] / 1e6:>7.1f}"
+                  f"{critical[0]:>7.1f} /{critical[1]:>4.1f}{r['critical_of_step']:>7.1%}")
+            return r
+
         head = (f"{'':28}{'Loader()':>9}{'1st batch':>10}{'files':>6}{'MB 1st':>8}{'MB +' + str(steps):>8}"
                 f"{'B/doc':>7}{'ms/step':>8}{'Mtok/s':>7}{'critical ms':>13}{'% step':>7}")
         for n_docs in sizes:
@@ -866,14 +881,13 @@ def data_scale(args):
                         if name == "baseline" and n_docs > 10_000_000:
                             continue  # 40-60 bytes per document: 4-6 GB, more than this machine can spare
                         r = probe(dir=str(d), stage=stage, world=world, baseline=path, hide=100 if path is None else 0)
-                        step_s = STEP_SECONDS[stage] * 16 / world
-                        critical = [r.get(f"critical_ms_{k}", r["step_ms"]) for k in ("launching", "waiting")]
-                        r["critical_of_step"] = critical[0] / 1e3 / step_s
-                        print(f"  {stage} x{world:<4} {name:<12}{r['startup_s']:>9.2f}{r['first_batch_s']:>10.2f}"
-                              f"{r['open_files']:>6}{r['anonymous_mb_first']:>8.1f}{r['anonymous_mb_steps']:>8.1f}"
-                              f"{r['anonymous_per_doc_steps']:>7.2f}{r['step_ms']:>8.1f}{r['tokens_per_s'] / 1e6:>7.1f}"
-                              f"{critical[0]:>7.1f} /{critical[1]:>4.1f}{r['critical_of_step']:>7.1%}")
-                        results[f"{n_docs}_{stage}_{world}_{name}"] = r
+                        results[f"{n_docs}_{stage}_{world}_{name}"] = row(stage, world, name, r)
+            if n_docs == sizes[-1]:  # the steps above also read the .idx pages for the first time
+                print("  the .idx files in the page cache before Loader() (as once a run has read each page once)")
+                for stage in STAGES:
+                    for world in (16, 128):
+                        r = probe(dir=str(d), stage=stage, world=world, baseline=None, hide=100, cached_index=True)
+                        results[f"{n_docs}_{stage}_{world}_ours_cached_index"] = row(stage, world, "ours", r)
             if n_docs == 1_000_000:  # the loader's own CPU time: the .bin pages stay in the page cache
                 print("  warm: the .bin pages stay in the page cache (the loader's own CPU time)")
                 for name, path in designs.items():
