@@ -32,6 +32,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import mmap
 import multiprocessing as mp
 import os
@@ -930,22 +931,24 @@ _PERMUTE = np.uint64(0x5851F42D4C957F2D)  # keeps the order's keys apart from th
 
 def _permute(positions, n, seed, epoch):
     """The documents at `positions` (an integer array) of epoch `epoch`'s order: a keyed bijection of [0, n)
-    computed on demand, so no order is stored and any position is found in O(1). A Feistel network (_ROUNDS
-    rounds of splitmix64 keyed by seed and epoch) permutes [0, 2^bits), the smallest power of two >= n
-    (and >= 4); a value that lands at n or above is permuted again until it falls below n (cycle walking,
-    which keeps it a bijection of [0, n)): fewer than 2 passes on average, since 2^bits < 2n."""
-    bits = max(2, (n - 1).bit_length())
+    computed on demand, so no order is stored and any position is found in O(1). A Feistel network of
+    _ROUNDS rounds (splitmix64 keyed by seed and epoch) permutes [0, a*b), a = ceil(sqrt(n)), b = ceil(n / a):
+    a value is (hi, lo) in radices (a, b), and a round maps it to (lo, (hi + F(lo)) mod a), the radices
+    swapping. A value that lands at n or above is permuted again until it falls below n (cycle walking, which
+    keeps it a bijection of [0, n)); since a*b < n + a, that is rare: about one pass for the whole batch."""
+    a = max(2, math.isqrt(n - 1) + 1)
+    b = max(2, -(-n // a))
     keys = _mix64(np.array([seed], dtype=np.uint64) ^ _PERMUTE) + np.uint64(epoch)
     keys = _mix64(_mix64(keys) + np.arange(1, _ROUNDS + 1, dtype=np.uint64) * _GOLDEN)
     x = np.asarray(positions, dtype=np.uint64).copy()
     todo = np.arange(len(x))
     while len(todo):
         y = x[todo]
-        hi_bits, lo_bits = bits // 2, bits - bits // 2
-        for key in keys:  # (hi, lo) -> (lo, hi ^ F(lo)); the halves swap widths each round
-            hi, lo = y >> np.uint64(lo_bits), y & np.uint64((1 << lo_bits) - 1)
-            y = (lo << np.uint64(hi_bits)) | (hi ^ (_mix64(lo + key) & np.uint64((1 << hi_bits) - 1)))
-            hi_bits, lo_bits = lo_bits, hi_bits
+        radix_hi, radix_lo = np.uint64(a), np.uint64(b)
+        for key in keys:
+            hi, lo = y // radix_lo, y % radix_lo
+            y = lo * radix_hi + (hi + _mix64(lo + key) % radix_hi) % radix_hi
+            radix_hi, radix_lo = radix_lo, radix_hi
         x[todo] = y
         todo = todo[y >= n]
     return x.astype(np.int64)
