@@ -5,6 +5,7 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
     python bench.py attention   # Triton varlen attention vs SDPA / varlen_attn (GPU); --flex: vs FlexAttention
     python bench.py data        # prepare and loader throughput
     python bench.py data --budget  # micro-batches by token budget vs by sequence count, stage 1 and 2
+    python bench.py data --scale   # the loader on 1M-100M documents and 2,000 shards vs the design before it
     python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
     python bench.py gpu --out DIR   # all of the GPU checks below in one call, < 8 min
     python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
@@ -25,17 +26,20 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+REPO = Path(__file__).resolve().parent
 
 
 def compare(fns, warmup=1, iters=5, sync=None):
@@ -445,7 +449,7 @@ def gpu_usage():
 
 def gpu_commands(args):
     """{part: [argv, ...]}: the processes of each part of GPU_PARTS, run side by side within the part."""
-    bench = [sys.executable, os.path.join(ROOT, "bench.py")]
+    bench = [sys.executable, str(REPO / "bench.py")]
     pytest = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
     quick = ["--quick"] if args.quick else []
     # three pytest processes side by side on the one GPU: each spends most of its time compiling kernels on
@@ -505,7 +509,7 @@ def run_parts(parts, out_dir, env):
                     except ValueError:  # a line cut short: the log has it
                         pass
 
-        procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   errors="replace", env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                   start_new_session=True) for cmd in commands]
         readers = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
@@ -698,6 +702,12 @@ def bench_train(args):
 # mean 1,997 bytes, so sigma = sqrt(2 ln(mean / median)) = 1.18; English Wikipedia, the only published median
 # we found), rounded to 1.2: median ~540 tokens, ~1% of documents over 8,192.
 JAWIKI_MEAN_TOKENS, JAWIKI_SIGMA = 1110, 1.2
+STAGES = {"stage1": (1024, 3328, 26), "stage2": (8192, 384, 2)}  # configs/stage*.py: max_seqlen, batch, micro-batch
+STEP_SECONDS = {"stage1": 8 * 86400 / 500_000, "stage2": 3 * 86400 / 200_000}  # the paper's steps, on 16 H100s
+SCALE_MEAN_TOKENS = 600  # mean document length assumed for a web-scale corpus (web pages are shorter than articles)
+LLMJP_LAYOUT = {"file": "none", "sha256": "0" * 64, "vocab_size": 99574, "unk_id": 0, "mask_id": 3, "pad_id": 4,
+                "cls_id": 5, "sep_id": 6, "eod_id": 7, "special_ids": list(range(8))}
+BASELINE_DATA = "e0340e054b6e345b64f23a9c984cdf3740fb4db7"  # git blob: data.py as it was before the loader at scale
 
 
 def data_budget(args):
@@ -715,7 +725,6 @@ def data_budget(args):
     import data
     import demo
     world, n_batches = 16, 5 if args.quick else 40
-    recipes = {"stage1": (1024, 3328, 26), "stage2": (8192, 384, 2)}  # max_seqlen, global batch, micro_batch_size
     rng = np.random.default_rng(0)
     mu = np.log(JAWIKI_MEAN_TOKENS) - JAWIKI_SIGMA ** 2 / 2
     lengths = {"jawiki": np.maximum(1, rng.lognormal(mu, JAWIKI_SIGMA, 1_000_000).round()).astype(np.int64) + 2}
@@ -732,7 +741,7 @@ def data_budget(args):
     for name, lens in lengths.items():
         print(f"{name}: {len(lens):,} documents, mean {lens.mean():,.0f} tokens, median {np.median(lens):,.0f}, "
               f"{(lens > 8192).mean():.1%} over 8,192")
-        for stage, (L, G, micro) in recipes.items():
+        for stage, (L, G, micro) in STAGES.items():
             budget = micro * L
             steps = {"count": [], "budget": []}
             peak = {"count": 0, "budget": 0}
@@ -763,13 +772,277 @@ def data_budget(args):
     return results
 
 
+def synthetic_shards(out, n_docs, n_shards, tokenizer=LLMJP_LAYOUT, mean_tokens=SCALE_MEAN_TOKENS, sparse=False,
+                     seed=0, val_docs=0):
+    """A shard directory in data.py's format without a tokenizer or text: n_docs train documents over n_shards
+    shards (and val_docs val documents over at most as many), lengths lognormal with the given mean and sigma
+    JAWIKI_SIGMA, ids uniform over the tokenizer's non-special ids; files and hashes as prepare writes them, on
+    disk (fsynced: the page cache can drop them). sparse: every .bin a hole of the right size (all <unk>, no
+    disk used; unhashed, so verification refuses it), for directories far larger than the disk; .idx real."""
+    import hashlib
+
+    import numpy as np
+
+    import data
+    out, rng = Path(out), np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(np.uint16 if tokenizer["vocab_size"] <= 1 << 16 else np.uint32)
+    allowed = np.setdiff1d(np.arange(tokenizer["vocab_size"]), tokenizer["special_ids"]).astype(dtype)
+    mu = np.log(mean_tokens) - JAWIKI_SIGMA ** 2 / 2
+    splits = {}
+    for split, docs in (("train", n_docs), ("val", val_docs)):
+        entries = []
+        for s, n in enumerate(np.diff(np.linspace(0, docs, min(n_shards, docs) + 1).astype(np.int64))):
+            lengths = np.maximum(1, rng.lognormal(mu, JAWIKI_SIGMA, n).round()).astype(np.int64)
+            name = f"{split}-{s:05d}-{s:010x}"
+            if sparse:
+                idx = np.concatenate([[0], np.cumsum(lengths)])
+                idx.tofile(out / f"{name}.idx")
+                with open(out / f"{name}.bin", "wb") as f:
+                    f.truncate(int(idx[-1]) * dtype.itemsize)
+                entry = {"bin": f"{name}.bin", "idx": f"{name}.idx", "docs": int(n), "tokens": int(idx[-1]),
+                         "bin_bytes": int(idx[-1]) * dtype.itemsize, "bin_sha256": "sparse, not hashed",
+                         "idx_sha256": hashlib.sha256(idx.tobytes()).hexdigest()}
+            else:
+                writer = data._ShardWriter(out, name, dtype, "synthetic")
+                writer.add(np.split(rng.choice(allowed, int(lengths.sum())), np.cumsum(lengths)[:-1]))
+                entry = writer.finish()
+                for key in ("bin", "idx"):
+                    with open(out / entry[key], "rb") as f:
+                        os.fsync(f.fileno())
+            entries.append(entry)
+        splits[split] = {"docs": int(docs), "tokens": sum(e["tokens"] for e in entries), "shards": entries}
+    manifest = {"format": data.FORMAT_VERSION, "tokenizer": tokenizer, "dtype": dtype.name, "text_field": "text",
+                "val_fraction": 0.0, "inputs": [], "empty_texts": 0, "splits": splits}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def memory():
+    """This process's resident memory, in bytes: anonymous (private to it, unshareable) and the file pages it
+    maps that no other process maps (page cache: shared as soon as another process maps them, reclaimable)."""
+    kb = {}
+    for line in open("/proc/self/smaps_rollup"):
+        parts = line.split()
+        if len(parts) == 3 and parts[2] == "kB":
+            kb[parts[0].rstrip(":")] = int(parts[1])
+    return {"anonymous": kb["Anonymous"] * 1024,
+            "file_private": (kb["Private_Clean"] + kb["Private_Dirty"] - kb["Anonymous"]) * 1024}
+
+
+def read_bytes():
+    """Bytes this process has had read from storage (the page cache does not count)."""
+    for line in open("/proc/self/io"):
+        if line.startswith("read_bytes:"):
+            return int(line.split()[1])
+
+
+def evict(paths):
+    """Drop the files' clean pages from the page cache."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+
+def loader_probe(spec):
+    """One loader design (spec["baseline"]: the directory of the old data.py, else ours) on one shard
+    directory, rank 0 of spec["world"] at a stage's shapes, in a process of its own (data_scale starts it),
+    the shards evicted from the page cache first: Loader() and first-batch time, open files, anonymous memory
+    after the first batch and spec["steps"] more, loader time per step with the .bin files evicted before
+    every step (cold: a corpus larger than memory) or not, bytes read from storage per byte of document
+    delivered. With spec["hide"], ours only: the critical path that prefetch() leaves on a stand-in training
+    step of about spec["hide"] ms (its wall time with the next batch built meanwhile, minus its own), for a
+    step that launches kernels (small torch ops, taking the GIL between them) and one that waits on the GPU
+    (a sleep). Prints one JSON line."""
+    import statistics
+
+    if spec["baseline"]:
+        sys.path.insert(0, spec["baseline"])
+    import data
+    torch.set_num_threads(1)
+    L, G, micro = STAGES[spec["stage"]]
+    manifest = json.loads((Path(spec["dir"]) / "manifest.json").read_text())
+    n_docs, itemsize = manifest["splits"]["train"]["docs"], 2 if manifest["dtype"] == "uint16" else 4
+    bins = [Path(spec["dir"]) / e["bin"] for e in manifest["splits"]["train"]["shards"]]
+    make = lambda: data.Loader(spec["dir"], batch_size=G, micro_batch_size=micro, max_seqlen=L, rank=0,  # noqa: E731
+                               world_size=spec["world"], micro_batch_tokens=micro * L, verify=False)
+    indexes = [Path(spec["dir"]) / e["idx"] for e in manifest["splits"]["train"]["shards"]]
+    evict(bins + indexes)
+    if spec.get("cached_index"):  # as a while into a run, when every .idx page has been read once
+        for path in indexes:
+            path.read_bytes()
+    before, read0 = memory(), read_bytes()
+    t0 = time.perf_counter()
+    loader = make()
+    t1 = time.perf_counter()
+    batches = iter(loader)
+    next(batches)
+    t2 = time.perf_counter()
+    first, read1, fds = memory(), read_bytes(), len(os.listdir("/proc/self/fd"))
+    times, tokens, useful, read = [], 0, 0, 0
+    for _ in range(spec["steps"]):
+        if spec["cold"]:
+            evict(bins)
+        r, t = read_bytes(), time.perf_counter()
+        micro_batches = next(batches)
+        times.append(time.perf_counter() - t)
+        read += read_bytes() - r
+        for mb in micro_batches:
+            if not mb.get("empty"):
+                tokens += len(mb["input_ids"])
+                useful += (len(mb["input_ids"]) - 2 * (len(mb["cu_seqlens"]) - 1)) * itemsize  # no <CLS>/<SEP>
+    steps = memory()
+    result = {"startup_s": t1 - t0, "first_batch_s": t2 - t1, "open_files": fds,
+              "anonymous_mb_first": (first["anonymous"] - before["anonymous"]) / 1e6,
+              "anonymous_mb_steps": (steps["anonymous"] - before["anonymous"]) / 1e6,
+              "anonymous_per_doc_first": (first["anonymous"] - before["anonymous"]) / n_docs,
+              "anonymous_per_doc_steps": (steps["anonymous"] - before["anonymous"]) / n_docs,
+              "file_private_mb_steps": (steps["file_private"] - before["file_private"]) / 1e6,
+              "step_ms": 1e3 * statistics.median(times), "tokens_per_step": tokens / spec["steps"],
+              "tokens_per_s": tokens / sum(times), "startup_read_mb": (read1 - read0) / 1e6,
+              "read_per_useful_byte": read / max(useful, 1)}
+    if spec["hide"]:
+        x = torch.rand(1 << 12)
+
+        def launching(ops):  # small torch ops in a Python loop, like a step launching kernels
+            y = x
+            for _ in range(ops):
+                y = y * 1.0001 + 0.5
+        t = time.perf_counter()
+        launching(1000)
+        ops = int(1000 * spec["hide"] / 1e3 / (time.perf_counter() - t))
+        stand_ins = {"launching": lambda: launching(ops), "waiting": lambda: time.sleep(spec["hide"] / 1e3)}
+        for name, stand_in in stand_ins.items():
+            alone, walls = [], []
+            batches = make().prefetch()
+            next(batches)
+            for _ in range(min(spec["steps"], 30)):
+                if spec["cold"]:
+                    evict(bins)
+                time.sleep(0.05)  # the thread finishes the batch it builds ahead: the stand-in runs alone
+                t = time.perf_counter()
+                stand_in()
+                alone.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                next(batches)
+                stand_in()  # while the thread builds the next batch
+                walls.append(time.perf_counter() - t)
+            batches.close()
+            result[f"critical_ms_{name}"] = 1e3 * max(0.0, statistics.median(walls) - statistics.median(alone))
+        result["stand_in_ms"] = 1e3 * statistics.median(alone)
+    print(json.dumps(result))
+
+
+def data_scale(args):
+    """bench.py data --scale: the loader at corpus scale against the design before it (BASELINE_DATA, from
+    git), each run in a process of its own, on synthetic shard directories (synthetic_shards: 2,000 shards,
+    sparse .bin files) of 1M, 10M and 100M documents, at the stage-1 and stage-2 shapes (configs/stage*.py:
+    line_by_line, micro-batches by token budget) as rank 0 of 16 and of 128 processes; the baseline only
+    where its per-document arrays fit in memory (<= 10M documents). A dense directory gives the bytes read
+    from storage per byte used. Targets: private memory <= 1 byte per document at 100M documents, Loader()
+    + first batch < 2 s, open files <= 64, loader time on the critical path < 5% of the step (the paper's
+    step time, shortened in proportion for 128 processes), >= 10M tokens/s per process."""
+    sizes = [1_000_000] if args.quick else [1_000_000, 10_000_000, 100_000_000]
+    steps, n_shards = (20, 2000) if args.quick else (100, 2000)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        old = subprocess.run(["git", "cat-file", "blob", BASELINE_DATA], cwd=REPO, capture_output=True, text=True)
+        baseline = tmp / "baseline"
+        if old.returncode == 0:
+            baseline.mkdir()
+            (baseline / "data.py").write_text(old.stdout)
+        else:
+            print(f"the baseline data.py (git blob {BASELINE_DATA}) is not in this checkout: ours only")
+
+        def probe(**spec):
+            spec = {"cold": True, "hide": 0, "steps": steps, "world": 16, "stage": "stage1", **spec}
+            run = "import bench, json, sys; bench.loader_probe(json.loads(sys.argv[1]))"
+            proc = subprocess.run([sys.executable, "-c", run, json.dumps(spec)], cwd=REPO, capture_output=True,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if proc.returncode:
+                raise SystemExit(f"loader probe {spec} failed:\n{proc.stderr[-3000:]}")
+            return json.loads(proc.stdout.splitlines()[-1])
+
+        designs = {"ours": None, "baseline": str(baseline)} if baseline.is_dir() else {"ours": None}
+        print(f"{n_shards:,} shards, document lengths lognormal (mean {SCALE_MEAN_TOKENS}, sigma {JAWIKI_SIGMA}); "
+              f"rank 0 of 16 or 128 at the stage shapes (by token budget); the shards evicted from the page cache "
+              f"before Loader(); anonymous memory after the first batch and {steps} more, in MB and per document; "
+              f"ms/step: median over {steps} steps, the .bin files evicted before each (every read cold; sparse "
+              "files: a read costs the kernel's zero-fill, not I/O); critical: loader time left on the critical "
+              "path (ours: built by prefetch() during a 100 ms stand-in step that launches small torch ops / that "
+              "sleeps, 30 steps; baseline: all of it), and its share of the paper's step (8 days / 500k steps, 3 "
+              "days / 200k, on 16 GPUs; 8x shorter on 128)")
+
+        def row(stage, world, name, r):
+            """Print one probe's line; its critical path as a share of the paper's step, added to r."""
+            critical = [r.get(f"critical_ms_{k}", r["step_ms"]) for k in ("launching", "waiting")]
+            r["critical_of_step"] = critical[0] / 1e3 / (STEP_SECONDS[stage] * 16 / world)
+            print(f"  {stage} x{world:<4} {name:<12}{r['startup_s']:>9.2f}{r['first_batch_s']:>10.2f}"
+                  f"{r['open_files']:>6}{r['anonymous_mb_first']:>8.1f}{r['anonymous_mb_steps']:>8.1f}"
+                  f"{r['anonymous_per_doc_steps']:>7.2f}{r['step_ms']:>8.1f}{r['tokens_per_s'] / 1e6:>7.1f}"
+                  f"{critical[0]:>7.1f} /{critical[1]:>4.1f}{r['critical_of_step']:>7.1%}")
+            return r
+
+        head = (f"{'':28}{'Loader()':>9}{'1st batch':>10}{'files':>6}{'MB 1st':>8}{'MB +' + str(steps):>8}"
+                f"{'B/doc':>7}{'ms/step':>8}{'Mtok/s':>7}{'critical ms':>13}{'% step':>7}")
+        for n_docs in sizes:
+            t = time.perf_counter()
+            d = synthetic_shards(tmp / f"d{n_docs}", n_docs, n_shards, sparse=True)
+            results[f"{n_docs}_build_s"] = time.perf_counter() - t
+            print(f"\n{n_docs:,} documents: built in {results[f'{n_docs}_build_s']:.1f} s "
+                  f"({sum(p.stat().st_size for p in d.glob('*.idx')) / 1e6:,.0f} MB of .idx)\n{head}")
+            for stage in STAGES:
+                for world in (16, 128):
+                    for name, path in designs.items():
+                        if name == "baseline" and n_docs > 10_000_000:
+                            continue  # 40-60 bytes per document: 4-6 GB, more than this machine can spare
+                        r = probe(dir=str(d), stage=stage, world=world, baseline=path, hide=100 if path is None else 0)
+                        results[f"{n_docs}_{stage}_{world}_{name}"] = row(stage, world, name, r)
+            if n_docs == sizes[-1]:  # the steps above also read the .idx pages for the first time
+                print("  the .idx files in the page cache before Loader() (as once a run has read each page once)")
+                for stage in STAGES:
+                    for world in (16, 128):
+                        r = probe(dir=str(d), stage=stage, world=world, baseline=None, hide=100, cached_index=True)
+                        results[f"{n_docs}_{stage}_{world}_ours_cached_index"] = row(stage, world, "ours", r)
+            if n_docs == 1_000_000:  # the loader's own CPU time: the .bin pages stay in the page cache
+                print("  warm: the .bin pages stay in the page cache (the loader's own CPU time)")
+                for name, path in designs.items():
+                    r = probe(dir=str(d), baseline=path, cold=False)
+                    print(f"  stage1 x16   {name:<12}{'':48}{r['step_ms']:>8.1f}{r['tokens_per_s'] / 1e6:>7.1f}")
+                    results[f"{n_docs}_stage1_16_{name}_warm"] = r
+            shutil.rmtree(d)
+        dense = synthetic_shards(tmp / "dense", 200_000, 20)  # 24 MB shards, larger than a read-ahead window
+        print(f"\nbytes read from storage, stage 1 x16: 200,000 documents in 20 dense shards, evicted from the page "
+              f"cache before Loader() and before each of 5 steps (read-ahead of this disk: {read_ahead()})")
+        for name, path in designs.items():
+            r = probe(dir=str(dense), baseline=path, steps=5)
+            print(f"  {name:<10}{r['read_per_useful_byte']:>8.1f} bytes per byte of document delivered; "
+                  f"Loader() and first batch {r['startup_read_mb']:.1f} MB")
+            results[f"read_amplification_{name}"] = r
+    return results
+
+
+def read_ahead():
+    """The read-ahead of the disk holding the temporary directory."""
+    device = os.stat(tempfile.gettempdir()).st_dev
+    block = Path(f"/sys/dev/block/{os.major(device)}:{os.minor(device)}")
+    for path in (block / "queue" / "read_ahead_kb", block / ".." / "queue" / "read_ahead_kb"):  # disk, partition
+        if path.is_file():
+            return f"{int(path.read_text()):,} KiB"
+    return "unknown"
+
+
 def bench_data(args):
     """prepare: tokens/s with N worker processes against sentencepiece's own single-process encode of the
     same text (target: ratio >= 0.85 x N). Loader: tokens/s of one process making masked batches (target
     >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: llm-jp's when present, else a demo one.
-    With --budget: data_budget above."""
+    With --budget: data_budget above; with --scale: data_scale."""
     if args.budget:
         return data_budget(args)
+    if args.scale:
+        return data_scale(args)
     import shutil
     import tempfile
     from pathlib import Path
@@ -836,6 +1109,7 @@ def main():
                                                     "directory for gpu.jsonl and the part logs, required)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
+    parser.add_argument("--scale", action="store_true", help="data: the loader on 1M-100M documents vs the old design")
     parser.add_argument("--flex", action="store_true", help="attention: against compiled FlexAttention instead")
     parser.add_argument("--stream", action="store_true", help="attention, train: also print each figure as a "
                                                               "JSON line the moment it is measured")

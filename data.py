@@ -22,6 +22,9 @@ the manifest and remembers it (train.py runs it in the background). The syntheti
 demo.py (`python demo.py`, or `python data.py demo`).
 """
 import argparse
+import atexit
+import ctypes
+import errno
 import fcntl
 import functools
 import glob
@@ -29,14 +32,19 @@ import gzip
 import hashlib
 import io
 import json
+import math
+import mmap
 import multiprocessing as mp
 import os
+import queue
 import secrets
 import re
+import resource
 import sys
 import tempfile
 import threading
 import time
+import weakref
 import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -659,11 +667,79 @@ def load_manifest(data_dir, tokenizer=None):
 # reading shards
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FIXED = 0x10  # the same on Linux, the BSDs and macOS; Python's mmap module does not name it
+
+
+def _map_files(paths, sizes, dtype):
+    """One read-only array over the files, mapped back to back at page boundaries (file i starts at element
+    starts[i]): a document is one slice and a batch one gather, whichever shards it draws from. The maps
+    are made with the C library rather than Python's mmap, which keeps an open descriptor per map: here
+    none is kept, so a corpus of any number of shards holds no open files (the limit is the kernel's
+    vm.max_map_count maps per process instead, one per file). Reads are random (madvise): a page fault
+    fetches its own page, not the device's read-ahead window around it. Unmapped when the last view of
+    the array is gone. Returns (array, starts)."""
+    page, itemsize = mmap.PAGESIZE, np.dtype(dtype).itemsize
+    offsets = np.cumsum([0] + [-(-size // page) * page for size in sizes])
+    total = max(int(offsets[-1]), page)
+    failed = ctypes.c_void_p(-1).value
+    base = _libc.mmap(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve the range
+    if base == failed:
+        raise DataError(f"{Path(paths[0]).parent}: cannot reserve {total:,} bytes of address space for its shards "
+                        f"({os.strerror(ctypes.get_errno())})")
+    buffer = (ctypes.c_char * total).from_address(base)
+    # unmapped with the last view; not at exit, where a thread may still be reading (the process ends anyway)
+    weakref.finalize(buffer, _libc.munmap, base, total).atexit = False
+    for path, size, offset in zip(paths, sizes, offsets.tolist()):
+        if size == 0:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != size:  # replaced since it was checked: a map past its end would crash
+                raise DataError(f"{path}: changed while it was being opened (now {os.fstat(fd).st_size} bytes, "
+                                f"{size} expected); rerun `python data.py prepare` to rebuild it")
+            address = _libc.mmap(base + offset, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+            err = ctypes.get_errno()
+        finally:
+            os.close(fd)  # the map keeps the file
+        if address == failed:
+            why = (f"the {_max_map_count()} maps a process may hold (vm.max_map_count) are in use; raise it with "
+                   "sysctl, or merge shards" if err == errno.ENOMEM else os.strerror(err))
+            raise DataError(f"{path}: cannot map ({why})")
+        _libc.madvise(address, size, mmap.MADV_RANDOM)
+    array = np.frombuffer(buffer, dtype=dtype, count=int(offsets[-1]) // itemsize)  # no unmapped page inside
+    array.flags.writeable = False
+    return array, offsets[:-1] // itemsize
+
+
+def _max_map_count():
+    try:
+        return int(Path("/proc/sys/vm/max_map_count").read_text())
+    except (OSError, ValueError):
+        return "?"
+
+
 class Shards:
     """The documents of one split, memory-mapped, in stored order: len(shards), shards[i] -> int64 array
-    (no <CLS>/<SEP>). verify checks every file's sha256 against the manifest (sizes are always checked)."""
+    (no <CLS>/<SEP>); spans(docs) -> where a batch of documents lies in self.tokens. verify checks every file's
+    sha256 against the manifest (sizes are always checked). Startup reads O(shards): the sizes, and each
+    .idx's first and last offset; the offsets between are checked where a document is read, so a damaged one
+    is named then. Memory: the maps (page cache, shared by every process of a machine that reads the same
+    shards) and a few numbers per shard; nothing per document."""
 
     def __init__(self, data_dir, split="train", verify=True, tokenizer=None):
+        try:
+            self._open(data_dir, split, verify, tokenizer)
+        except OSError as e:  # e.g. a process at its limit of open files, which the maps themselves do not use
+            limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            why = f"the {limit} open files allowed (ulimit -n) are in use" if e.errno == errno.EMFILE else e.strerror
+            raise DataError(f"{e.filename or data_dir}: cannot read ({why})") from None
+
+    def _open(self, data_dir, split, verify, tokenizer):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(data_dir, tokenizer)
         self.tokenizer_info = self.manifest["tokenizer"]
@@ -672,7 +748,6 @@ class Shards:
         entries = self.manifest["splits"][split]["shards"]
         if not entries:
             raise DataError(f"{self.data_dir}: split {split!r} has no documents")
-        self.bins, self.idxs = [], []
         for entry in entries:
             if verify:
                 problem = _check_shard(self.data_dir, entry)
@@ -684,32 +759,43 @@ class Shards:
                         problem = f"{p}: missing, or not the {size} bytes the manifest says (truncated or altered)"
             if problem:
                 raise DataError(problem + "; rerun `python data.py prepare` to rebuild it")
-            # a plain ndarray view of the map: slicing a np.memmap costs microseconds per call
-            tokens = np.memmap(self.data_dir / entry["bin"], dtype=self.manifest["dtype"], mode="r")
-            idx = np.fromfile(self.data_dir / entry["idx"], dtype=np.int64)
-            if idx[0] != 0 or idx[-1] != len(tokens) or (np.diff(idx) < 0).any():  # cheap, unlike a hash
-                raise DataError(f"{self.data_dir / entry['idx']}: document offsets are damaged; rerun "
-                                "`python data.py prepare` to rebuild it")
-            self.bins.append(tokens.view(np.ndarray))
-            self.idxs.append(idx)
         self.files = [self.data_dir / e["bin"] for e in entries]
+        self.idx_files = [self.data_dir / e["idx"] for e in entries]
+        self.tokens, self.token_start = _map_files(self.files, [e["bin_bytes"] for e in entries],
+                                                   self.manifest["dtype"])
+        self.offsets, self.offset_start = _map_files(self.idx_files, [(e["docs"] + 1) * 8 for e in entries],
+                                                     np.int64)
         self.first_doc = np.cumsum([0] + [e["docs"] for e in entries])  # global index of each shard's first doc
-        self.lengths = np.concatenate([np.diff(idx) for idx in self.idxs])
+        self.shard_tokens = np.array([e["bin_bytes"] for e in entries]) // self.tokens.itemsize
+        first, last = self.offsets[self.offset_start], self.offsets[self.offset_start + np.diff(self.first_doc)]
+        for s in np.flatnonzero((first != 0) | (last != self.shard_tokens))[:1]:  # cheap, unlike a hash
+            raise DataError(f"{self.idx_files[s]}: document offsets are damaged (they run from {first[s]} to "
+                            f"{last[s]}, the .bin holds {self.shard_tokens[s]} tokens); rerun `python data.py "
+                            "prepare` to rebuild it")
+        self.n_tokens = int(self.shard_tokens.sum())
+        if self.n_tokens == 0:
+            raise DataError(f"{self.data_dir}: split {split!r} holds no tokens")
 
     def __len__(self):
         return int(self.first_doc[-1])
 
-    def locate(self, i):
-        """(bin memmap, start, end) of document i."""
-        s = int(np.searchsorted(self.first_doc, i, side="right")) - 1
-        j = i - int(self.first_doc[s])
-        return self.bins[s], int(self.idxs[s][j]), int(self.idxs[s][j + 1])
+    def spans(self, docs):
+        """(start, end) in self.tokens of each document in docs (an integer array), checking their offsets."""
+        docs = np.asarray(docs, dtype=np.int64)
+        s = np.searchsorted(self.first_doc, docs, side="right") - 1
+        j = docs - self.first_doc[s]
+        a, b = self.offsets[self.offset_start[s] + j], self.offsets[self.offset_start[s] + j + 1]
+        for k in np.flatnonzero((a < 0) | (b < a) | (b > self.shard_tokens[s]))[:1]:
+            raise DataError(f"{self.idx_files[s[k]]}: the offsets of document {j[k]} are damaged ({a[k]} to "
+                            f"{b[k]}, the .bin holds {self.shard_tokens[s[k]]} tokens); rerun `python data.py "
+                            "prepare` to rebuild it")
+        return self.token_start[s] + a, self.token_start[s] + b
 
     def __getitem__(self, i):
         if not -len(self) <= i < len(self):
             raise IndexError(f"document {i} of {len(self)}")
-        data, a, b = self.locate(i % len(self))
-        return np.asarray(data[a:b], dtype=np.int64)
+        (a,), (b,) = self.spans([i % len(self)])
+        return self.tokens[a:b].astype(np.int64)
 
     def check_ids(self, docs, vocab_size):
         """Raise a DataError naming the shard and document of the first of docs holding an id >= vocab_size."""
@@ -803,9 +889,9 @@ class _Masker:
             self.is_special, self.allowed = self.is_special.to(ids.device), self.allowed.to(ids.device)
         selected = (((bits >> 32) & 0x7FFF) < self.select) & ~self.is_special.index_select(0, ids)
         kind = (bits >> 47) & 0x7FFF
-        random_ids = self.allowed.index_select(0, ((bits & 0xFFFFFFFF) * len(self.allowed)) >> 32)
         out = torch.where(selected & (kind < self.to_mask), self.mask_id, ids)
-        out = torch.where(selected & (kind >= self.to_mask) & (kind < self.to_random), random_ids, out)
+        swap = torch.nonzero(selected & (kind >= self.to_mask) & (kind < self.to_random)).flatten()  # ~3%
+        out[swap] = self.allowed.index_select(0, ((bits[swap] & 0xFFFFFFFF) * len(self.allowed)) >> 32)
         labels = torch.where(selected, ids, -100)
         return out, labels
 
@@ -838,6 +924,41 @@ def _mix64(x):
 # ---------------------------------------------------------------------------------------------------------
 # loader
 
+ORDER = 2  # how an epoch orders its documents; a loader state saved under another order is refused
+_ROUNDS = 8
+_PERMUTE = np.uint64(0x5851F42D4C957F2D)  # keeps the order's keys apart from the masks' (same seed)
+
+
+def _permute(positions, n, seed, epoch):
+    """The documents at `positions` (an integer array) of epoch `epoch`'s order: a keyed bijection of [0, n)
+    computed on demand, so no order is stored and any position is found in O(1). A Feistel network of
+    _ROUNDS rounds (splitmix64 keyed by seed and epoch) permutes [0, a*b), a = ceil(sqrt(n)), b = ceil(n / a):
+    a value is (hi, lo) in radices (a, b), and a round maps it to (lo, (hi + F(lo)) mod a), the radices
+    swapping. A value that lands at n or above is permuted again until it falls below n (cycle walking, which
+    keeps it a bijection of [0, n)); since a*b < n + a, that is rare: about one pass for the whole batch."""
+    a = max(2, math.isqrt(n - 1) + 1)
+    b = max(2, -(-n // a))
+    keys = _mix64(np.array([seed], dtype=np.uint64) ^ _PERMUTE) + np.uint64(epoch)
+    keys = _mix64(_mix64(keys) + np.arange(1, _ROUNDS + 1, dtype=np.uint64) * _GOLDEN)
+    x = np.asarray(positions, dtype=np.uint64).copy()
+    todo = np.arange(len(x))
+    while len(todo):
+        y = x[todo]
+        radix_hi, radix_lo = np.uint64(a), np.uint64(b)
+        for key in keys:
+            hi, lo = y // radix_lo, y % radix_lo
+            y = lo * radix_hi + (hi + _mix64(lo + key) % radix_hi) % radix_hi
+            radix_hi, radix_lo = radix_lo, radix_hi
+        x[todo] = y
+        todo = todo[y >= n]
+    return x.astype(np.int64)
+
+
+def _ranges(lo, hi):
+    """The concatenation of arange(lo[j], hi[j]) over j."""
+    n = hi - lo
+    return np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+
 
 class Loader:
     """MLM batches from a shard directory, the same global batches for any number of ranks.
@@ -845,7 +966,7 @@ class Loader:
     A sample is "<CLS> doc <SEP>" truncated to max_seqlen (line_by_line), or a row of max_seqlen tokens cut
     from the concatenation of "<CLS> doc <SEP>" (packed; the last row of an epoch is shorter, and a document
     split across rows continues in the next row without a new <CLS>). Epoch e visits the documents in the
-    permutation given by (seed, e). Global batch k is samples [k*batch_size, (k+1)*batch_size) of the
+    order _permute gives for (seed, e). Global batch k is samples [k*batch_size, (k+1)*batch_size) of the
     endless stream of epochs, so a batch may straddle two epochs and nothing is dropped. Rank r takes the
     r-th contiguous slice of every global batch, in micro-batches of micro_batch_size samples; or, with
     micro_batch_tokens, the global batch is packed into micro-batches of at most that many tokens and dealt
@@ -855,8 +976,14 @@ class Loader:
     (-100 = not masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of
     a token is a function of (seed, epoch, sample, position) only: independent of world size, micro-batching
     and resume. With shuffle=False the documents are read in stored order, once, and iteration stops (the
-    last batch may be short); for evaluation. state_dict() is the position in the sample stream, the same on
-    every rank; a run may resume with another world size, micro_batch_size or micro_batch_tokens."""
+    last batch may be short); for evaluation. prefetch() iterates the same batches, each built on a
+    background thread while the previous one is in use.
+
+    Nothing is kept per document: the order is computed where it is needed, and packed rows follow a cursor
+    (the document holding the next row's first token, and where it starts in the epoch's stream) that
+    every rank advances over the documents of every global batch. state_dict() is the position in the
+    sample stream with that cursor, the same on every rank; a run may resume with another world size,
+    micro_batch_size or micro_batch_tokens."""
 
     def __init__(self, data_dir, split="train", batch_size=32, micro_batch_size=32, max_seqlen=1024, rank=0,
                  world_size=1, seed=0, mode="line_by_line", mlm_probability=0.3, shuffle=True, verify=True,
@@ -882,136 +1009,242 @@ class Loader:
         self.grad_accum = None if micro_batch_tokens else batch_size // (world_size * micro_batch_size)
         self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
-        self.doc_tokens = self.shards.lengths + 2  # with <CLS> and <SEP>
-        n_docs = len(self.shards)
-        n_rows = -(-int(self.doc_tokens.sum()) // max_seqlen)
-        self.samples_per_epoch = n_docs if mode == "line_by_line" else n_rows
-        self.epoch, self.position = 0, 0  # the next sample is sample `position` of epoch `epoch`
-        self._orders = {}
+        self.n_docs = len(self.shards)
+        self.stream_tokens = self.shards.n_tokens + 2 * self.n_docs  # an epoch of "<CLS> doc <SEP>" (packed)
+        self.samples_per_epoch = self.n_docs if mode == "line_by_line" else -(-self.stream_tokens // max_seqlen)
+        # the next sample is sample `position` of epoch `epoch`; packed: its first token is in the document at
+        # position cursor[0] of the epoch's order, whose <CLS> is token cursor[1] of the epoch's stream
+        self.epoch, self.position, self.cursor = 0, 0, (0, 0)
 
     @property
     def steps_per_epoch(self):
         return self.samples_per_epoch / self.batch_size
 
     def state_dict(self):
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen}
+        state = {"order": ORDER, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                 "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen}
+        if self.mode == "packed":
+            state["cursor"] = [self.epoch, self.position, *self.cursor]
+        return state
 
     def load_state_dict(self, state):
+        if state.get("order") != ORDER:
+            raise DataError(f"cannot resume: the loader state was saved with document order "
+                            f"{state.get('order', 1)}, this data.py makes order {ORDER} (other batches); "
+                            "start the run again in a new out_dir")
         for key in ("seed", "samples_per_epoch", "max_seqlen"):
             if state[key] != getattr(self, key):
                 raise DataError(f"cannot resume: the loader state has {key}={state[key]}, "
                                 f"this loader {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
+        if self.mode == "packed":
+            cursor = state.get("cursor")
+            if cursor and cursor[:2] == [self.epoch, self.position]:
+                self.cursor = tuple(cursor[2:])
+            else:  # a position set by hand: walk the epoch from its start (O(documents))
+                self.cursor = self._walk(self.epoch, (0, 0), self.position * self.max_seqlen, keep=False)[1]
 
-    def _order(self, epoch):
-        """(document order, start of each document in the epoch's token stream) for one epoch."""
-        if epoch not in self._orders:
-            n = len(self.shards)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            starts = np.zeros(n + 1, dtype=np.int64)
+    def _docs(self, epochs, positions):
+        """The documents at positions of the given epochs' orders (arrays of the same length)."""
+        if not self.shuffle:
+            return np.asarray(positions, dtype=np.int64)
+        docs = np.empty(len(positions), dtype=np.int64)
+        for e in np.unique(epochs).tolist():
+            docs[epochs == e] = _permute(positions[epochs == e], self.n_docs, self.seed, e)
+        return docs
+
+    def _walk(self, epoch, cursor, end, keep=True):
+        """The documents of epoch `epoch`'s stream from the cursor's to the one holding token end - 1:
+        (docs, their <CLS>'s place in the stream, (start, end) in shards.tokens) if keep, and the cursor of
+        token `end` (the document at the epoch's end, (n_docs, stream_tokens), when end is the stream's end)."""
+        (k, start), parts = cursor, []
+        per_doc = self.stream_tokens / self.n_docs
+        while k < self.n_docs and start < end:
+            count = min(self.n_docs - k, int((end - start) / per_doc * 1.1) + 64, 1 << 20)
+            docs = self._docs(np.full(count, epoch), np.arange(k, k + count))
+            a, b = self.shards.spans(docs)
+            ends = start + np.cumsum(b - a + 2)
+            starts = ends - (b - a + 2)
+            if keep:
+                take = int(np.searchsorted(starts, end, side="left"))
+                parts.append((docs[:take], starts[:take], a[:take], b[:take]))
+            inside = int(np.searchsorted(ends, end, side="right"))  # the first document ending after `end`
+            if inside < count:
+                k, start = k + inside, int(starts[inside])
+                break
+            k, start = k + count, int(ends[-1])
+        found = tuple(np.concatenate(p) for p in zip(*parts)) if parts else None
+        return found, (k, start)
+
+    def _build(self, state):
+        """This rank's micro-batches of the global batch at state = (epoch, position, cursor), and the state
+        after it; None past the end (shuffle=False)."""
+        epoch, position, cursor = state
+        spe, L, n = self.samples_per_epoch, self.max_seqlen, self.batch_size
+        if not self.shuffle:
+            if epoch > 0:
+                return None
+            n = min(n, spe - position)
+        sample_epoch, sample_index, walks = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), []
+        q = 0
+        while q < n:  # the global batch, one epoch at a time
+            end = min(position + n - q, spe)
+            sample_epoch[q:q + end - position], sample_index[q:q + end - position] = epoch, np.arange(position, end)
             if self.mode == "packed":
-                np.cumsum(self.doc_tokens[perm], out=starts[1:])
-            if len(self._orders) >= 2:  # a batch spans at most two epochs
-                self._orders.pop(min(self._orders))
-            self._orders[epoch] = (perm, starts)
-        return self._orders[epoch]
-
-    def _pieces(self, epoch, i):
-        """The sample's pieces as (document, first, end) in "<CLS> doc <SEP>" coordinates (packed mode)."""
-        perm, starts = self._order(epoch)
-        a, b = i * self.max_seqlen, min((i + 1) * self.max_seqlen, int(starts[-1]))
-        k = int(np.searchsorted(starts, a, side="right")) - 1
-        pieces = []
-        while k < len(perm) and starts[k] < b:
-            s = int(starts[k])
-            pieces.append((int(perm[k]), max(a - s, 0), min(b, int(starts[k + 1])) - s))
-            k += 1
-        return pieces
-
-    def _micro_batch(self, samples):
-        """samples: list of (epoch, index) -> one micro-batch dict."""
-        if self.mode == "line_by_line":  # <CLS> doc[:max_seqlen - 2] <SEP>, as a truncating tokenizer makes it
-            doc_ids = [int(self._order(e)[0][i]) for e, i in samples]
-            docs = [self.shards.locate(d) for d in doc_ids]
-            seqlens = np.array([min(e - s, self.max_seqlen - 2) + 2 for _, s, e in docs], dtype=np.int64)
-            sample_lens = seqlens
-            ids = np.empty(int(seqlens.sum()), dtype=np.int64)
-            o = 0
-            for (data, s, _), n in zip(docs, seqlens):
-                ids[o] = self.cls_id
-                ids[o + 1: o + n - 1] = data[s: s + n - 2]
-                ids[o + n - 1] = self.sep_id
-                o += n
+                found, cursor = self._walk(epoch, cursor, min(end * L, self.stream_tokens))
+                walks.append((q, q + end - position, *found))
+            q += end - position
+            epoch, position, cursor = (epoch + 1, 0, (0, 0)) if end == spe else (epoch, end, cursor)
+        if self.mode == "line_by_line":
+            docs = self._docs(sample_epoch, sample_index)
+            spans = self.shards.spans(docs) if self.micro_batch_tokens else None
+            tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, L)
         else:
-            pieces, sample_lens = [], []
-            for epoch, i in samples:
-                p = self._pieces(epoch, i)
-                pieces += p
-                sample_lens.append(sum(b - a for _, a, b in p))
-            doc_ids = [d for d, _, _ in pieces]
-            seqlens = np.array([b - a for _, a, b in pieces], dtype=np.int64)
-            ids = np.empty(int(seqlens.sum()), dtype=np.int64)
-            o = 0
-            for d, a, b in pieces:
-                data, s, e = self.shards.locate(d)
-                n = e - s  # document tokens; positions 0 and n + 1 are <CLS> and <SEP>
-                if a == 0:
-                    ids[o] = self.cls_id
-                lo, hi = max(a, 1), min(b, n + 1)
-                ids[o + lo - a: o + hi - a] = data[s + lo - 1: s + hi - 1]
-                if b == n + 2:
-                    ids[o + b - a - 1] = self.sep_id
-                o += b - a
-        if ids.max() >= self.vocab_size:  # only an altered shard; the masker would fail naming nothing
-            self.shards.check_ids(doc_ids, self.vocab_size)
+            tokens = np.minimum(L, self.stream_tokens - sample_index * L)
+        if self.micro_batch_tokens:
+            groups = [np.array(g, dtype=np.int64) for g in pack_by_tokens(tokens, self.micro_batch_tokens,
+                                                                          self.world_size)[self.rank]]
+        else:
+            per_rank = self.batch_size // self.world_size
+            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n)
+            groups = [np.arange(a, min(a + self.micro_batch_size, hi))
+                      for a in range(lo, hi, self.micro_batch_size)]
+        need = np.unique(np.concatenate(groups)) if groups else np.empty(0, dtype=np.int64)
+        # the pieces of the samples this rank needs, in order: sample, document, the document's first token in
+        # shards.tokens, its tokens kept, and the piece's range [a, b) of "<CLS> doc[:kept] <SEP>"
+        if self.mode == "line_by_line":
+            start, stop = (spans[0][need], spans[1][need]) if spans is not None else self.shards.spans(docs[need])
+            kept = np.minimum(stop - start, L - 2)
+            pieces = (need, docs[need], start, kept, np.zeros_like(kept), kept + 2)
+        else:
+            pieces = tuple(np.concatenate(p) for p in zip(*(self._row_pieces(need[(need >= q0) & (need < q1)],
+                                                                              sample_index, *walk)
+                                                            for q0, q1, *walk in walks)))
+        micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
+                 for g in groups]
+        return micro, (epoch, position, cursor)
+
+    def _row_pieces(self, qs, sample_index, docs, starts, a, b):
+        """Packed: the pieces of rows qs (positions in the global batch, ascending), from their epoch's walk."""
+        L = self.max_seqlen
+        row = sample_index[qs] * L
+        row_end = np.minimum(row + L, self.stream_tokens)
+        first = np.searchsorted(starts, row, side="right") - 1  # the document holding the row's first token
+        last = np.searchsorted(starts, row_end, side="left")
+        k, count = _ranges(first, last), last - first
+        row, row_end, n = np.repeat(row, count), np.repeat(row_end, count), b[k] - a[k]
+        return (np.repeat(qs, count), docs[k], a[k], n, np.maximum(row - starts[k], 0),
+                np.minimum(row_end, starts[k] + n + 2) - starts[k])
+
+    def _micro_batch(self, group, pieces, sample_epoch, sample_index):
+        """One micro-batch dict from the samples `group` (positions in the global batch, ascending)."""
+        sample, doc, start, kept, a, b = pieces
+        first, last = np.searchsorted(sample, group, side="left"), np.searchsorted(sample, group, side="right")
+        p = _ranges(first, last)
+        seqlens = b[p] - a[p]
+        offset = np.cumsum(seqlens) - seqlens  # of each piece in the micro-batch
+        # token i of piece j is at place a + i of "<CLS> doc[:kept] <SEP>", so doc token a + i - 1: one gather
+        source = np.repeat(start[p] + a[p] - 1 - offset, seqlens) + np.arange(int(seqlens.sum()))
+        cls, sep = offset[a[p] == 0], (offset + seqlens - 1)[b[p] == kept[p] + 2]
+        source[cls], source[sep] = 0, 0  # not read: <CLS> and <SEP> go there
+        ids = self.shards.tokens[source].astype(np.int64)
+        ids[cls], ids[sep] = self.cls_id, self.sep_id
+        if len(ids) and ids.max() >= self.vocab_size:  # only an altered shard; the masker would fail naming nothing
+            self.shards.check_ids(doc[p].tolist(), self.vocab_size)
         # counter-based randomness: key(seed, epoch, sample) + position, mixed
-        ek = np.array([e for e, _ in samples], dtype=np.uint64) * _GOLDEN + np.uint64(self.seed)
-        sk = _mix64(_mix64(ek) + np.array([i for _, i in samples], dtype=np.uint64))
-        lens = np.array(sample_lens, dtype=np.int64)
-        pos = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-        bits = _mix64(np.repeat(sk, lens) + pos.astype(np.uint64) * _GOLDEN) >> np.uint64(1)
+        sample_lens = np.add.reduceat(seqlens, np.cumsum(last - first) - (last - first))
+        ek = sample_epoch[group].astype(np.uint64) * _GOLDEN + np.uint64(self.seed)
+        sk = _mix64(_mix64(ek) + sample_index[group].astype(np.uint64))
+        pos = np.arange(len(ids), dtype=np.int64) - np.repeat(np.cumsum(sample_lens) - sample_lens, sample_lens)
+        bits = _mix64(np.repeat(sk, sample_lens) + pos.astype(np.uint64) * _GOLDEN) >> np.uint64(1)
         input_ids, labels = self.masker(torch.from_numpy(ids), torch.from_numpy(bits.view(np.int64)))
         cu = np.zeros(len(seqlens) + 1, dtype=np.int32)
         np.cumsum(seqlens, out=cu[1:])
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": torch.from_numpy(cu),
                 "max_seqlen": int(seqlens.max())}
 
-    def sample_tokens(self, first, n):
-        """Token counts of the n samples from position first of the endless sample stream."""
-        epochs, index = np.divmod(np.arange(first, first + n), self.samples_per_epoch)
-        if self.mode == "packed":
-            total = int(self.doc_tokens.sum())
-            return np.minimum(self.max_seqlen, total - index * self.max_seqlen)
-        tokens = np.empty(n, dtype=np.int64)
-        for e in np.unique(epochs):
-            tokens[epochs == e] = self.doc_tokens[self._order(int(e))[0][index[epochs == e]]]
-        return np.minimum(tokens, self.max_seqlen)
-
     def empty_micro_batch(self):
         return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([-100, -100]),
                 "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}
 
     def __iter__(self):
-        per_rank = self.batch_size // self.world_size
-        while True:
-            n = self.batch_size
-            if not self.shuffle:
-                if self.epoch > 0:
-                    return
-                n = min(n, self.samples_per_epoch - self.position)
-            first = self.epoch * self.samples_per_epoch + self.position  # index in the endless sample stream
-            if self.micro_batch_tokens:
-                plan = pack_by_tokens(self.sample_tokens(first, n), self.micro_batch_tokens, self.world_size)
-                groups = [[first + k for k in ks] for ks in plan[self.rank]]
-            else:
-                lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n)
-                groups = [range(first + a, first + min(a + self.micro_batch_size, hi))
-                          for a in range(lo, hi, self.micro_batch_size)]
-            micro = [self._micro_batch([divmod(x, self.samples_per_epoch) for x in q]) if len(q) else
-                     self.empty_micro_batch() for q in groups]
-            self.epoch, self.position = divmod(first + n, self.samples_per_epoch)
+        while (built := self._build((self.epoch, self.position, self.cursor))) is not None:
+            micro, (self.epoch, self.position, self.cursor) = built
             yield micro
+
+    def prefetch(self, pin_memory=False):
+        """An iterator over the same batches as iter(self), each built on a background thread while the one
+        before is in use (numpy and torch release the GIL for most of it); with pin_memory (CUDA), in
+        pinned memory, ready for copies with non_blocking=True. state_dict() stays the position after the
+        batches handed out, not after those built ahead."""
+        return _Prefetch(self, pin_memory)
+
+
+class _Prefetch:
+    """Loader.prefetch's iterator: a thread builds batches from the loader's state at the start, one ahead of
+    those handed out; a DataError there is raised here, on the next batch."""
+
+    running = set()  # (thread, stop event) of every builder thread alive, stopped at exit
+
+    def __init__(self, loader, pin_memory):
+        self.loader, self.queue, self.stop = loader, queue.Queue(maxsize=1), threading.Event()
+        state = (loader.epoch, loader.position, loader.cursor)
+        thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.stop),
+                                  daemon=True)
+        _Prefetch.running.add((thread, self.stop))
+        thread.start()
+
+    @staticmethod
+    def _run(loader, state, pin_memory, out, stop):  # holds no reference to the iterator, so that it can be dropped
+        def put(item):  # False once stopped
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            while True:
+                built = loader._build(state)  # None past the end
+                if built is not None and pin_memory:
+                    built = ([{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in mb.items()}
+                              for mb in built[0]], built[1])
+                if not put(built) or built is None:
+                    return
+                state = built[1]
+        except BaseException as e:
+            put(e)
+        finally:
+            _Prefetch.running.discard((threading.current_thread(), stop))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        built = self.queue.get()
+        if isinstance(built, BaseException):
+            self.queue.put(built)  # and again on every later call
+            raise built
+        if built is None:
+            self.queue.put(None)
+            raise StopIteration
+        micro, (self.loader.epoch, self.loader.position, self.loader.cursor) = built
+        return micro
+
+    def close(self):
+        self.stop.set()
+
+    __del__ = close
+
+
+@atexit.register
+def _stop_prefetching():
+    """A daemon thread still inside numpy or torch when the interpreter shuts down can crash the process."""
+    for thread, stop in list(_Prefetch.running):
+        stop.set()
+        thread.join()
 
 
 def pack_by_tokens(tokens, budget, world_size):
@@ -1019,24 +1252,35 @@ def pack_by_tokens(tokens, budget, world_size):
     the same number for every rank: longest first, each into the first micro-batch with room (first fit
     decreasing), then the micro-batches, largest first, dealt to the ranks in a snake (0..W-1, W-1..0, ...),
     so that micro-step j carries about the same tokens on every rank and the ranks' totals balance. Ranks
-    left short get empty micro-batches. Deterministic. Returns [rank][micro-step] -> sample positions."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    room = np.empty(len(tokens), dtype=np.int64)  # of each micro-batch opened so far
-    members, opened = [], 0
-    for k in sorted(range(len(tokens)), key=lambda k: (-tokens[k], k)):
-        j = int(np.argmax(room[:opened] >= tokens[k])) if opened else 0
-        if not opened or room[j] < tokens[k]:
-            j, opened = opened, opened + 1
-            room[j] = budget
-            members.append([])
-        room[j] -= tokens[k]
-        members[j].append(k)
-    micro = sorted((sorted(m) for m in members), key=lambda m: (-int(tokens[m].sum()), m[0]))
+    left short get empty micro-batches. Deterministic. Returns [rank][micro-step] -> sample positions.
+
+    First fit puts a sample into micro-batch 0 iff it fits there at its turn, which depends on micro-batch 0's
+    earlier samples only: so micro-batch 0 holds what one pass over the samples, taking each that fits, takes;
+    micro-batch 1 what such a pass over the rest takes; and so on. Longest first, the samples that fit a room
+    are a suffix of those left, taken in runs: a pass is a few binary searches, not a loop over samples."""
+    order = np.lexsort((np.arange(len(tokens)), -np.asarray(tokens)))  # longest first, ties in sample order
+    left = np.asarray(tokens, dtype=np.int64)[order]
+    members = []
+    while len(order):
+        ends, negated = np.cumsum(left), -left  # negated: ascending, for binary searches
+        taken = np.zeros(len(order), dtype=bool)
+        taken[0], room, p = True, budget - int(left[0]), 1  # the longest opens it, even if over budget
+        while True:
+            p = max(p, int(np.searchsorted(negated, -room, side="left")))  # the first that fits
+            if p == len(order):
+                break
+            q = int(np.searchsorted(ends, ends[p - 1] + room, side="right"))  # then all that fit after it
+            taken[p:q] = True
+            room -= int(ends[q - 1] - ends[p - 1])
+            p = q
+        members.append((-int(left[taken].sum()), sorted(order[taken].tolist())))
+        order, left = order[~taken], left[~taken]
+    micro = [m for _, m in sorted(((total, m[0]), m) for total, m in members)]
     steps = -(-len(micro) // world_size)
+    micro += [[]] * (steps * world_size - len(micro))
     plan = [[] for _ in range(world_size)]
     for g in range(steps):
         group = micro[g * world_size:(g + 1) * world_size]
-        group += [[]] * (world_size - len(group))
         for r, m in enumerate(group if g % 2 == 0 else group[::-1]):
             plan[r].append(m)
     return plan

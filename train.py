@@ -833,7 +833,7 @@ def train(run, model, optimizer, step):
     cfg, device, world, start = run.cfg, run.device, run.world, step
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
-    batches = iter(run.loader)
+    batches = run.loader.prefetch(pin_memory=device.type == "cuda")  # the next step is built while this one runs
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not (run.master and sys.stdout.isatty()),
                     dynamic_ncols=True)
     while True:
@@ -873,18 +873,19 @@ def train(run, model, optimizer, step):
         flops = 3 * model.flops_per_token(seqlens, sum(n_masked)) * sum(seqlens)
         counts = torch.tensor([sum(n_masked), sum(seqlens), flops], dtype=torch.float64, device=device)
         dist.all_reduce(counts)  # over all ranks: masked tokens, real tokens, model FLOPs of this step
-        total_masked = counts[0].item()
+        total_masked = counts[0].clamp(min=1)  # stays on the device: the forward need not wait for the all-reduce
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for mb, n in zip(micro_batches, n_masked):
             run.at(step, "training")
-            _, loss = model(mb["input_ids"].to(device), labels=mb["labels"].to(device),
-                            cu_seqlens=mb["cu_seqlens"].to(device), max_seqlen=mb["max_seqlen"])
+            _, loss = model(mb["input_ids"].to(device, non_blocking=True),
+                            labels=mb["labels"].to(device, non_blocking=True),
+                            cu_seqlens=mb["cu_seqlens"].to(device, non_blocking=True), max_seqlen=mb["max_seqlen"])
             # mean over the masked tokens of the global batch, however it is split into micro-batches and ranks
             # (parallelize() makes the reduction across ranks a sum)
-            (loss * (n / max(total_masked, 1))).backward()
+            (loss * (n / total_masked)).backward()
             loss_sum += loss.detach().double() * n
         dist.all_reduce(loss_sum)
-        loss = (loss_sum / max(total_masked, 1)).item()
+        loss = (loss_sum / total_masked).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).full_tensor().item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # the same on every rank: one line per node
             last = checkpoint.list_checkpoints(run.out_dir)

@@ -1,10 +1,13 @@
 """data.py against independent references: sentencepiece's own encoding, zlib's CRC-32 for the split rule, plain
 counting for masking statistics, an uninterrupted single-process stream for resume and world sizes."""
+import ctypes
+import errno
 import fcntl
 import gzip
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -21,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
@@ -549,6 +554,288 @@ def test_eval_order_once(world):
     shards = Shards(world["shards"], "val")
     assert seqs == [[5] + shards[i].tolist() + [6] for i in range(len(shards))]
     assert len(steps) == -(-len(shards) // 8) and list(loader) == []
+
+# ----------------------------------------------------------------------------------------------------------
+# the loader at corpus scale: the epoch order computed on demand, packed rows by cursor, maps that hold no
+# descriptor, batches built in the background
+
+
+def test_epoch_order_is_a_bijection():
+    """Every size up to 129 and primes, powers of two and 2^k + 1 beyond, several seeds and epochs."""
+    for n in [*range(1, 130), 251, 255, 256, 257, 1021, 1024, 1025, 4093, 4096, 4097, 65521, 65536, 65537]:
+        for seed, epoch in ((0, 0), (0, 1), (3, 0), (12345, 7)):
+            order = data._permute(np.arange(n), n, seed, epoch)
+            assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(n)), (n, seed, epoch)
+    n = 100_003  # any positions, in any order, are the whole order's documents there
+    pick = np.random.default_rng(0).integers(0, n, 1000)
+    assert np.array_equal(data._permute(pick, n, 5, 2), data._permute(np.arange(n), n, 5, 2)[pick])
+
+
+def test_epoch_order_looks_random():
+    """Against what a uniformly random permutation gives: about one fixed point, no correlation between
+    neighbouring positions nor between position and document, each tenth of the documents spread evenly over
+    the positions, another order for every epoch and seed, and every order of a few documents."""
+    n = 100_003
+    orders = [data._permute(np.arange(n), n, 1, e) for e in range(6)] + [data._permute(np.arange(n), n, 2, 0)]
+    fixed = 0
+    for order in orders:
+        fixed += int((order == np.arange(n)).sum())
+        assert abs(np.corrcoef(order[:-1], order[1:])[0, 1]) < 0.015  # sd 1 / sqrt(n) = 0.003
+        assert abs(np.corrcoef(np.arange(n), order)[0, 1]) < 0.015
+        counts = np.histogram2d(np.arange(n), order, bins=10)[0]  # n / 100 in each cell
+        assert (((counts - n / 100) ** 2) / (n / 100)).sum() < 140  # chi-square, 81 degrees of freedom: p ~ 1e-4
+    assert fixed <= 20  # Poisson(7)
+    for i in range(len(orders)):
+        for j in range(i):
+            assert abs(np.corrcoef(orders[i], orders[j])[0, 1]) < 0.015 and (orders[i] == orders[j]).sum() < 10
+    seen = Counter(tuple(data._permute(np.arange(4), 4, seed, e)) for seed in range(4) for e in range(600))
+    assert len(seen) == 24 and min(seen.values()) > 2400 / 24 / 2
+
+
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_batches_follow_the_epoch_order(world, mode):
+    """Against a plain construction from Shards and the order, over three epochs: line_by_line sample i of
+    epoch e is "<CLS> document order_e[i] <SEP>" truncated; packed rows cut the concatenation of those
+    every max_seqlen tokens, across global batches, without a list of where each document starts."""
+    L, G, seed = 40, 16, 9
+    shards = Shards(world["shards"], "train")
+    n = len(shards)
+    docs = [[5] + shards[i].tolist() + [6] for i in range(n)]
+    epochs = [[docs[i] for i in data._permute(np.arange(n), n, seed, e)] for e in range(3)]
+    loader = Loader(world["shards"], batch_size=G, micro_batch_size=4, max_seqlen=L, seed=seed, mode=mode)
+    steps = take(loader, 3 * loader.samples_per_epoch // G)
+    got = [s for step in steps for mb in step for s in sequences(mb)]
+    if mode == "line_by_line":
+        want = [d[:L - 1] + [6] if len(d) > L else d for epoch in epochs for d in epoch]
+        assert got == want[:len(got)]
+    else:
+        streams = [[t for d in epoch for t in d] for epoch in epochs]
+        rows = [stream[a:a + L] for stream in streams for a in range(0, len(stream), L)]
+        assert [t for s in got for t in s] == [t for row in rows[:len(steps) * G] for t in row]
+
+
+def test_state_of_an_older_order_is_refused(world):
+    loader = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed")
+    state = loader.state_dict()
+    old = {k: v for k, v in state.items() if k not in ("order", "cursor")}  # what data.py saved before
+    with pytest.raises(DataError) as e:
+        loader.load_state_dict(old)
+    assert str(e.value) == ("cannot resume: the loader state was saved with document order 1, this data.py makes "
+                            f"order {data.ORDER} (other batches); start the run again in a new out_dir")
+    loader.load_state_dict(state)
+
+
+def test_resuming_a_run_of_an_older_order_stops_with_one_line(tiny, by_count, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(by_count, out)
+    shutil.rmtree(out / "ckpt_8")
+    own = torch.load(out / "ckpt_6" / "rank0.pt", weights_only=True)
+    own["loader"] = {k: v for k, v in own["loader"].items() if k not in ("order", "cursor")}
+    torch.save(own, out / "ckpt_6" / "rank0.pt")
+    meta = json.loads((out / "ckpt_6" / "meta.json").read_text())  # recorded again, so the checkpoint verifies
+    meta["files"]["rank0.pt"] = {"size": (out / "ckpt_6" / "rank0.pt").stat().st_size,
+                                 "crc32": checkpoint.crc32(out / "ckpt_6" / "rank0.pt")}
+    (out / "ckpt_6" / "meta.json").write_text(json.dumps(meta))
+    proc = train(tiny, out, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: cannot resume: the loader state was saved with document order 1, this data.py makes order "
+        f"{data.ORDER} (other batches); start the run again in a new out_dir")
+
+
+def same_steps(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert len(x) == len(y)
+        for p, q in zip(x, y):
+            assert p.keys() == q.keys() and p["max_seqlen"] == q["max_seqlen"]
+            for key in ("input_ids", "labels", "cu_seqlens"):
+                assert p[key].dtype == q[key].dtype and torch.equal(p[key], q[key])
+
+
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_prefetch_gives_the_same_batches_and_state(world, mode):
+    """Built in the background, bit for bit the batches of plain iteration; the state after k batches handed out
+    is plain iteration's after k (however many were built ahead), and resumes to the same batches."""
+    for extra in (dict(micro_batch_size=3), dict(micro_batch_tokens=100)):
+        make = lambda: Loader(world["shards"], batch_size=12, max_seqlen=48, seed=4, mode=mode,  # noqa: E731
+                              world_size=2, rank=1, **extra)
+        plain = make()
+        start = {**plain.state_dict(), "position": plain.samples_per_epoch - 150}  # 20 steps to the epoch's end
+        plain.load_state_dict(start)
+        want = take(plain, 10)
+        state = plain.state_dict()
+        want += take(plain, 30)
+        ahead = make()
+        ahead.load_state_dict(start)
+        batches = ahead.prefetch()
+        got = [next(batches) for _ in range(10)]
+        time.sleep(0.2)  # the thread builds ahead meanwhile
+        assert ahead.state_dict() == state
+        got += [next(batches) for _ in range(30)]
+        same_steps(got, want)
+        batches.close()
+        resumed = make()
+        resumed.load_state_dict(state)
+        again = resumed.prefetch()
+        same_steps([next(again) for _ in range(30)], want[10:])
+        assert resumed.state_dict() == plain.state_dict()
+    val = Loader(world["shards"], split="val", batch_size=8, micro_batch_size=4, shuffle=False, mode=mode)
+    ahead = val.prefetch()
+    same_steps(list(ahead), list(Loader(world["shards"], split="val", batch_size=8, micro_batch_size=4,
+                                         shuffle=False, mode=mode)))
+    assert list(ahead) == []
+
+
+def test_prefetch_pins_memory_when_asked(world, monkeypatch):
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t) or t.clone())  # no CUDA here
+    want = take(Loader(world["shards"], batch_size=8, micro_batch_size=4), 3)
+    got = Loader(world["shards"], batch_size=8, micro_batch_size=4).prefetch(pin_memory=True)
+    same_steps([next(got) for _ in range(3)], want)
+    assert len(pinned) >= 3 * 2 * 3  # input_ids, labels and cu_seqlens of every micro-batch
+
+
+def test_damaged_offsets_are_named_where_read(world, tmp_path):
+    """Startup reads each .idx's first and last offset only; one between them is checked where its document is
+    read: one line naming the shard's .idx and the document, from plain and background iteration alike."""
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    entry = world["manifest"]["splits"]["train"]["shards"][1]
+    idx, tokens = shards / entry["idx"], entry["tokens"]
+    good = np.fromfile(idx, dtype=np.int64)
+    make = lambda: Loader(shards, batch_size=32, micro_batch_size=8, max_seqlen=10_000, verify=False,  # noqa: E731
+                          shuffle=False)
+    for doc, damaged, what in ((3, 4, good[3] - 1), (6, 7, tokens + 5)):  # ends before it starts; past the .bin
+        bad = good.copy()
+        bad[damaged] = what
+        bad.tofile(idx)
+        loader = make()
+        message = (f"{idx}: the offsets of document {doc} are damaged ({bad[doc]} to {bad[doc + 1]}, the .bin "
+                   f"holds {tokens} tokens); rerun `python data.py prepare` to rebuild it")
+        with pytest.raises(DataError) as e:
+            list(loader)
+        assert str(e.value) == message
+        with pytest.raises(DataError) as e:
+            list(make().prefetch())
+        assert str(e.value) == message
+    for where, what in ((0, 1), (-1, tokens - 1)):
+        bad = good.copy()
+        bad[where] = what
+        bad.tofile(idx)
+        with pytest.raises(DataError, match=re.escape(f"{idx}: document offsets are damaged")):
+            make()
+
+
+def test_map_limit_is_named(world, monkeypatch):
+    real = data._libc
+
+    class Libc:  # as the kernel answers a process that holds vm.max_map_count maps
+        munmap, madvise = real.munmap, real.madvise
+
+        def mmap(self, address, length, prot, flags, fd, offset):
+            if fd == -1:
+                return real.mmap(address, length, prot, flags, fd, offset)
+            ctypes.set_errno(errno.ENOMEM)
+            return ctypes.c_void_p(-1).value
+    monkeypatch.setattr(data, "_libc", Libc())
+    with pytest.raises(DataError, match=r"\.bin: cannot map \(the \d+ maps a process may hold \(vm\.max_map_count\) "
+                                        r"are in use; raise it with sysctl, or merge shards\)$"):
+        Shards(world["shards"], verify=False)
+
+
+def test_many_shards_under_a_low_open_file_limit(world, tiny, tmp_path):
+    """2,000 shards, read and trained on under `ulimit -n 256` (one descriptor per map, as Python's mmap keeps,
+    would need 4,000): the loader holds no descriptor per shard; a limit used up by something else is named."""
+    tok = world["manifest"]["tokenizer"]
+    many = bench.synthetic_shards(tmp_path / "many", 6000, 2000, tokenizer=tok, mean_tokens=30, val_docs=100)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))  # noqa: E731
+    script = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import data
+loader = data.Loader({str(many)!r}, batch_size=64, micro_batch_size=16, max_seqlen=64)  # verifies every file
+batches = loader.prefetch()
+for _ in range(200):  # every shard read (6,000 documents in 12,800 samples)
+    next(batches)
+print(len(os.listdir("/proc/self/fd")))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    data.Loader({str(many)!r}, batch_size=64, micro_batch_size=16, verify=False)
+except data.DataError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fds, message = proc.stdout.strip().splitlines()
+    assert int(fds) <= 64
+    assert message == f"{many / 'manifest.json'}: cannot read (the 256 open files allowed (ulimit -n) are in use)"
+    proc = subprocess.run([sys.executable, "train.py", str(tiny), f"--out_dir={tmp_path / 'out'}",
+                           f"--data_dir={many}", "--max_steps=3"], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [m["step"] for m in curve(tmp_path / "out") if "loss" in m] == [1, 2, 3]
+
+
+def test_memory_does_not_grow_with_the_documents(tmp_path):
+    """Anonymous memory (private, unshareable) after Loader() and 30 stage-1 batches, each in a fresh process, on
+    200,000 and 5,000,000 documents over the same 50 shards: under a byte more per added document (the design
+    before kept 24-40 bytes per document: idx arrays, lengths, the stored order, starts)."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import bench, data
+before = bench.memory()["anonymous"]
+batches = data.Loader(sys.argv[1], batch_size=3328, micro_batch_size=26, max_seqlen=1024, world_size=16,
+                      micro_batch_tokens=26624, verify=False).prefetch()
+for _ in range(30):
+    next(batches)
+print(bench.memory()["anonymous"] - before)
+"""
+    grown = {}
+    for n in (200_000, 5_000_000):
+        bench.synthetic_shards(tmp_path / str(n), n, 50, sparse=True)
+        proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / str(n))], env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        grown[n] = int(proc.stdout)
+    assert abs(grown[5_000_000] - grown[200_000]) / 4_800_000 < 1.0, grown
+
+
+def read_from_storage():
+    return int(next(line for line in open("/proc/self/io") if line.startswith("read_bytes:")).split()[1])
+
+
+def test_reads_fetch_what_they_use(world, tmp_path):
+    """After the page cache drops the shards, reading documents through Shards fetches about their own pages
+    from storage (madvise random), not the read-ahead window around each that a plain map of the file fetches."""
+    d = bench.synthetic_shards(tmp_path / "d", 20_000, 4, tokenizer=world["manifest"]["tokenizer"])  # ~6 MB shards
+    files = sorted(d.glob("*.bin")) + sorted(d.glob("*.idx"))
+    shards = Shards(d, verify=False)
+    docs, others = np.random.default_rng(0).choice(len(shards), (2, 50), replace=False)  # pages read stay mapped
+    offsets = [np.fromfile(p, dtype=np.int64) for p in sorted(d.glob("train-*.idx"))]
+    plain = [np.memmap(p, dtype=np.uint16, mode="r") for p in sorted(d.glob("train-*.bin"))]
+    bench.evict(files)
+    before = read_from_storage()
+    useful = sum(len(shards[i]) * 2 for i in docs)
+    ours = read_from_storage() - before
+    bench.evict(files)
+    before = read_from_storage()
+    for i in others:
+        s = int(np.searchsorted(shards.first_doc, i, side="right")) - 1
+        j = i - shards.first_doc[s]
+        plain[s][offsets[s][j]:offsets[s][j + 1]].copy()
+    theirs = read_from_storage() - before
+    if theirs == 0:
+        pytest.skip("reads from storage are not counted here (/proc/self/io), or the page cache keeps the files")
+    # per document: its pages (2-byte tokens, ~1.2 KB on average, so at most 2 pages but for the longest) and
+    # one or two pages of offsets
+    assert ours <= 4 * 4096 * len(docs) + useful, (ours, useful, theirs)
 
 # ----------------------------------------------------------------------------------------------------------
 # masking
