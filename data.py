@@ -1163,6 +1163,15 @@ class Loader:
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": torch.from_numpy(cu),
                 "max_seqlen": int(seqlens.max())}
 
+    def sample_tokens(self, first, n):
+        """Token counts of the n samples from position `first` of the endless sample stream (<CLS> and <SEP>
+        included, as pack_by_tokens plans them): what a run's micro-batches will hold, without building them."""
+        epochs, index = np.divmod(np.arange(first, first + n, dtype=np.int64), self.samples_per_epoch)
+        if self.mode == "packed":
+            return np.minimum(self.max_seqlen, self.stream_tokens - index * self.max_seqlen)
+        start, end = self.shards.spans(self._docs(epochs, index))
+        return np.minimum(end - start + 2, self.max_seqlen)
+
     def empty_micro_batch(self):
         return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([-100, -100]),
                 "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}

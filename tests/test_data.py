@@ -1118,6 +1118,19 @@ def test_token_budget_splits_the_same_global_batches(world, mode):
         assert max(len(s) for s in take(Loader(world["shards"], micro_batch_tokens=2 * L, **kw), 4)) < G // 2
 
 
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_sample_tokens_are_the_samples_built(world, mode):
+    """sample_tokens (what train.py plans micro-batches with at start) gives each sample's tokens as the loader
+    builds it, one sample per micro-batch here, across an epoch's end."""
+    G, L = 12, 64
+    loader = Loader(world["shards"], batch_size=G, micro_batch_size=1, max_seqlen=L, seed=5, mode=mode)
+    first = loader.samples_per_epoch - G - 5
+    loader.load_state_dict({**loader.state_dict(), "position": first})
+    built = [int(mb["cu_seqlens"][-1]) for batch in take(loader, 3) for mb in batch]
+    assert loader.sample_tokens(first, 3 * G).tolist() == built
+    assert len(set(built)) > 1  # lengths vary (packed: an epoch's last row is short), so the check can fail
+
+
 def curve(out):
     keys = ("step", "loss", "grad_norm", "tokens", "val_loss", "val_acc")
     return [{k: v for k, v in json.loads(line).items() if k in keys}
