@@ -611,16 +611,45 @@ def bench_gpu(args):
         sys.exit(1)
 
 
+PAPER_GPUS = 16  # the paper's stage-1 and stage-2 runs (Table 1)
+
+
+def stage_config(stage):
+    """The settings of configs/{stage}.py, as a dict."""
+    cfg = {}
+    exec((REPO / "configs" / f"{stage}.py").read_text(), cfg)
+    return cfg
+
+
+def train_micro_batches(cfg, kind, generator, world=PAPER_GPUS):
+    """Rank 0's micro-batches of one global batch of the config, as train.py deals them on `world` processes,
+    each a list of sequence lengths: by token budget (data.pack_by_tokens, a lone <CLS> <SEP> for an empty
+    one) when the config sets micro_batch_tokens, else by count. Lengths: "documents" draws them log-normally
+    (median 400 tokens, truncated at max_seqlen), "full" fills every sequence (the memory worst case)."""
+    import data
+    max_len, n = cfg["max_seqlen"], cfg["batch_size"]
+    if kind == "full":
+        lengths = torch.full((n,), max_len)
+    else:
+        lengths = (400 * torch.exp(1.1 * torch.randn(n, generator=generator))).round().clamp(8, max_len).long()
+    lengths = lengths.tolist()
+    if cfg.get("micro_batch_tokens"):
+        plan = data.pack_by_tokens(lengths, cfg["micro_batch_tokens"], world)[0]
+        return [[lengths[k] for k in m] if m else [2] for m in plan]
+    share = lengths[:n // world]
+    return [share[a:a + cfg["micro_batch_size"]] for a in range(0, len(share), cfg["micro_batch_size"])]
+
+
 def bench_train(args):
     """Training steps of llm-jp-modernbert-base on one GPU as train.py runs them (FSDP2, bf16 compute with fp32
-    weights and reductions, the config's compile / activation checkpointing / micro-batch, AdamW, clipping),
-    at the stage-1 and stage-2 shapes of configs/stage1.py and stage2.py, with the gradient accumulation of
-    the paper's 16 GPUs. Synthetic line-by-line batches, 30% of tokens labelled: "documents" draws lengths
-    log-normally (median 400 tokens, truncated at max_seqlen), measured first for both stages (the headline
-    figures); "full" fills every sequence to max_seqlen (the memory worst case). Each measurement builds its
-    model afresh, so that its peak memory is its own. Tokens/s counts real tokens; MFU against the bf16 dense
-    peak of an H100/H200. TORCHDYNAMO_DISABLE=1 runs without torch.compile (the rows say which ran). With
-    --stream, each row is also printed as a JSON line (FIGURE) the moment it is measured."""
+    weights and reductions, the config's compile / activation checkpointing / micro-batches, AdamW, clipping),
+    at the stage-1 and stage-2 shapes of configs/stage1.py and stage2.py: rank 0's micro-batches of a global
+    batch on the paper's 16 GPUs (train_micro_batches), "documents" lengths measured first for both stages
+    (the headline figures), then "full". --quick times at most 4 micro-batches of each step (the row says how
+    many of the step's it timed). Synthetic ids, 30% of tokens labelled. Each measurement builds its model
+    afresh, so that its peak memory is its own. Tokens/s counts real tokens; MFU against the bf16 dense peak
+    of an H100/H200. TORCHDYNAMO_DISABLE=1 runs without torch.compile (the rows say which ran). With --stream,
+    each row is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
         sys.exit("bench.py train: needs a CUDA GPU, and none is visible")
     import torch.distributed as dist
@@ -632,13 +661,10 @@ def bench_train(args):
     warmup, steps = (1, 2) if args.quick else (2, 5)
     dynamo_off = os.environ.get("TORCHDYNAMO_DISABLE") == "1"
     results = []
-    print(f"{'shape':<26}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
+    print(f"{'shape':<26}{'micro-steps':>12}{'tokens/step':>12}{'s/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GiB':>10}")
     for kind in ("documents", "full"):
         for stage in ("stage1", "stage2"):
-            cfg = {}
-            exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{stage}.py")).read(), cfg)
-            max_len, micro = cfg["max_seqlen"], cfg["micro_batch_size"]
-            accum = 2 if args.quick else cfg["batch_size"] // (16 * micro)
+            cfg = stage_config(stage)
             compiled = bool(cfg.get("compile")) and not dynamo_off
             config = ModernBertConfig.preset("llm-jp-modernbert-base")
             torch.manual_seed(0)
@@ -647,22 +673,22 @@ def bench_train(args):
             optimizer = model.configure_optimizers(1e-5, 1e-4, (0.9, 0.98), 1e-6, "cuda")
             g = torch.Generator().manual_seed(0)
 
-            def micro_batch():
-                if kind == "full":
-                    lengths = torch.full((micro,), max_len)
-                else:
-                    lengths = (400 * torch.exp(1.1 * torch.randn(micro, generator=g))).round().clamp(8, max_len).long()
+            def micro_batch(lengths):
+                lengths = torch.tensor(lengths)
                 ids = torch.randint(8, config.vocab_size, (int(lengths.sum()),), generator=g)
                 labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, -100)
                 cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
                 return ids.cuda(), labels.cuda(), cu.cuda(), int(lengths.max()), lengths.tolist(), int((labels >= 0).sum())
 
-            batches = [[micro_batch() for _ in range(accum)] for _ in range(warmup + steps)]
+            plans = [train_micro_batches(cfg, kind, g) for _ in range(warmup + steps)]
+            timed = min(len(p) for p in plans) if not args.quick else min(4, *map(len, plans))
+            batches = [[micro_batch(m) for m in plan[:timed]] for plan in plans]
 
             def step(batch):
-                for ids, labels, cu, m, _, _ in batch:
+                masked = sum(mb[5] for mb in batch)
+                for ids, labels, cu, m, _, n in batch:
                     _, loss = model(ids, labels=labels, cu_seqlens=cu, max_seqlen=m)
-                    (loss / accum).backward()
+                    (loss * (n / max(masked, 1))).backward()  # train.py's weighting over the step's masked tokens
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -679,15 +705,18 @@ def bench_train(args):
             seqlens = [n for batch in batches[warmup:] for mb in batch for n in mb[4]]
             predicted = sum(mb[5] for batch in batches[warmup:] for mb in batch)
             tokens = sum(seqlens) / steps
-            row = {"stage": stage, "lengths": kind, "max_seqlen": max_len, "micro_batch_size": micro,
-                   "grad_accum": accum, "compile": compiled,
-                   "activation_checkpointing": bool(cfg.get("activation_checkpointing")),
+            row = {"stage": stage, "lengths": kind, "max_seqlen": cfg["max_seqlen"],
+                   "micro_batch_tokens": cfg.get("micro_batch_tokens", 0),
+                   "micro_batch_size": None if cfg.get("micro_batch_tokens") else cfg["micro_batch_size"],
+                   "micro_steps_timed": timed, "micro_steps_of_step": len(plans[-1]), "world": PAPER_GPUS,
+                   "compile": compiled, "activation_checkpointing": bool(cfg.get("activation_checkpointing")),
                    "tokens_per_step": tokens, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
                    "mfu": model.estimate_mfu(seqlens, predicted, seconds * steps),
                    "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
             results.append(row)
-            print(f"{f'{stage} {max_len} {kind}':<26}{tokens:>12,.0f}{seconds:>9.3f}{row['tokens_per_s']:>11,.0f}"
-                  f"{row['mfu']:>7.1%}{row['peak_mem_gib']:>10.1f}")
+            shape, micro_steps = f"{stage} {cfg['max_seqlen']} {kind}", f"{timed}/{len(plans[-1])}"
+            print(f"{shape:<26}{micro_steps:>12}{tokens:>12,.0f}"
+                  f"{seconds:>9.3f}{row['tokens_per_s']:>11,.0f}{row['mfu']:>7.1%}{row['peak_mem_gib']:>10.1f}")
             emit(args, row)
             del model, optimizer, batches
             torch.cuda.empty_cache()
@@ -702,7 +731,8 @@ def bench_train(args):
 # mean 1,997 bytes, so sigma = sqrt(2 ln(mean / median)) = 1.18; English Wikipedia, the only published median
 # we found), rounded to 1.2: median ~540 tokens, ~1% of documents over 8,192.
 JAWIKI_MEAN_TOKENS, JAWIKI_SIGMA = 1110, 1.2
-STAGES = {"stage1": (1024, 3328, 26), "stage2": (8192, 384, 2)}  # configs/stage*.py: max_seqlen, batch, micro-batch
+STAGES = {stage: (c["max_seqlen"], c["batch_size"], c["micro_batch_size"])  # max_seqlen, batch, micro-batch
+          for stage in ("stage1", "stage2") for c in [stage_config(stage)]}
 STEP_SECONDS = {"stage1": 8 * 86400 / 500_000, "stage2": 3 * 86400 / 200_000}  # the paper's steps, on 16 H100s
 SCALE_MEAN_TOKENS = 600  # mean document length assumed for a web-scale corpus (web pages are shorter than articles)
 LLMJP_LAYOUT = {"file": "none", "sha256": "0" * 64, "vocab_size": 99574, "unk_id": 0, "mask_id": 3, "pad_id": 4,

@@ -1,4 +1,5 @@
-"""bench.py's GPU runner, on the CPU: a part killed at its time limit keeps every figure it measured."""
+"""bench.py on the CPU: the GPU runner keeps every figure a part killed at its time limit measured; the training
+benchmark deals micro-batches as train.py does."""
 import json
 import subprocess
 import sys
@@ -80,3 +81,20 @@ def test_gpu_without_cuda_or_out_dir_fails_in_one_line(tmp_path):
         run = run_bench(*argv)
         assert run.returncode == 1 and run.stderr.startswith(message) and run.stderr.count("\n") == 1, run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_train_benchmark_deals_micro_batches_as_the_stage_configs_train():
+    # full sequences on the paper's 16 GPUs, worked out by hand: stage 1 packs 26 x 1,024 tokens per
+    # micro-batch, 3,328 / 26 / 16 = 8 each; stage 2 2 x 8,192, 384 / 2 / 16 = 12 each
+    g = torch.Generator().manual_seed(0)
+    for stage, per_micro, micro_steps in (("stage1", 26, 8), ("stage2", 2, 12)):
+        cfg = bench.stage_config(stage)
+        assert cfg["micro_batch_tokens"] == per_micro * cfg["max_seqlen"]
+        full = bench.train_micro_batches(cfg, "full", g)
+        assert full == [[cfg["max_seqlen"]] * per_micro] * micro_steps
+        documents = bench.train_micro_batches(cfg, "documents", g)
+        assert all(sum(m) <= cfg["micro_batch_tokens"] for m in documents)
+        assert len({n for m in documents for n in m}) > 10  # lengths vary
+        by_count = bench.train_micro_batches({**cfg, "micro_batch_tokens": 0}, "full", g)
+        per_rank = cfg["batch_size"] // 16
+        assert by_count == [[cfg["max_seqlen"]] * cfg["micro_batch_size"]] * (per_rank // cfg["micro_batch_size"])
