@@ -189,7 +189,8 @@ class Watchdog:
         self.patience = 0  # > 0 while in patient()
         self.log_file, self.done, self.lock = None, threading.Event(), threading.Lock()
         self.send()
-        threading.Thread(target=self.watch, daemon=True).start()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        self.thread.start()
 
     def at(self, step, phase):
         """This rank's work moved: now at `step`, doing `phase`."""
@@ -265,7 +266,10 @@ class Watchdog:
                 time.sleep(min(1.0, self.beat))
 
     def close(self):
+        """Stop the monitor and wait for it: a daemon thread still inside a store call when the interpreter exits
+        aborts the process ("terminate called without an active exception")."""
         self.done.set()
+        self.thread.join()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -955,6 +959,9 @@ def main():
         if run and run.watchdog:
             run.watchdog.fail(what, stalled=False)
         stop(what, run and run.log_file)
+    finally:  # a bug's traceback: the monitor thread must not be inside a store call as the interpreter exits
+        if run and run.watchdog:
+            run.watchdog.close()
 
 
 if __name__ == "__main__":
