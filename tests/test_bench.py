@@ -1,15 +1,20 @@
 """bench.py on the CPU: the GPU runner keeps every figure a part killed at its time limit measured; the training
-benchmark deals micro-batches as train.py does."""
+benchmark deals micro-batches as train.py does; compare() takes medians; data --budget's per-micro-step figures."""
+import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import bench
+import data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,3 +103,49 @@ def test_train_benchmark_deals_micro_batches_as_the_stage_configs_train():
         by_count = bench.train_micro_batches({**cfg, "micro_batch_tokens": 0}, "full", g)
         per_rank = cfg["batch_size"] // 16
         assert by_count == [[cfg["max_seqlen"]] * cfg["micro_batch_size"]] * (per_rank // cfg["micro_batch_size"])
+
+
+def test_compare_returns_each_functions_median_time(monkeypatch):
+    """On a fake clock that each call advances by a set number of seconds (integers, so every difference is
+    exact): the median of each function's timed calls, the warmup call left out."""
+    clock = [0]
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def timed(seconds):
+        it = iter(seconds)
+
+        def fn():
+            clock[0] += next(it)
+        return fn
+    a, b = [100, 5, 1, 3, 9, 2], [100, 7, 8, 4, 6, 30]
+    assert bench.compare({"a": timed(a), "b": timed(b)}, warmup=1, iters=5) == \
+        {"a": statistics.median(a[1:]), "b": statistics.median(b[1:])} == {"a": 3, "b": 7}
+    assert bench.timeit(timed([100, 40, 10, 20, 50, 30]), warmup=1, iters=5) == 30
+
+
+def test_data_budget_tokens_per_micro_step_and_fill(monkeypatch):
+    """Tokens per micro-step = the global batches' tokens (recorded as they are planned) / the micro-steps of
+    all 16 ranks, so tokens per micro-step x 16 x micro-steps gives the tokens back; fill = tokens per
+    micro-step / the micro-batch token budget, at most 1 (no micro-step holds more than its budget)."""
+    planned, pack = [], data.pack_by_tokens
+
+    def pack_by_tokens(lengths, budget, world):
+        plan = pack(lengths, budget, world)
+        planned.append((int(np.sum(lengths)), len(plan[0])))
+        return plan
+    monkeypatch.setattr(data, "pack_by_tokens", pack_by_tokens)
+    results = bench.data_budget(argparse.Namespace(quick=True))
+    assert len(planned) % len(results) == 0
+    n_batches = len(planned) // len(results)
+    for i, (name, r) in enumerate(results.items()):  # in the order they were planned
+        batches = planned[i * n_batches:(i + 1) * n_batches]
+        tokens, world, budget = sum(t for t, _ in batches), r["world"], r["micro_batch_tokens"]
+        assert world == 16 and budget == r["micro_batch_size"] * r["max_seqlen"]
+        steps = {"budget": sum(s for _, s in batches),
+                 "count": n_batches * (r["batch_size"] // (world * r["micro_batch_size"]))}
+        for how in ("count", "budget"):
+            e = r[how]
+            assert e["micro_steps"] * n_batches == pytest.approx(steps[how]), (name, how)
+            assert e["tokens_per_micro_step"] * world * steps[how] == pytest.approx(tokens, rel=1e-12), (name, how)
+            assert e["fill"] == pytest.approx(e["tokens_per_micro_step"] / budget, rel=1e-12)
+            assert 0 < e["fill"] <= 1 and e["tokens_per_micro_step"] <= e["peak_tokens"] <= budget, (name, how)

@@ -113,6 +113,8 @@ def test_encode_pair(world):
     ea, eb = tok.encode(a), tok.encode(b)
     assert tok.encode_pair(a) == [5] + ea + [6]
     assert tok.encode_pair(a, b) == [5] + ea + [6] + eb + [6]
+    for n in range(3, len(ea) + 4):
+        assert tok.encode_pair(a, max_len=n) == [5] + ea[:n - 2] + [6]
     for n in range(3, len(ea) + len(eb) + 4):
         ids = tok.encode_pair(a, b, max_len=n)
         assert len(ids) == min(n, len(ea) + len(eb) + 3) and ids.count(6) == 2 and ids[0] == 5
@@ -196,6 +198,48 @@ def test_read_jsonl_and_txt(tmp_path):
     q = tmp_path / "y.txt"
     q.write_text("一つ目\n\n二つ目\r\n")
     assert list(data.iter_documents(q)) == [(1, "一つ目"), (3, "二つ目")]
+
+
+@pytest.mark.parametrize("name", ["x.jsonl", "x.txt", "x.jsonl.gz"])
+def test_a_last_line_without_a_newline_is_a_document(world, tmp_path, name):
+    """Every document of an input whose last line has no newline, read whole or in byte ranges of any size."""
+    texts = [t.replace("\n", " ") for t in world["texts"][:30]]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) if "jsonl" in name else t for t in texts]
+    raw = "\n".join(lines).encode("utf-8")
+    assert not raw.endswith(b"\n")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    assert [t for _, t in data.iter_documents(path)] == texts
+    last = len(raw) - len(lines[-1].encode("utf-8"))
+    for chunk_bytes in (len(raw), 1000, last, last + 1):  # the last line alone in a range; cut inside it
+        out = tmp_path / f"s{chunk_bytes}"
+        data.prepare(path, world["tok"], out, workers=2, val_fraction=0.1, chunk_bytes=chunk_bytes)
+        check_round_trip(out, texts, world["tok"], 0.1)
+
+
+def test_prepare_counts_and_prints_what_it_wrote(world, tmp_path, capsys):
+    """The manifest counts empty texts (not blank lines), and the command's summary line gives each split's
+    documents and tokens as sentencepiece and the split rule count them; an input whose only document falls in
+    the val split is no error."""
+    texts = world["texts"][:40]
+    a = write_lines(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]] + ["", {"text": ""}, "  ", {"text": ""}]
+                    + [{"text": t} for t in texts[20:]])
+    only_val = next(t for t in world["texts"][40:] if in_val(t, 0.2))
+    b = write_lines(tmp_path / "b.jsonl", [{"text": only_val}])
+    data.main(["prepare", "--input", str(a), str(b), "--tokenizer", str(world["tok"]), "--out", str(tmp_path / "s"),
+               "--val_fraction", "0.2"])
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["empty_texts"] == 2
+    docs = {s: [t for t in texts + [only_val] if in_val(t, 0.2) == (s == "val")] for s in ("train", "val")}
+    n = {s: (len(d), sum(map(len, sp_encode(world["tok"], d)))) for s, d in docs.items()}
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        f"shards: train {n['train'][0]:,} docs / {n['train'][1]:,} tokens, val {n['val'][0]:,} docs / "
+        f"{n['val'][1]:,} tokens (0 finished shards skipped)")
+
+
+def write_lines(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path
 
 
 def json_text(line, field):
@@ -396,9 +440,14 @@ def test_kill_leaves_nothing_behind(world, tmp_path):
     assert len(workers) >= 2
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 10
+    deadline = time.time() + 30
     while [p for p in workers if alive(p)]:
         assert time.time() < deadline, "a worker outlived the killed main process"
+        time.sleep(0.05)
+    # a process shows as exited while its last threads still hold its files (the lock among them): wait for
+    # the lock, the state the next prepare needs
+    while not lock_is_free(out):
+        assert time.time() < deadline, "the killed prepare's lock was never released"
         time.sleep(0.05)
     assert not (out / "manifest.json").exists()
     manifest = data.prepare(big, world["tok"], out, workers=2)
@@ -406,6 +455,17 @@ def test_kill_leaves_nothing_behind(world, tmp_path):
     n_docs = sum(1 for line in big.read_text(encoding="utf-8").splitlines() if json.loads(line)["text"])
     assert manifest["splits"]["train"]["docs"] + manifest["splits"]["val"]["docs"] == n_docs
     Shards(out, "train", verify=True)
+
+
+def lock_is_free(directory):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def children(pid):
@@ -541,8 +601,11 @@ def test_resume_and_world_sizes(world, mode):
 
 def test_resume_state_checks(world):
     a = Loader(world["shards"], batch_size=8, micro_batch_size=8, seed=0)
-    with pytest.raises(DataError, match="seed"):
-        Loader(world["shards"], batch_size=8, micro_batch_size=8, seed=1).load_state_dict(a.state_dict())
+    for key, other in (("seed", dict(seed=1)), ("max_seqlen", dict(max_seqlen=64)),  # line_by_line: a cut
+                       ("samples_per_epoch", dict(split="val"))):  # another dataset
+        with pytest.raises(DataError, match=f"the loader state has {key}="):
+            Loader(world["shards"], **{"batch_size": 8, "micro_batch_size": 8, "seed": 0, **other}).load_state_dict(
+                a.state_dict())
     with pytest.raises(ValueError, match="not a multiple"):
         Loader(world["shards"], batch_size=12, micro_batch_size=4, world_size=2)
 
@@ -907,6 +970,12 @@ def test_demo_corpus(world, tmp_path):
     for r in jnli:  # a contradiction changes the value: the two sentences differ in a number or a name
         if r["label"] == "contradiction":
             assert r["sentence1"] != r["sentence2"]
+    for split_of, key in ((lambda s: paths["jglue"] / f"jsts-v1.3/{s}-v1.3.json", "sentence_pair_id"),
+                          (lambda s: paths["jglue"] / f"jnli-v1.3/{s}-v1.3.json", "sentence_pair_id"),
+                          (lambda s: paths["jcola"] / f"in_domain_{s}-v1.0.json", "uid")):
+        ids = {s: [r[key] for _, r in data.read_jsonl(split_of(s))] for s in ("train", "valid")}
+        assert len(set(ids["train"] + ids["valid"])) == len(ids["train"]) + len(ids["valid"])  # held out: disjoint
+        assert len(ids["train"]) == (len(ids["train"]) + len(ids["valid"])) * 4 // 5
     jcola = [r for _, r in data.read_jsonl(paths["jcola"] / "in_domain_train-v1.0.json")]
     good = {r["sentence"] for r in jcola if r["label"] == 1}
     assert {r["label"] for r in jcola} == {0, 1} and not {r["sentence"] for r in jcola if r["label"] == 0} & good

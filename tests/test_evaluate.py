@@ -5,6 +5,7 @@ import math
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,22 @@ def test_pearson_spearman_against_numpy():
     assert ev.average_ranks([3.0, 1.0, 2.0, 2.0]).tolist() == [4.0, 1.0, 2.5, 2.5]
 
 
+def test_jglue_scores_are_table_2s_percentages():
+    """JSTS Pearson and Spearman, JNLI accuracy, JCoLA accuracy and MCC, each x 100, against numpy."""
+    rng = np.random.default_rng(2)
+    gold = rng.uniform(0, 5, 40)
+    pred = gold ** 2 + rng.normal(size=40)  # monotone but not linear: Pearson and Spearman differ
+    ranks = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
+    assert ev.jglue_metrics("jsts", pred, gold) == {"pearson": pytest.approx(100 * np.corrcoef(pred, gold)[0, 1]),
+                                                    "spearman": pytest.approx(100 * np.corrcoef(ranks(pred), ranks(gold))[0, 1])}
+    labels = rng.integers(0, 3, 50)
+    guess = np.where(rng.random(50) < 0.6, labels, rng.integers(0, 3, 50))
+    assert ev.jglue_metrics("jnli", guess.tolist(), labels.tolist()) == {"accuracy": pytest.approx(100 * np.mean(guess == labels))}
+    labels, guess = labels % 2, guess % 2
+    assert ev.jglue_metrics("jcola", guess.tolist(), labels.tolist()) == {
+        "accuracy": pytest.approx(100 * np.mean(guess == labels)), "mcc": pytest.approx(100 * np.corrcoef(guess, labels)[0, 1])}
+
+
 def test_mcc_is_the_phi_coefficient():
     rng = np.random.default_rng(1)
     gold = rng.integers(0, 2, 200)
@@ -170,14 +187,28 @@ def test_jaccard_against_python_sets():
             union = set(q) | set(c)
             assert got[i, j].item() == pytest.approx(len(set(q) & set(c)) / len(union) if union else 0.0)
 
+
+def test_word_baselines_give_a_word_one_code_on_both_sides(tmp_path):
+    """The retrieval task's word-level baselines: query i is one word, its passage "the" and that word. With one
+    code per word for queries and passages together, only the gold passage shares a word with its query (edit
+    similarity 1 - 1/2, Jaccard 1/2; 0 for every other passage): recall@10 = MRR@10 = 1 for both."""
+    words = ["apple", "river", "stone", "cloud", "maple", "tiger", "ocean", "lemon"]
+    rows = [{"query_id": str(i), "query": w, "positive_passages": [{"docid": f"{i}#0", "title": "", "text": w},
+                                                                   {"docid": f"{i}#1", "title": "", "text": f"the {w}"}]}
+            for i, w in enumerate(words)]
+    args = ev.argparse.Namespace(data=write_jsonl(tmp_path / "miracl.jsonl", rows), limit=None, baselines=["word"])
+    _, results, _ = ev.task_retrieval(args, [])
+    for name in ("Jaccard (word)", "edit distance (word)"):
+        assert results[f"[{name}]"] == {"recall@10": 1.0, "mrr@10": 1.0, "n_queries": len(words)}, name
+
 # -----------------------------------------------------------------------------------------------------------
 # pseudo-perplexity
 
 
-def known_model(log_probs):
+def known_model(log_probs, **kw):
     """A model whose prediction at every position is `log_probs`: the head's LayerNorm has weight 0, so the
     logits are the decoder bias."""
-    model = tiny_model(len(log_probs), num_hidden_layers=2)
+    model = tiny_model(len(log_probs), num_hidden_layers=2, **kw)
     with torch.no_grad():
         model.model.embeddings.tok_embeddings.weight.normal_()
         model.head.norm.weight.zero_()
@@ -206,9 +237,57 @@ def test_pseudo_perplexity_of_a_model_with_a_known_answer():
     assert uniform == pytest.approx([V] * len(docs), rel=1e-5)
 
 
+class Recorder(torch.nn.Module):
+    """A stand-in model that keeps every packed input it is given and predicts `log_probs` at each labelled
+    position."""
+
+    def __init__(self, log_probs):
+        super().__init__()
+        self.log_probs, self.weight, self.inputs = log_probs, torch.nn.Parameter(torch.zeros(1)), []
+
+    def forward(self, ids, labels, cu_seqlens, max_seqlen):
+        self.inputs.append((ids.clone(), labels.clone(), cu_seqlens.tolist(), max_seqlen))
+        return self.log_probs.expand(int((labels != -100).sum()), -1), None
+
+
+def test_pseudo_perplexity_masks_one_drawn_position_per_copy():
+    """What the model is given: each distinct (document, drawn position) once, that position alone masked and
+    labelled with its token, the rest of the document as it is; the copies counted as often as drawn."""
+    V, mask_id = 50, 3
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.randn(V, generator=g).log_softmax(-1)
+    docs = [doc(torch.randint(8, V, (n,), generator=g).tolist()) for n in (3, 40, 150, 17)]
+    positions = ev.draw_positions(docs, {3, 4, 5, 6}, 30, seed=0)
+    model = Recorder(log_probs)
+    got = ev.pseudo_perplexity(model, docs, positions, mask_id, token_budget=300)
+    seen = []
+    for ids, labels, cu, m in model.inputs:
+        assert cu[-1] <= 300 and m == max(np.diff(cu))
+        for a, b in zip(cu[:-1], cu[1:]):
+            x, y = ids[a:b], labels[a:b]
+            d = [len(d) for d in docs].index(b - a)  # the documents' lengths differ
+            (p,) = torch.nonzero(y != -100).flatten().tolist()
+            assert torch.equal(torch.cat([x[:p], x[p + 1:]]), torch.cat([docs[d][:p], docs[d][p + 1:]]))
+            assert x[p] == mask_id and y[p] == docs[d][p]
+            seen.append((d, p))
+    assert sorted(seen) == sorted({(d, p) for d, pos in enumerate(positions) for p in pos.tolist()})
+    expected = [math.exp(-log_probs[d[p]].double().mean().item()) for d, p in zip(docs, positions)]
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.fixture(scope="module")
 def tok(demo):
     return data.Tokenizer(demo / "data" / "demo" / "tokenizer.model")
+
+
+class CharTok:
+    """One id per character (8 + code point mod 50) and <CLS> 5, <SEP> 6: a text of n characters is a document
+    of n + 2 tokens."""
+    mask_id, pad_id, cls_id, sep_id, vocab_size, sha256 = 3, 4, 5, 6, 58, "chars"
+    special_ids = {3, 4, 5, 6}
+
+    def encode(self, text):
+        return [8 + ord(c) % 50 for c in text]
 
 
 def test_length_bins_and_sampling(tmp_path, tok):
@@ -220,6 +299,58 @@ def test_length_bins_and_sampling(tmp_path, tok):
     assert [sorted(i for i, _ in b) for b in bins] == [["0", "1"], ["2", "3"], ["4"]]  # (lo, hi] bins
     assert [len(x) for _, x in bins[0]] == lengths[:2] and unmaskable["per_bin"] == [0, 0, 0]
     assert sum(len(b) for b in ev.sample_by_length(tok, path, edges, per_bin=1, seed=0)[0]) == 3
+
+
+def test_length_sampling_is_uniform_within_each_bin(tmp_path):
+    """per_bin = 1 from a bin of three documents and a bin of two: over 300 seeds each document is the one kept
+    with frequency 1/3 (1/2), within 5 binomial standard errors."""
+    path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(n), "text": "あ" * n} for n in (1, 2, 3, 4, 5, 20)])
+    n = 300
+    kept = [[[i for i, _ in b] for b in ev.sample_by_length(CharTok(), path, [0, 5, 10], per_bin=1, seed=s)[0]]
+            for s in range(n)]
+    assert all(len(b) == 1 for bins in kept for b in bins)
+    for b, ids in enumerate((["1", "2", "3"], ["4", "5"])):  # lengths 3, 4, 5 and 6, 7
+        p = 1 / len(ids)
+        for i in ids:
+            freq = sum(bins[b] == [i] for bins in kept) / n
+            assert abs(freq - p) <= 5 * math.sqrt(p * (1 - p) / n), (b, i, freq)
+
+
+def test_length_histogram_has_hist_bins_equal_bins(tmp_path):
+    """task lengths: the histogram of the sample has --hist_bins equal bins on [0, last edge of --bins], and
+    counts each reported length once, as numpy's histogram does."""
+    chars = [1, 3, 8, 12, 20, 27, 33, 38, 45]  # lengths 3, 5, 10, 14, 22, 29, 35, 40, 47
+    path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(i), "text": "字" * c} for i, c in enumerate(chars)])
+    args = ev.argparse.Namespace(data=path, bins="0,20,50", docs_per_bin=100, seed=0, limit=None, hist_bins=5)
+    entry = ev.argparse.Namespace(name="m", tok=CharTok(), tok_path="chars")
+    r = ev.task_lengths(args, [entry])[1]["m"]
+    assert sorted(r["lengths"]) == [c + 2 for c in chars] and r["n"] == len(chars)
+    assert r["edges"] == [0, 10, 20, 30, 40, 50]
+    assert r["counts"] == [2, 2, 2, 1, 2] == np.histogram(r["lengths"], bins=5, range=(0, 50))[0].tolist()
+    assert (r["mean"], r["median"]) == (pytest.approx(statistics.mean(r["lengths"])), statistics.median(r["lengths"]))
+
+
+def test_bin_summary_mean_and_median():
+    """A ppl bin's summary: the mean and the median of its documents' values."""
+    for values in ([1.0, 2.0, 10.0], [4.0, 1.0, 9.0, 2.0]):
+        assert ev.bin_summary([0, 10, 20], 1, values) == {
+            "range": [10, 20], "n": len(values), "mean_ppl": pytest.approx(statistics.mean(values)),
+            "median_ppl": statistics.median(values)}
+    assert ev.bin_summary([0, 10], 0, [1.0, 2.0, 10.0])["median_ppl"] == 2.0
+    assert ev.bin_summary([0, 10], 0, []) == {"range": [0, 10], "n": 0, "mean_ppl": None, "median_ppl": None}
+
+
+def test_ppl_scores_the_bin_that_ends_at_the_models_positions(tmp_path):
+    """A model of 64 positions scores every bin of --bins 0,16,64: documents of up to 64 tokens fit it."""
+    chars = [5, 10, 30, 62]  # 7, 12, 32 and 64 tokens
+    path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(c), "text": "字" * c} for c in chars])
+    entry = ev.Entry("m", tiny_model(CharTok.vocab_size, num_hidden_layers=2, max_position_embeddings=64),
+                     CharTok(), "chars")
+    args = ev.argparse.Namespace(data=path, bins="0,16,64", docs_per_bin=2, positions=3, seed=0, limit=None,
+                                 token_budget=1000)
+    r = ev.task_ppl(args, [entry])[1]["m"]
+    assert [b["n"] for b in r["bins"]] == [2, 2]
+    assert sorted(d["length"] for d in r["docs"]) == [7, 12, 32, 64]
 
 # -----------------------------------------------------------------------------------------------------------
 # published layouts and errors for people
@@ -238,6 +369,30 @@ def test_miracl_pairs_and_retrieval_with_a_known_answer(tmp_path, tok):
     model = tiny_model(tok.vocab_size)
     # every query is its own passage: identical embeddings, so each gold entry ranks first
     assert ev.retrieval_scores(model, tok, path) == {"recall@10": 1.0, "mrr@10": 1.0, "n_queries": 12}
+
+
+def test_miracl_pair_is_the_first_and_second_positive(tmp_path):
+    """An item with three positive passages pairs the first with the second."""
+    rows = [{"query_id": "1", "query": "q", "negative_passages": [],
+             "positive_passages": [{"docid": f"1#{k}", "title": "t", "text": t} for k, t in enumerate("一二三")]}]
+    assert ev.read_miracl_pairs(write_jsonl(tmp_path / "miracl.jsonl", rows)) == [("一", "二")]
+
+
+def test_random_pairs_without_wiki_join_two_different_items(tmp_path):
+    """Without --wiki a random pair is the query of one item and the passage of another: on three items (an
+    item's own passage would turn up about once in three draws), over 100 seeds, never a positive pair."""
+    positives = [("山", "高い山"), ("川", "長い川"), ("湖", "広い湖")]
+    rows = [{"query_id": str(i), "query": q, "positive_passages": [{"docid": f"{i}#0", "title": "", "text": q},
+                                                                   {"docid": f"{i}#1", "title": "", "text": c}]}
+            for i, (q, c) in enumerate(positives)]
+    path = write_jsonl(tmp_path / "miracl.jsonl", rows)
+    item = {t: i for i, pair in enumerate(positives) for t in pair}
+    for seed in range(100):
+        got, randoms = ev.pair_texts(ev.argparse.Namespace(data=path, limit=None, seed=seed, wiki=None, pairs=3))
+        assert got == positives and len(randoms) == 3
+        assert {q for q, _ in randoms} <= {q for q, _ in positives}
+        assert {c for _, c in randoms} <= {c for _, c in positives}
+        assert not set(randoms) & set(positives) and all(item[q] != item[c] for q, c in randoms), seed
 
 
 def write_jglue(root, jsts_label=3.2, jnli_label="neutral", n=4):
@@ -324,6 +479,39 @@ def test_run_directory_resolves_to_export_else_newest_checkpoint(tmp_path):
     assert ev.find_weights(tmp_path / "ckpt_2") == ("ckpt", tmp_path / "ckpt_2")
 
 
+def test_curves_of_a_run_named_twice_count_it_once(demo, tmp_path):
+    run_cli(demo, "--task", "curves", "--model", "out/demo/hf", "out/demo/ckpt_2", "--out", tmp_path)
+    r = json.loads((tmp_path / "curves.json").read_text())["results"]["curves"]
+    assert r["runs"] == [str(Path("out/demo/metrics.jsonl"))] and len(r["stage_starts"]) == 1
+    assert [s for s, _ in r["points"]["loss"]] == [1, 2]
+
+
+class Axes:
+    """Records what a plot function draws on it."""
+
+    def __init__(self):
+        self.stairs_drawn = []
+
+    def stairs(self, values, edges, label=None, **kwargs):
+        self.stairs_drawn.append((label, list(values), list(edges)))
+
+    def set(self, **kwargs):
+        pass
+
+    def legend(self):
+        pass
+
+
+def test_similarity_figure_draws_each_kinds_histogram():
+    report = {m: {"distance": {"edges": [0.0, 0.5, 1.0, 1.5], "positive": {"counts": [3, 1, 0]},
+                               "random": {"counts": [0, 2, 2]}}} for m in ("a", "b")}
+    axes = [Axes(), Axes()]
+    ev.plot_simdist(lambda rows, cols, size: (None, axes), report, ev.argparse.Namespace(measure="distance"))
+    for ax in axes:
+        assert sorted(ax.stairs_drawn) == [("positive", [3, 1, 0], [0.0, 0.5, 1.0, 1.5]),
+                                           ("random", [0, 2, 2], [0.0, 0.5, 1.0, 1.5])]
+
+
 def test_curves_join_stages(tmp_path, capsys):
     s1 = write_jsonl(tmp_path / "s1" / "metrics.jsonl", [{"step": 10, "loss": 5.0}, {"step": 100, "loss": 3.0},
                                                           {"step": 100, "val_acc": 0.4, "recall@10": 0.1, "mrr@10": 0.05}])
@@ -389,37 +577,53 @@ def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
 
 
 def test_fillmask_top_predictions_of_a_known_model(tmp_path, tok):
-    log_probs = torch.full((tok.vocab_size,), -20.0)
+    """The top-k pieces and their probabilities among the tokenizer's pieces (a model's embedding rows past the
+    vocabulary, padding, are none); a prompt of exactly the model's positions is scored, a longer one is not."""
+    log_probs = torch.full((tok.vocab_size + 16,), -20.0)
     top = tok.encode("山")[-1]
-    log_probs[top], log_probs[tok.sep_id] = 0.0, -1.0
-    model = known_model(log_probs.log_softmax(-1))
+    log_probs[top], log_probs[tok.sep_id], log_probs[tok.vocab_size:] = 0.0, -1.0, 5.0
+    prompts = ["日本の{}です。", "{}は高い"]
+    positions = max(len(ev.prompt_ids(tok, p)) for p in prompts)
+    model = known_model(log_probs.log_softmax(-1), max_position_embeddings=positions)
     model.config.pad_token_id, model.config.cls_token_id = tok.pad_id, tok.cls_id
     model.config.sep_token_id, model.config.mask_token_id = tok.sep_id, tok.mask_id
     model.save_pretrained(tmp_path / "m")
-    prompts = write_jsonl(tmp_path / "prompts.txt", ["日本の{}です。", "{}は高い"])
-    run_cli(tmp_path, "--task", "fillmask", "--model", "m", "--tokenizer", tok.path, "--data", prompts, "--topk", "2")
-    for r in report(tmp_path, "fillmask")["results"]["m"]:
+    path = write_jsonl(tmp_path / "prompts.txt", prompts + ["日本の{}です。山は高い"])
+    run_cli(tmp_path, "--task", "fillmask", "--model", "m", "--tokenizer", tok.path, "--data", path, "--topk", "2")
+    *scored, longer = report(tmp_path, "fillmask")["results"]["m"]
+    assert "not_applicable" in longer and len(scored) == 2
+    for r in scored:
         assert [t["id"] for t in r["top"]] == [top, tok.sep_id]
         assert r["top"][0]["prob"] == pytest.approx(1 / (1 + math.exp(-1) + (tok.vocab_size - 2) * math.exp(-20)))
 
 
-def test_mlm_matches_a_per_sequence_computation(demo, tok):
+@pytest.mark.parametrize("source", ["jsonl", "shards"])
+def test_mlm_matches_a_per_sequence_computation(demo, tok, source):
+    """A jsonl of texts, or the val split of our shards (the default): each text or document as "<CLS> ... <SEP>"
+    cut to --max_len tokens, masked as evaluate.py draws the masks (data.mask_tokens, one generator over the
+    documents in order), through the model one padded sequence at a time."""
     wiki = demo / "data/demo/wiki.jsonl"
-    run_cli(demo, "--task", "mlm", "--data", wiki, "--limit", "5", "--max_len", "64", "--seed", "3",
-            "--token_budget", "100", "--out", "out/mlm")
-    got = report(demo, "mlm", "out/mlm")["results"]["out/demo/hf"]
+    run_cli(demo, "--task", "mlm", *(["--data", wiki] if source == "jsonl" else []), "--limit", "5", "--max_len",
+            "24", "--seed", "3", "--token_budget", "50", "--out", f"out/mlm-{source}")
+    got = report(demo, "mlm", f"out/mlm-{source}")["results"]["out/demo/hf"]
+    if source == "jsonl":
+        docs = [tok.encode(r[1]["text"]) for _, r in zip(range(5), data.read_jsonl(wiki))]
+    else:
+        val = data.Shards(demo / "data/demo/shards", "val")
+        docs = [val[i].tolist() for i in range(5)]
+    assert all(len(d) > 22 for d in docs)  # the cut makes a difference
     model = ModernBERT.from_pretrained(demo / "out/demo/hf").eval()
     g = torch.Generator().manual_seed(3)
     losses, hits = [], []
-    for _, r in zip(range(5), data.read_jsonl(wiki)):
-        ids = torch.tensor(tok.encode_pair(r[1]["text"], max_len=64))
+    for d in docs:
+        ids = torch.tensor([tok.cls_id] + d[:22] + [tok.sep_id])
         x, y = data.mask_tokens(ids, tok.special_ids, tok.mask_id, tok.vocab_size, g, p=0.3)
         with torch.no_grad():
             logits = model(x[None])[0][0]  # (seqlen, V): every position, one padded sequence
         sel = y != -100
         losses += F.cross_entropy(logits[sel], y[sel], reduction="none").tolist()
         hits += (logits[sel].argmax(-1) == y[sel]).tolist()
-    assert got["masked_tokens"] == len(losses)
+    assert (got["sequences"], got["masked_tokens"]) == (5, len(losses))
     assert got["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
     assert got["accuracy"] == pytest.approx(sum(hits) / len(hits))
 
@@ -493,6 +697,60 @@ def test_retrieval_matches_transformers_mean_pooling(tmp_path, demo, tok):
     assert 0 < mrr < recall < 1  # recall and MRR can be told apart
     assert (got["recall@10"], got["mrr@10"]) == (pytest.approx(recall, abs=1e-12), pytest.approx(mrr, abs=1e-12))
 
+
+def test_embedding_tasks_cut_at_the_models_length_against_transformers(tmp_path, demo, tok):
+    """retrieval, alignment and simdist embed each text cut at the model's maximum length (640 positions here),
+    on texts alike in their first 550 tokens and longer than 640: against transformers' mean pooling of the text
+    cut at 640 tokens, each value, and the summaries against numpy on the per-pair values."""
+    texts = [r["text"] for _, r in data.read_jsonl(demo / "data/demo/wiki.jsonl")]
+    prefix = "".join(texts[20:])  # cut to about 550 tokens, by bisection
+    lo, hi = 0, len(prefix)
+    while hi - lo > 1:
+        lo, hi = ((lo + hi) // 2, hi) if len(tok.encode(prefix[:(lo + hi) // 2])) < 550 else (lo, (lo + hi) // 2)
+    prefix = prefix[:hi]
+    queries = [prefix + t for t in texts[:8]]
+    passages = [prefix + t[len(t) // 3:] + t[:len(t) // 3] for t in texts[:8]]
+    assert all(len(tok.encode(t)) > 660 for t in queries + passages)
+    rows = [{"query_id": str(i), "query": "", "positive_passages": [{"docid": f"{i}#0", "title": "", "text": q},
+                                                                     {"docid": f"{i}#1", "title": "", "text": p}]}
+            for i, (q, p) in enumerate(zip(queries, passages))]
+    miracl = write_jsonl(tmp_path / "miracl.jsonl", rows)
+    wiki = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(i), "text": prefix + t} for i, t in enumerate(texts[8:12])])
+    tiny_model(tok.vocab_size, num_hidden_layers=2, max_position_embeddings=640).save_pretrained(tmp_path / "m")
+    for task in ("retrieval", "alignment", "simdist"):
+        run_cli(tmp_path, "--task", task, "--model", "m", "--tokenizer", tok.path, "--data", miracl, "--wiki", wiki,
+                "--pairs", "8", "--baselines", "none")
+    theirs = transformers.AutoModel.from_pretrained(tmp_path / "m").eval()
+
+    def emb(texts, max_len=640):
+        z = np.stack([hf_mean_pool(theirs, tok.encode_pair(t, max_len=max_len)) for t in texts]).astype(np.float64)
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+    q, p, w = emb(queries), emb(passages), emb([r["text"] for _, r in data.read_jsonl(wiki)])
+    pairs = list(zip(queries, passages))
+    recall, mrr = reference_retrieval(lambda t: emb([t])[0], pairs)
+    assert (recall, mrr) != reference_retrieval(lambda t: emb([t], 512)[0], pairs)  # the cut at 512 would show
+    got = report(tmp_path, "retrieval")["results"]["m"]
+    assert (got["recall@10"], got["mrr@10"], got["max_len"]) == (pytest.approx(recall, abs=1e-12),
+                                                                 pytest.approx(mrr, abs=1e-12), 640)
+    cos = (q * p).sum(1)
+    got = report(tmp_path, "alignment")["results"]["m"]
+    d = ((w[:, None] - w[None]) ** 2).sum(-1)[~np.eye(4, dtype=bool)]
+    assert got["alignment"] == pytest.approx(np.mean(2 - 2 * cos), rel=1e-5)
+    assert got["uniformity"] == pytest.approx(np.log(np.mean(np.exp(-2 * d))), rel=1e-5)
+    got = report(tmp_path, "simdist")["results"]["m"]
+    assert got["pairs"]["positive"]["cosine"] == pytest.approx(cos.tolist(), abs=1e-6)
+    assert sorted(got["pairs"]["random"]["cosine"]) != pytest.approx(sorted(cos.tolist()), abs=1e-3)
+    for measure in ("cosine", "distance"):
+        values = {kind: np.array(got["pairs"][kind][measure]) for kind in ("positive", "random")}
+        edges = np.histogram_bin_edges(np.concatenate(list(values.values())), bins="auto")
+        assert got[measure]["edges"] == pytest.approx(edges.tolist(), abs=1e-12)
+        for kind, v in values.items():
+            assert len(v) == (8 if kind == "positive" else 2)
+            assert {k: got[measure][kind][k] for k in ("mean", "std", "n", "counts")} == {
+                "mean": pytest.approx(v.mean(), abs=1e-12), "std": pytest.approx(v.std(), abs=1e-12), "n": len(v),
+                "counts": np.histogram(v, edges)[0].tolist()}, (measure, kind)
+        assert values["positive"] == pytest.approx((2 - 2 * cos if measure == "distance" else cos).tolist(), abs=1e-6)
+
 # -----------------------------------------------------------------------------------------------------------
 # bad input: one line naming file and field, non-zero exit
 
@@ -546,6 +804,83 @@ def test_jglue_grid_runs(monkeypatch):
     calls.clear()
     args.grid = "per_lr"
     assert len(ev.jglue_grid(args, entry, "jsts", [], [])) == 6 and calls == [(lr, 3, [1, 2, 3]) for lr in (1e-5, 2e-5)]
+
+
+def jglue_entry():
+    return ev.argparse.Namespace(model=None, name="m", tok=FakeTok(), max_len=lambda args, default=None: 512)
+
+
+def test_jglue_best_is_the_top_run_of_the_grid(tmp_path, monkeypatch):
+    """Per task the best run is the one with the highest main metric over the whole grid; here the first run
+    (lr 1e-5, 1 epoch) scores highest."""
+    def fake(mlm, task, train, valid, lr, epochs, score_at, *rest):
+        return {e: dict.fromkeys(("pearson", "spearman", "accuracy", "mcc"), 1 / (lr * e)) for e in score_at}
+    monkeypatch.setattr(ev, "finetune", fake)
+    write_jglue(tmp_path)
+    files = {t: ev.jglue_files(t, tmp_path / "JGLUE", tmp_path / "JCoLA") for t in ev.JGLUE}
+    args = ev.argparse.Namespace(lrs=[1e-5, 2e-5], epochs=[1, 2], grid="paper", jglue_batch_size=32, seed=0,
+                                 limit=None)
+    res = ev.jglue_model(args, jglue_entry(), list(ev.JGLUE), files)
+    for t, metric in ev.MAIN_METRIC.items():
+        assert [(g["lr"], g["epochs"]) for g in res[t]["grid"]] == [(1e-5, 1), (1e-5, 2), (2e-5, 1), (2e-5, 2)]
+        assert (res[t]["best"]["lr"], res[t]["best"]["epochs"]) == (1e-5, 1), t
+        assert res[t]["best"][metric] == pytest.approx(1e5) == max(g[metric] for g in res[t]["grid"])
+    assert res["average"] == pytest.approx(1e5)
+
+
+def test_majority_baseline_answers_the_training_majority(tmp_path, monkeypatch):
+    """JNLI's majority-label baseline always answers the most frequent training label: training mostly
+    entailment, validation mostly neutral, so it scores validation's share of entailment, 1 in 4."""
+    monkeypatch.setattr(ev, "finetune", lambda mlm, task, train, valid, lr, epochs, score_at, *rest:
+                        {e: {"accuracy": 0.0} for e in score_at})
+    d = tmp_path / "JGLUE" / "datasets" / "jnli-v1.3"
+    for split, labels in (("train", ["entailment"] * 3 + ["neutral", "contradiction"]),
+                          ("valid", ["neutral"] * 3 + ["entailment"])):
+        write_jsonl(d / f"{split}-v1.3.json", [{"sentence_pair_id": str(i), "yjcaptions_id": "x", "sentence1": "犬が走る",
+                                                "sentence2": "動物が動く", "label": y}
+                                               for i, y in enumerate(labels)])
+    files = {"jnli": ev.jglue_files("jnli", tmp_path / "JGLUE", None)}
+    args = ev.argparse.Namespace(lrs=[1e-5], epochs=[1], grid="paper", jglue_batch_size=32, seed=0, limit=None)
+    res = ev.jglue_model(args, jglue_entry(), ["jnli"], files)["jnli"]
+    assert (res["train"], res["valid"]) == (5, 4)
+    assert res["majority_baseline"] == {"accuracy": 25.0}
+
+
+@pytest.mark.parametrize("task", ["jsts", "jnli"])
+def test_finetune_follows_the_released_recipe(monkeypatch, task):
+    """The optimizer as the released fine-tuning scripts set it, seen at every step: AdamW over every parameter
+    of the classifier, betas (0.9, 0.999), eps 1e-8, no weight decay, no clipping, and the learning rate
+    decaying linearly from its peak at the first step to 0 after the last (no warmup); ceil(n / batch) steps
+    per epoch; scored after the asked epochs."""
+    steps, optimizers = [], []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            optimizers.append(self)
+
+        def step(self, closure=None):
+            steps.append([(g["lr"], g["weight_decay"], g["betas"], g["eps"]) for g in self.param_groups])
+            return super().step(closure)
+
+    def no_clipping(*args, **kwargs):
+        raise AssertionError("fine-tuning clips gradients")
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", no_clipping)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_value_", no_clipping)
+    g = torch.Generator().manual_seed(0)
+    examples = [(doc(torch.randint(8, 60, (int(n),), generator=g).tolist()), float(i % 5) if task == "jsts" else i % 3)
+                for i, n in enumerate(torch.randint(3, 20, (38,), generator=g))]
+    mlm = tiny_model(60, num_hidden_layers=2)
+    scores = ev.finetune(mlm, task, examples, examples[:4], lr=2e-4, epochs=2, score_at={1, 2}, batch_size=4,
+                         seed=0, desc="test")
+    assert sorted(scores) == [1, 2]
+    total = 10 * 2  # ceil(38 / 4) batches, 2 epochs
+    assert len(optimizers) == 1 and len(steps) == total
+    clf_params = {id(p) for g in optimizers[0].param_groups for p in g["params"]}
+    assert len(clf_params) == sum(1 for _ in ev.classifier(mlm, 1 if task == "jsts" else 3).parameters())
+    for s, groups in enumerate(steps):
+        assert groups == [(pytest.approx(2e-4 * (1 - s / total), rel=1e-12), 0.0, (0.9, 0.999), 1e-8)] * len(groups)
 
 
 def test_fillmask_defaults_to_table_3(tmp_path, demo):
@@ -829,6 +1164,34 @@ def test_ppl_skips_documents_with_nothing_to_mask(demo, zoo, tmp_path, capsys):
     # the empty document is the bin's only one (the unknown one is 42 tokens long)
     assert str(e.value).startswith(f"error: {only}: no document of [0, 10] tokens to score (tokenizer zoo/bert, "
                                    "1 with nothing to mask); give other --bins") and "\n" not in str(e.value)
+
+
+def test_regression_loss_of_a_transformers_classifier(demo, zoo):
+    """JSTS fine-tuning of a transformers model: the mean squared error of its one output against the labels."""
+    model, _ = ev.load_model(str(demo / "zoo/bert"), "cpu")
+    clf = ev.classifier(model, 1)
+    ids = [torch.tensor([2, 9, 10, 3]), torch.tensor([2, 11, 3]), torch.tensor([2, 12, 13, 14, 3])]
+    x, cu, m = ev.pack(ids, "cpu")
+    y = torch.tensor([0.5, 3.0, -1.0])
+    with torch.no_grad():
+        logits, loss = clf(x, labels=y, cu_seqlens=cu, max_seqlen=m)
+    assert logits.shape == (3, 1) and loss.item() == pytest.approx(((logits[:, 0] - y) ** 2).mean().item(), rel=1e-6)
+
+
+def test_a_tokenizer_whose_mask_id_the_checkpoint_contradicts_is_one_line(demo, tmp_path, tok):
+    model = ModernBERT.from_pretrained(demo / "out/demo/hf")
+    model.config.mask_token_id = tok.pad_id
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(SystemExit, match=rf"tokenizer .* has mask id {tok.mask_id} but model .* expects {tok.pad_id}: "
+                                         "wrong tokenizer\\?$"):
+        run_cli(tmp_path, "--task", "fillmask", "--model", "m", "--tokenizer", tok.path)
+
+
+def test_max_len_is_capped_at_the_models_positions(demo, tmp_path):
+    tiny_model(1000, num_hidden_layers=2, max_position_embeddings=96).save_pretrained(tmp_path / "m")
+    run_cli(demo, "--task", "retrieval", "--model", tmp_path / "m", "--max_len", "5000", "--limit", "4",
+            "--baselines", "none", "--out", tmp_path / "eval")
+    assert report(tmp_path, "retrieval", "eval")["results"][str(tmp_path / "m")]["max_len"] == 96
 
 
 def test_missing_transformers_is_one_line(tmp_path, monkeypatch):

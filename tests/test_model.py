@@ -1,5 +1,6 @@
 """model.py against Hugging Face transformers' ModernBERT (the independent reference), fp32 on the CPU."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,58 @@ def test_old_style_config_json_is_read(tmp_path):
     assert (loaded.global_attn_every_n_layers, loaded.global_rope_theta, loaded.local_rope_theta) == (2, 160000.0, 10000.0)
 
 
+def test_rope_parameters_without_sliding_attention_take_transformers_local_default(tmp_path):
+    """A config.json whose rope_parameters name only full_attention: the local theta is transformers' default
+    for sliding attention (10,000), not the global theta."""
+    cfg = tiny(local_attention=4, global_attn_every_n_layers=2, global_rope_theta=160000.0)
+    ModernBERT(cfg).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for key in ("global_rope_theta", "local_rope_theta"):
+        conf.pop(key)
+    conf["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 160000.0}}
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    reference = transformers.ModernBertConfig(rope_parameters=conf["rope_parameters"]).rope_parameters
+    assert reference["sliding_attention"]["rope_theta"] == 10000.0
+    loaded = ModernBERT.from_pretrained(tmp_path).config
+    assert (loaded.global_rope_theta, loaded.local_rope_theta) == (160000.0, 10000.0)
+
+
+def test_a_config_json_without_rope_settings_takes_transformers_defaults(tmp_path):
+    """No theta named anywhere: transformers' own defaults for both kinds of layer."""
+    ModernBERT(tiny(local_attention=4, global_attn_every_n_layers=2, global_rope_theta=160000.0,
+                    local_rope_theta=10000.0)).save_pretrained(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    for key in ("global_rope_theta", "local_rope_theta", "rope_parameters"):
+        conf.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(conf))
+    defaults = transformers.ModernBertConfig().rope_parameters
+    loaded = ModernBERT.from_pretrained(tmp_path).config
+    assert (loaded.global_rope_theta, loaded.local_rope_theta) == (defaults["full_attention"]["rope_theta"],
+                                                                   defaults["sliding_attention"]["rope_theta"])
+
+
+def test_dropout_where_transformers_has_it(tmp_path):
+    """Each dropout setting in the module transformers applies it in (same names), attention dropout off in eval
+    (eval logits equal transformers' with every dropout set), and config.json's bos/eos ids the <CLS>/<SEP> ids,
+    as transformers' own ModernBertConfig defaults pair them."""
+    p = dict(embedding_dropout=0.1, attention_dropout=0.2, mlp_dropout=0.3, classifier_dropout=0.4)
+    cfg = tiny(local_attention=4, num_labels=3, **p)
+    torch.manual_seed(0)
+    ours = randomize(ModernBertForSequenceClassification(cfg), 0)
+    ours.save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    rates = lambda m: {n: x.p for n, x in m.named_modules() if isinstance(x, torch.nn.Dropout)}  # noqa: E731
+    assert rates(ours) == rates(theirs) and set(rates(ours).values()) == set(p.values())
+    assert [a.dropout for a in (layer.attn for layer in ours.model.layers)] == \
+        [a.attention_dropout for a in (layer.attn for layer in theirs.model.layers)] == [0.2] * 4
+    ids, mask = batch(cfg.vocab_size, [17, 3, 40], seed=2)
+    with torch.no_grad():
+        assert (ours.eval()(ids, mask)[0] - theirs.eval()(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
+    conf, default = json.loads((tmp_path / "config.json").read_text()), transformers.ModernBertConfig()
+    assert (default.bos_token_id, default.eos_token_id) == (default.cls_token_id, default.sep_token_id)
+    assert (conf["bos_token_id"], conf["eos_token_id"]) == (cfg.cls_token_id, cfg.sep_token_id)
+
+
 def test_packed_equals_padded_and_gradients_match_hf(tmp_path):
     cfg = tiny(local_attention=6, global_attn_every_n_layers=2)
     torch.manual_seed(0)
@@ -225,8 +278,11 @@ def test_sequence_classification_matches_hf_both_ways(tmp_path, pooling, num_lab
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "ours").eval()
     assert hf.config.classifier_pooling == pooling and hf.num_labels == num_labels
     ids, mask = batch(cfg.vocab_size, [17, 3, 40], seed=2)
+    labels = torch.tensor([0.5, -1.0, 2.0]) if num_labels == 1 else torch.tensor([2, 0, 1])
     with torch.no_grad():
         assert (ours(ids, mask)[0] - hf(input_ids=ids, attention_mask=mask).logits).abs().max() <= TOL
+        loss = hf(input_ids=ids, attention_mask=mask, labels=labels).loss  # MSE for one label, else cross-entropy
+        assert ours(ids, mask, labels=labels)[1] == pytest.approx(loss.item(), rel=1e-5)
     hf.save_pretrained(tmp_path / "hf")
     back = ModernBertForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -237,15 +293,19 @@ def test_from_mlm_and_encode(tmp_path):
     cfg = tiny()
     torch.manual_seed(2)
     mlm = randomize(ModernBERT(cfg), 2).eval()
-    clf = ModernBertForSequenceClassification.from_mlm(mlm, num_labels=1, pooling="mean")
+    clf = ModernBertForSequenceClassification.from_mlm(mlm, num_labels=1, pooling="mean").eval()
     assert torch.equal(clf.model.embeddings.tok_embeddings.weight, mlm.model.embeddings.tok_embeddings.weight)
     mlm.save_pretrained(tmp_path)
     hf_base = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    hf_mlm = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
     ids, mask = batch(cfg.vocab_size, [8, 30, 1], seed=4)
     with torch.no_grad():
         h = hf_base(input_ids=ids, attention_mask=mask).last_hidden_state
         ref = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
         assert (mlm.encode(ids, mask) - ref).abs().max() <= TOL
+        # the classifier: mean pooling, the MLM's own head (dense, GELU, norm), then its fresh linear layer
+        expected = clf.classifier(hf_mlm.head(ref))
+        assert (clf(ids, mask)[0] - expected).abs().max() <= TOL
 
 
 def test_loading_errors_name_file_and_tensor(tmp_path):
@@ -265,7 +325,7 @@ def test_loading_errors_name_file_and_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.Wi\.weight' has shape \(192, 64\)"):
         ModernBERT.from_pretrained(tmp_path / "m")
     # what no tensor's shape shows (heads, window, ...) is checked against the weights' own record of it
-    for key, value in (("num_attention_heads", 2), ("local_attention", 64)):
+    for key, value in (("num_attention_heads", 2), ("local_attention", 64), ("norm_eps", 1e-6)):
         (tmp_path / "m" / "config.json").write_text(json.dumps({**conf, key: value}))
         with pytest.raises(ValueError, match=rf"config\.json: {key} = {value}, but the weights in model\.safetensors "
                                              rf"were trained with {getattr(cfg, key)}"):
@@ -274,6 +334,9 @@ def test_loading_errors_name_file_and_tensor(tmp_path):
     ModernBERT(tiny(num_hidden_layers=2, global_attn_every_n_layers=3)).save_pretrained(tmp_path / "two")
     ModernBERT.from_pretrained(tmp_path / "two")
     (tmp_path / "m" / "config.json").write_text(json.dumps(conf))
+    # a setting the caller asks for is theirs to choose (e.g. a longer window at inference)
+    chosen = ModernBERT.from_pretrained(tmp_path / "m", local_attention=64, norm_eps=1e-6).config
+    assert (chosen.local_attention, chosen.norm_eps) == (64, 1e-6)
     with pytest.raises(ValueError, match="no tensor 'classifier.weight'"):
         ModernBertForSequenceClassification.from_pretrained(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
@@ -292,6 +355,16 @@ def test_init_optimizer_groups_and_flops():
         assert w.abs().max() <= 2 * std
     assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
     assert (model.decoder.bias == 0).all() and (model.model.final_norm.weight == 1).all()
+
+    # the classifier: std hidden_size ** -0.5, so 0.88 of it after truncation at 2 std (written out below); a
+    # sample std of n = 16,384 weights has a relative standard error of at most 1 / sqrt(2 n): allow 5 of them
+    H, labels = 512, 32
+    clf = ModernBertForSequenceClassification(tiny(num_hidden_layers=1, hidden_size=H, intermediate_size=64,
+                                                   num_labels=labels))
+    phi, mass = math.exp(-2.0) / math.sqrt(2 * math.pi), math.erf(2 / math.sqrt(2))
+    expected = H ** -0.5 * math.sqrt(1 - 2 * 2 * phi / mass)
+    assert abs(clf.classifier.weight.std().item() / expected - 1) < 5 / math.sqrt(2 * H * labels)
+    assert clf.classifier.weight.abs().max() <= 2 * H ** -0.5 and (clf.classifier.bias == 0).all()
 
     opt = model.configure_optimizers(weight_decay=1e-5, learning_rate=1e-3, betas=(0.9, 0.98))
     decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
@@ -330,6 +403,22 @@ def test_flops_per_token_counts_what_runs():
     windowed = (49 - 6) + (30 * 9 - 2 * 10) + (12 * 9 - 2 * 10)  # 7 tokens: 6 pairs are 5 or 6 apart; longer
     # ones: 9 keys per query, less 4 + 3 + 2 + 1 at each end
     assert round(net.flops_per_token(seqlens, 4) * 49) == linear + 4 * 64 * (full + 2 * windowed)
+
+
+def test_mfu_is_a_training_steps_flops_over_time_and_peak():
+    """estimate_mfu = FLOPs of a training step (forward + backward, 3 forwards, as torch's FLOP counter measures
+    them on a model with global layers only) / seconds / peak FLOP/s."""
+    seqlens = [7, 30, 12]
+    cu = torch.tensor([0, 7, 37, 49], dtype=torch.int32)
+    ids = torch.randint(7, 300, (49,), generator=torch.Generator().manual_seed(0))
+    net = ModernBERT(tiny(vocab_size=300, num_hidden_layers=3, global_attn_every_n_layers=1))
+    with FlopCounterMode(display=False) as forward:
+        logits, _ = net(ids, cu_seqlens=cu, max_seqlen=30)
+    with FlopCounterMode(display=False) as backward:
+        logits.sum().backward()
+    assert backward.get_total_flops() == 2 * forward.get_total_flops()
+    step, seconds, peak = 3 * forward.get_total_flops(), 0.25, 1e9
+    assert net.estimate_mfu(seqlens, 49, seconds, peak) == pytest.approx(step / seconds / peak, rel=1e-9)
 
 
 def test_cpu_path_never_imports_triton():

@@ -6,6 +6,7 @@ NaN detection, export, config checking and the command line; two nodes simulated
 Run as a script under torchrun, this file is the worker of the gradient and retrieval tests."""
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -225,6 +227,84 @@ def test_gradients_on_1_2_3_processes_equal_plain_pytorch(tmp_path):
             assert err <= 1e-6, (world, name, err)
 
 
+RECIPE = ["--mlm_probability=0.15", "--grad_clip=0.5", "--weight_decay=0.1", "--lr=3e-3", "--warmup_steps=2",
+          "--max_steps=5", "--log_every=1", "--eval_every=5", "--eval_batches=2", "--checkpoint_every=100",
+          "--retrieval_eval=", "--seed=3"]
+
+
+def test_first_steps_are_a_plain_pytorch_loop(config, tmp_path):
+    """train.py's first steps written out here without it: the config's masking rate in the loaders, the loss as
+    the mean over the global batch's masked tokens, clipping of the global gradient norm, AdamW with weight decay on
+    the linear layers' weight matrices only, the learning rate warmed up then decayed, the tokens of each step, and
+    the validation loss and accuracy over the first eval_batches batches of the val split before and after; each
+    setting taken from the command line (none at its default)."""
+    out = tmp_path / "out"
+    run([sys.executable], out, config, *RECIPE)
+    got = [m for m in metrics(out) if "loss" in m]
+    evals = [m for m in metrics(out) if "val_loss" in m]
+    cfg, _ = train.load_config([str(config), *RECIPE])
+    tok = data.Tokenizer(cfg.tokenizer)
+    ids = dict(pad_token_id=tok.pad_id, cls_token_id=tok.cls_id, sep_token_id=tok.sep_id, mask_token_id=tok.mask_id)
+    torch.manual_seed(cfg.seed)
+    model = ModernBERT(ModernBertConfig.preset("tiny", vocab_size=tok.vocab_size, **cfg.model_args, **ids))
+    embedding = model.model.embeddings.tok_embeddings.weight
+    decay = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not embedding]
+    rest = [p for p in model.parameters() if all(p is not d for d in decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  betas=(0.9, 0.98), eps=1e-6)
+    loader, val = (data.Loader(cfg.data_dir, split=split, batch_size=8, micro_batch_size=2, max_seqlen=48,
+                               seed=cfg.seed, mlm_probability=0.15, shuffle=split == "train", tokenizer=tok)
+                   for split in ("train", "val"))
+
+    def masked_loss(micro_batches):
+        """Cross-entropy summed over the masked tokens of a global batch, correct predictions, masked tokens."""
+        loss, correct, n = 0.0, 0, 0
+        for mb in micro_batches:
+            labels = mb["labels"]
+            logits = model(mb["input_ids"], cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"])[0]
+            logits, target = logits[labels != -100], labels[labels != -100]
+            loss = loss + F.cross_entropy(logits, target, reduction="sum")
+            correct += int((logits.argmax(-1) == target).sum())
+            n += len(target)
+        return loss, correct, n
+
+    def validation(step, expected):
+        with torch.no_grad():
+            sums = [masked_loss(micro_batches) for _, micro_batches in zip(range(2), val)]
+        loss, correct, n = (sum(float(s[k]) for s in sums) for k in range(3))
+        assert (expected["step"], expected["val_loss"], expected["val_acc"]) == (
+            step, pytest.approx(loss / n, rel=1e-5), pytest.approx(correct / n, abs=1e-9))
+        val.load_state_dict(start)
+
+    start = val.state_dict()
+    assert val.samples_per_epoch > 2 * 8  # the val split holds more than eval_batches batches
+    validation(0, evals[0])
+    clipped = 0
+    for step, micro_batches in zip(range(5), loader):
+        lr = 3e-3 * (step + 1) / 2 if step < 2 else 3e-3 * (5 - step) / 3
+        loss, _, masked = masked_loss(micro_batches)
+        (loss / masked).backward()
+        norm = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+        clipped += norm > 0.5
+        for p in model.parameters():
+            p.grad *= min(1.0, 0.5 / (norm + 1e-6))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad()
+        m = got[step]
+        tokens = sum(int(mb["cu_seqlens"][-1]) for mb in micro_batches)
+        assert (m["step"], m["tokens"], m["lr"]) == (step + 1, tokens, pytest.approx(lr, rel=1e-12)), m
+        assert (m["loss"], m["grad_norm"]) == (pytest.approx(loss.item() / masked, rel=1e-5),
+                                               pytest.approx(norm, rel=1e-5)), m
+    assert len(got) == 5 and clipped >= 4  # the clipping makes a difference to this curve
+    total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.1 < m["peak_mem"] < total_memory for m in lines if "loss" in m)  # GiB; torch alone takes more
+    validation(5, evals[1])
+    assert len(evals) == 2
+
+
 def test_two_processes_match_one(reference, reference2):
     one = metrics(reference)
     assert [m["step"] for m in one if "loss" in m] == [1, 5, 10, STEPS]  # the last step is logged too
@@ -232,39 +312,63 @@ def test_two_processes_match_one(reference, reference2):
     assert_same_curve(metrics(reference2), one, rel=1e-5)
 
 
-def retrieval_worker(config, model_dir, out):
-    """Under torchrun: train.py's retrieval evaluation of a model, its texts shared over the ranks; rank 0 saves it."""
+def retrieval_worker(config, model_dir, out, *pair_files):
+    """Under torchrun: train.py's retrieval evaluation of a model on each pairs file, its texts shared over the
+    ranks; rank 0 saves the scores."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg, _ = train.load_config([config])
     model = parallelize(ModernBERT.from_pretrained(model_dir), init_device_mesh("cpu", (world,))).eval()
-    run = train.Run(cfg, config, rank, world, torch.device("cpu"), None, Path(out).parent,
-                    tokenizer=data.Tokenizer(cfg.tokenizer), pairs=read_miracl_pairs(cfg.retrieval_eval))
-    scores = train.evaluate_retrieval(run, model, 0)
+    scores = []
+    for path in pair_files:
+        run = train.Run(cfg, config, rank, world, torch.device("cpu"), None, Path(out).parent,
+                        tokenizer=data.Tokenizer(cfg.tokenizer), pairs=read_miracl_pairs(path))
+        scores.append(train.evaluate_retrieval(run, model, 0))
     if rank == 0:
         Path(out).write_text(json.dumps(scores))
     dist.barrier()
     dist.destroy_process_group()
 
 
+def long_passages(config, out):
+    """The config's retrieval pairs with every passage behind one long shared prefix (more than its
+    retrieval_max_len of 64 tokens): cut at 64 tokens, all passages are alike."""
+    pairs = read_miracl_pairs(config.parent / "miracl.jsonl")
+    tok, prefix = data.Tokenizer(config.parent / "tok.model"), ""
+    for _, passage in pairs:
+        if len(tok.encode(prefix)) > 80:
+            break
+        prefix += passage
+    with open(out, "w") as f:
+        for i, (query, passage) in enumerate(pairs):
+            f.write(json.dumps({"query_id": str(i), "query": "", "positive_passages": [
+                {"docid": f"{i}#0", "title": "", "text": query},
+                {"docid": f"{i}#1", "title": "", "text": prefix + passage}]}, ensure_ascii=False) + "\n")
+    return out
+
+
 def test_retrieval_shared_over_ranks_equals_evaluate_py(config, reference2, tmp_path):
     """Recall@10 / MRR@10 with the texts shared over 2 ranks (the run's last evaluation) and over 3 (14 batches:
-    the third rank fills up with an empty one) are evaluate.py's on the final model."""
+    the third rank fills up with an empty one) are evaluate.py's on the final model, at the config's
+    retrieval_max_len (passages that differ only beyond it score alike)."""
     root = config.parent
-    expected = retrieval_scores(ModernBERT.from_pretrained(reference2 / "hf"), data.Tokenizer(root / "tok.model"),
-                                root / "miracl.jsonl", max_len=64)
-    assert expected["n_queries"] == 30
+    model, tok = ModernBERT.from_pretrained(reference2 / "hf"), data.Tokenizer(root / "tok.model")
+    files = [root / "miracl.jsonl", long_passages(config, tmp_path / "long.jsonl")]
+    expected = [retrieval_scores(model, tok, f, max_len=64) for f in files]
+    assert expected[0]["n_queries"] == 30
+    uncut = retrieval_scores(model, tok, files[1], max_len=8192)
+    assert (uncut["recall@10"], uncut["mrr@10"]) != (expected[1]["recall@10"], expected[1]["mrr@10"])
     proc = subprocess.run([*TORCHRUN[:-1], "--nproc_per_node=3", __file__, "retrieval", str(config),
-                           str(reference2 / "hf"), str(tmp_path / "scores.json")], cwd=REPO, env=ENV,
+                           str(reference2 / "hf"), str(tmp_path / "scores.json"), *map(str, files)], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = metrics(reference2)[-1]
     assert final["step"] == STEPS
-    for got in (final, json.loads((tmp_path / "scores.json").read_text())):
-        assert (got["recall@10"], got["mrr@10"]) == pytest.approx((expected["recall@10"], expected["mrr@10"]),
-                                                                 rel=1e-9)
+    shared = json.loads((tmp_path / "scores.json").read_text())
+    for got, want in ((final, expected[0]), (shared[0], expected[0]), (shared[1], expected[1])):
+        assert (got["recall@10"], got["mrr@10"]) == pytest.approx((want["recall@10"], want["mrr@10"]), rel=1e-9)
 
 
 @pytest.mark.parametrize("cmd", [TORCHRUN, [sys.executable]], ids=["1to2", "2to1"])
@@ -367,6 +471,21 @@ def damage(ckpt, how):
 DAMAGE = ("truncated", "flipped", "missing file", "no meta.json", "empty meta.json", "invalid meta.json")
 
 
+def test_every_damage_is_counted_and_a_meta_json_lacking_a_key_is_named(reference, tmp_path):
+    ckpt = tmp_path / "ckpt_9"
+    shutil.copytree(reference / "ckpt_9", ckpt)
+    damage(ckpt, "truncated")
+    (ckpt / "rank0.pt").unlink()
+    with pytest.raises(checkpoint.CheckpointError, match=r"\(and 1 more problems\)$"):
+        checkpoint.verify(ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    for key in ("step", "world_size", "config", "model_config", "files"):  # what resuming and loading read
+        (ckpt / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != key}))
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.verify(ckpt)
+        assert str(e.value) == f"{ckpt / 'meta.json'}: lacks {key}"
+
+
 @pytest.mark.parametrize("how", DAMAGE)
 def test_damage_is_found_and_named(reference, tmp_path, how):
     ckpt = tmp_path / "ckpt_9"
@@ -382,13 +501,29 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_curve_continues(config, re
     out = rewind(reference, tmp_path / "out", step=9)
     damage(out / "ckpt_9", "flipped")
     (out / "ckpt_12").mkdir()  # a checkpoint directory left without its files
-    proc = run([sys.executable], out, config)
+    proc = run([sys.executable], out, config, "--keep_last=4")  # a setting that leaves the curve as it was
+    changed = {"out_dir": (str(reference), str(out)), "keep_last": (3, 4)}  # the copy is elsewhere
+    assert f"resuming from {out / 'ckpt_6'} at step 6; config changed since: {changed}\n" in proc.stdout
     skipped = [line for line in proc.stdout.splitlines() if line.startswith("skipping checkpoint")]
     assert len(skipped) == 2 and "ckpt_12: no meta.json" in skipped[0] and "ckpt_9" in skipped[1] \
         and "(altered)" in skipped[1], skipped
     assert f"resuming from {out / 'ckpt_6'} at step 6" in proc.stdout
     assert metrics(out) == metrics(reference)
     assert [checkpoint.verify(c)["step"] for c in checkpoint.list_checkpoints(out)] == [6, 9, 12]  # rewritten
+
+
+def test_the_newest_good_checkpoint_is_chosen(reference, tmp_path):
+    """Three good checkpoints behind a damaged newest one (and an unfinished one): the newest good one."""
+    for step in (6, 9, 12):
+        shutil.copytree(reference / f"ckpt_{step}", tmp_path / f"ckpt_{step}")
+    shutil.copytree(reference / "ckpt_12", tmp_path / "ckpt_15")
+    damage(tmp_path / "ckpt_15", "truncated")
+    shutil.copytree(reference / "ckpt_12", tmp_path / "ckpt_18.tmp")
+    reported = []
+    ckpt, meta = checkpoint.latest(tmp_path, report=reported.append)
+    assert (ckpt, meta["step"]) == (tmp_path / "ckpt_12", 12)
+    assert len(reported) == 1 and reported[0].startswith(f"skipping checkpoint {tmp_path / 'ckpt_15'}")
+    assert checkpoint.latest(tmp_path / "none") == (None, None)
 
 
 def test_changed_model_stops_with_the_differing_keys(config, reference, tmp_path):
@@ -416,14 +551,16 @@ def test_init_from_loads_the_weights_or_names_the_differing_keys(config, referen
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(config, tmp_path):
     out = tmp_path / "out"
+    run([sys.executable], out, config, "--max_steps=3", "--checkpoint_every=1", "--eval_every=0")
     proc = run([sys.executable], out, config, "--lr=1e30", "--warmup_steps=1", "--checkpoint_every=1",
-               "--eval_every=0", check=False)
+               "--eval_every=0", check=False)  # resumed at step 3
     assert proc.returncode != 0
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("error: step ") and ("nan" in message or "inf" in message), message
     failed = int(message.split()[2].rstrip(":"))
     saved = checkpoint.list_checkpoints(out)
-    assert saved and saved[-1].name == f"ckpt_{failed - 1}"
+    assert saved and saved[-1].name == f"ckpt_{failed - 1}" and len(saved) > 1
+    assert message.endswith(f"stopped before the update (last checkpoint: {saved[-1]})")
     assert not list(out.glob("ckpt_*.tmp"))
     exported = subprocess.run([sys.executable, "train.py", "--export", str(saved[-1]), str(tmp_path / "hf")],
                               cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -440,8 +577,13 @@ def test_export_matches_final_weights(reference, tmp_path):
     a = ModernBERT.from_pretrained(reference / "hf").state_dict()
     b = ModernBERT.from_pretrained(reference / f"hf_{STEPS}").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert (reference / "hf" / "tokenizer.model").is_file()
-    assert json.loads((reference / "hf" / "training.json").read_text())["step"] == STEPS
+    tokenizer = (REPO / json.loads((ckpt / "meta.json").read_text())["config"]["tokenizer"]).read_bytes()
+    assert all((reference / hf / "tokenizer.model").read_bytes() == tokenizer for hf in ("hf", f"hf_{STEPS}"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    for hf in ("hf", f"hf_{STEPS}"):  # which run, config and commit; not the checkpoint's own files
+        assert json.loads((reference / hf / "training.json").read_text()) == {k: v for k, v in meta.items()
+                                                                              if k != "files"}, hf
+    assert meta["step"] == STEPS and meta["world_size"] == 1 and meta["config"]["seed"] == 0
     damaged = tmp_path / ckpt.name
     shutil.copytree(ckpt, damaged)
     damage(damaged, "flipped")
@@ -482,6 +624,17 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     assert "config key 'max_steps' must be int, got str 'ten'" in config_error(capsys, path, "--max_steps=ten")
     assert "is not --key=value" in config_error(capsys, path, "--max_steps")
     assert "no such file" in config_error(capsys, tmp_path / "nope.py")
+    for key in ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size",
+                "max_seqlen", "collective_timeout"):  # 0 would loop forever, divide by zero or keep nothing
+        assert config_error(capsys, path, f"--{key}=0") == f"error: command line: config key {key!r} must be at least 1, got 0"
+
+
+def test_config_differences_name_every_key_either_side_has():
+    a = {"hidden_size": 32, "num_hidden_layers": 2, "global_attn_every_n_layers": 2}
+    b = {"hidden_size": 32, "num_hidden_layers": 2, "global_attn_every_n_layers": 3, "classifier_pooling": "mean"}
+    assert checkpoint.config_differences(a, b) == {"classifier_pooling": (None, "mean")}  # layer 0 global in both
+    assert checkpoint.config_differences({**b, "hidden_size": 64}, a) == {"classifier_pooling": ("mean", None),
+                                                                         "hidden_size": (64, 32)}
 
 
 def test_config_merging_and_lookup(tmp_path):
