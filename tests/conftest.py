@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -24,3 +25,10 @@ def llmjp_tokenizer():
             pytest.fail(f"{LLMJP_TOKENIZER} is missing (CI runs every tokenizer compatibility test)")
         pytest.skip(f"{LLMJP_TOKENIZER} is not here")
     return LLMJP_TOKENIZER
+
+
+def write_jsonl(path, rows):
+    """A jsonl file of `rows`: dicts as JSON records, strings as raw lines (blank or malformed ones)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    return path

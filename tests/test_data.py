@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import checkpoint  # noqa: E402
+from conftest import write_jsonl  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
@@ -222,10 +223,10 @@ def test_prepare_counts_and_prints_what_it_wrote(world, tmp_path, capsys):
     documents and tokens as sentencepiece and the split rule count them; an input whose only document falls in
     the val split is no error."""
     texts = world["texts"][:40]
-    a = write_lines(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]] + ["", {"text": ""}, "  ", {"text": ""}]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:20]] + ["", {"text": ""}, "  ", {"text": ""}]
                     + [{"text": t} for t in texts[20:]])
     only_val = next(t for t in world["texts"][40:] if in_val(t, 0.2))
-    b = write_lines(tmp_path / "b.jsonl", [{"text": only_val}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": only_val}])
     data.main(["prepare", "--input", str(a), str(b), "--tokenizer", str(world["tok"]), "--out", str(tmp_path / "s"),
                "--val_fraction", "0.2"])
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
@@ -235,11 +236,6 @@ def test_prepare_counts_and_prints_what_it_wrote(world, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == (
         f"shards: train {n['train'][0]:,} docs / {n['train'][1]:,} tokens, val {n['val'][0]:,} docs / "
         f"{n['val'][1]:,} tokens (0 finished shards skipped)")
-
-
-def write_lines(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
-    return path
 
 
 def json_text(line, field):
@@ -444,8 +440,8 @@ def test_kill_leaves_nothing_behind(world, tmp_path):
     while [p for p in workers if alive(p)]:
         assert time.time() < deadline, "a worker outlived the killed main process"
         time.sleep(0.05)
-    # a process shows as exited while its last threads still hold its files (the lock among them): wait for
-    # the lock, the state the next prepare needs
+    # a process can show as exited while its last threads still hold its files (the lock among them): wait
+    # for the lock, the state the next prepare needs
     while not lock_is_free(out):
         assert time.time() < deadline, "the killed prepare's lock was never released"
         time.sleep(0.05)

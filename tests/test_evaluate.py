@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import transformers  # a pinned test dependency: the independent reference
 
 import data
+from conftest import write_jsonl
 from demo import write_demo
 import evaluate as ev
 from model import ModernBERT, ModernBertConfig
@@ -40,12 +41,6 @@ def tiny_model(vocab_size, seed=0, **kw):
     torch.manual_seed(seed)
     ids = dict(pad_token_id=4, cls_token_id=5, sep_token_id=6, mask_token_id=3)
     return ModernBERT(ModernBertConfig.preset("tiny", vocab_size=vocab_size, **{**ids, **kw})).eval()
-
-
-def write_jsonl(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
-    return path
 
 
 DEMO_RUN = """out_dir = "out/demo"

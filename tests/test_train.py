@@ -252,9 +252,12 @@ def test_first_steps_are_a_plain_pytorch_loop(config, tmp_path):
     rest = [p for p in model.parameters() if all(p is not d for d in decay)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                   betas=(0.9, 0.98), eps=1e-6)
-    loader, val = (data.Loader(cfg.data_dir, split=split, batch_size=8, micro_batch_size=2, max_seqlen=48,
-                               seed=cfg.seed, mlm_probability=0.15, shuffle=split == "train", tokenizer=tok)
+    loader, val = (data.Loader(cfg.data_dir, split=split, batch_size=cfg.batch_size,
+                               micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, seed=cfg.seed,
+                               mlm_probability=0.15, shuffle=split == "train", tokenizer=tok)
                    for split in ("train", "val"))
+    start = val.state_dict()
+    assert val.samples_per_epoch > 2 * cfg.batch_size  # the val split holds more than eval_batches batches
 
     def masked_loss(micro_batches):
         """Cross-entropy summed over the masked tokens of a global batch, correct predictions, masked tokens."""
@@ -276,8 +279,6 @@ def test_first_steps_are_a_plain_pytorch_loop(config, tmp_path):
             step, pytest.approx(loss / n, rel=1e-5), pytest.approx(correct / n, abs=1e-9))
         val.load_state_dict(start)
 
-    start = val.state_dict()
-    assert val.samples_per_epoch > 2 * 8  # the val split holds more than eval_batches batches
     validation(0, evals[0])
     clipped = 0
     for step, micro_batches in zip(range(5), loader):
@@ -577,10 +578,10 @@ def test_export_matches_final_weights(reference, tmp_path):
     a = ModernBERT.from_pretrained(reference / "hf").state_dict()
     b = ModernBERT.from_pretrained(reference / f"hf_{STEPS}").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    tokenizer = (REPO / json.loads((ckpt / "meta.json").read_text())["config"]["tokenizer"]).read_bytes()
-    assert all((reference / hf / "tokenizer.model").read_bytes() == tokenizer for hf in ("hf", f"hf_{STEPS}"))
     meta = json.loads((ckpt / "meta.json").read_text())
-    for hf in ("hf", f"hf_{STEPS}"):  # which run, config and commit; not the checkpoint's own files
+    tokenizer = (REPO / meta["config"]["tokenizer"]).read_bytes()
+    for hf in ("hf", f"hf_{STEPS}"):  # the tokenizer; which run, config and commit, not the checkpoint's own files
+        assert (reference / hf / "tokenizer.model").read_bytes() == tokenizer, hf
         assert json.loads((reference / hf / "training.json").read_text()) == {k: v for k, v in meta.items()
                                                                               if k != "files"}, hf
     assert meta["step"] == STEPS and meta["world_size"] == 1 and meta["config"]["seed"] == 0
