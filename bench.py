@@ -276,7 +276,7 @@ def bench_attention(args):
     forward). With --stream, each figure is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
         sys.exit("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
-    import kernels
+    import modernbert_kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
         from torch.nn.attention.varlen import varlen_attn
@@ -346,7 +346,7 @@ def bench_attention(args):
 
     def ours(seqlen, window, deterministic=True):
         cu = torch.arange(0, total + 1, seqlen, dtype=torch.int32, device="cuda")
-        return lambda q, k, v: kernels.flash_attn_varlen(q, k, v, cu, seqlen, window=window,
+        return lambda q, k, v: modernbert_kernels.flash_attn_varlen(q, k, v, cu, seqlen, window=window,
                                                          deterministic=deterministic)
 
     def baselines(seqlen, window):
@@ -381,7 +381,7 @@ def bench_attention(args):
             found["varlen_attn"] = (same, same, lambda q, k, v: varlen_attn(q, k, v, cu, cu, seqlen, seqlen, **band))
         return found
 
-    fa = kernels.flash_attn
+    fa = modernbert_kernels.flash_attn
     ours_rows = {}
     for seqlen, window in pairs:  # the headline: ours against the fastest baseline of each pair
         mine = time_it(seqlen, window, "triton (ours)", lambda x: x, lambda x: x, ours(seqlen, window))
@@ -413,11 +413,11 @@ def bench_attention(args):
     def rope_fwd():
         with torch.no_grad():
             for _ in range(reps):
-                kernels.apply_rotary(qkv[:, 0], qkv[:, 1], cos, sin)
+                modernbert_kernels.apply_rotary(qkv[:, 0], qkv[:, 1], cos, sin)
 
     def rope_fwd_bwd():
         for _ in range(reps):
-            torch.autograd.grad(kernels.apply_rotary(qkv[:, 0], qkv[:, 1], cos, sin), qkv, grads)
+            torch.autograd.grad(modernbert_kernels.apply_rotary(qkv[:, 0], qkv[:, 1], cos, sin), qkv, grads)
 
     t_fwd = timeit(rope_fwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps
     t_all = timeit(rope_fwd_bwd, warmup=2, iters=10, sync=torch.cuda.synchronize) / reps

@@ -4,7 +4,7 @@ ModernBERT in one file: the architecture of Hugging Face's ModernBertForMaskedLM
 The model never sees padding. Every forward runs on a packed batch: `input_ids` of shape (total_tokens,)
 plus `cu_seqlens` (int32, (n_seqs + 1,), cumulative sequence lengths) and `max_seqlen`. Padded (B, S)
 input with an attention mask is unpacked before the embeddings and outputs are re-padded only where the
-caller asks for them. Attention is one function, `attention()`: on CUDA our Triton kernels (kernels/),
+caller asks for them. Attention is one function, `attention()`: on CUDA our Triton kernels (modernbert_kernels/),
 elsewhere a plain PyTorch reference. MODERNBERT_ATTENTION (or `model.ATTENTION`) switches: `auto` (that
 default), `reference` (the reference everywhere) or `kernels` (the kernels everywhere; on a CPU only with
 TRITON_INTERPRET=1, which is how the tests run the model on them without a GPU).
@@ -172,7 +172,7 @@ def use_kernels(x):
 def apply_rotary(q, k, cos, sin):
     """q, k (total_tokens, n_heads, head_dim); cos, sin (total_tokens, head_dim). Rotation in fp32."""
     if use_kernels(q):
-        from kernels import apply_rotary as apply_rotary_kernel
+        from modernbert_kernels import apply_rotary as apply_rotary_kernel
         return apply_rotary_kernel(q, k, cos, sin)
     cos, sin = cos[:, None, :].float(), sin[:, None, :].float()
     q_rot = q.float() * cos + rotate_half(q.float()) * sin
@@ -184,7 +184,7 @@ def attention(q, k, v, packing, window=None, dropout_p=0.0):
     """Bidirectional attention inside each packed sequence; with `window`, query i sees key j iff |i-j| <= window.
     q, k, v (total_tokens, n_heads, head_dim) -> (total_tokens, n_heads, head_dim)."""
     if use_kernels(q) and dropout_p == 0.0:
-        from kernels import flash_attn_varlen, work_table
+        from modernbert_kernels import flash_attn_varlen, work_table
         table = packing.cached("work_table", lambda: work_table(packing.cu_seqlens, q.shape[0]))  # one per forward
         return flash_attn_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen, window=window, table=table)
     if window is None or window >= packing.max_seqlen - 1:  # no pair of tokens is farther apart than the window

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are decorated, so set before importing them
-import kernels  # noqa: E402
+import modernbert_kernels  # noqa: E402
 import triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +46,7 @@ def reference(q, k, v, do, cu, window=None, softmax_scale=None, dtype=torch.floa
     parts = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         one = torch.tensor([0, end - start], dtype=torch.int32, device=q.device)
-        parts.append(forward_backward(kernels.attention_reference,
+        parts.append(forward_backward(modernbert_kernels.attention_reference,
                                       *(x[start:end].to(dtype or x.dtype) for x in (q, k, v, do)),
                                       one, end - start, window=window, softmax_scale=softmax_scale))
     return [torch.cat(xs) for xs in zip(*parts)]
@@ -111,7 +111,7 @@ def check_reference_error(got, q, k, v, do, cu, window=None, softmax_scale=None)
 
 def check_attention(lengths, n_heads, head_dim, dtype, window, softmax_scale=None, seed=0, deterministic=True):
     q, k, v, do, cu = packed(lengths, n_heads, head_dim, dtype, seed)
-    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
+    got = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
                            softmax_scale=softmax_scale, deterministic=deterministic)
     check_reference_error(got, q, k, v, do, cu, window, softmax_scale)
 
@@ -150,7 +150,7 @@ def test_flash_attn_head_dim_128():
 
 def test_flash_attn_window_zero_returns_v():
     q, k, v, do, cu = packed([3, 18, 1], 2, 32, torch.float32)
-    torch.testing.assert_close(kernels.flash_attn_varlen(q, k, v, cu, 18, window=0), v, atol=1e-6, rtol=0)
+    torch.testing.assert_close(modernbert_kernels.flash_attn_varlen(q, k, v, cu, 18, window=0), v, atol=1e-6, rtol=0)
 
 
 def test_flash_attn_strided_inputs_and_deterministic_backward():
@@ -161,22 +161,22 @@ def test_flash_attn_strided_inputs_and_deterministic_backward():
     q, k, v = qkv.unbind(1)
     do = torch.randn(2, 32, sum(lengths), device=DEVICE).permute(2, 0, 1)  # non-contiguous upstream grad
     cu = torch.tensor([0, 25, 25, 55], dtype=torch.int32, device=DEVICE)
-    first = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 30)
+    first = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, 30)
     check_reference_error(first, q, k, v, do, cu)
-    for a, b in zip(first, forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 30)):
+    for a, b in zip(first, forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, 30)):
         assert torch.equal(a, b)
 
 
 def test_flash_attn_all_sequences_empty():
     q, k, v, do, cu = packed([0, 0], 2, 32, torch.float32)
-    out, dq, dk, dv = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 0)
+    out, dq, dk, dv = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, 0)
     assert out.shape == dq.shape == dk.shape == dv.shape == (0, 2, 32)
 
 
 def test_work_table_and_autotune_bucket():
     # one row (seq_start, seq_end, slot_start) per SLOT tokens of each sequence, longest sequence first,
     # zero rows after; written out here with a plain loop
-    fa = kernels.flash_attn
+    fa = modernbert_kernels.flash_attn
     lengths = [3, 0, 2 * fa.SLOT + 1, fa.SLOT, 1, 0, fa.SLOT + 5]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
     table = fa.work_table(cu, sum(lengths)).tolist()
@@ -197,7 +197,7 @@ def test_work_table_and_autotune_bucket():
 def test_fp32_uses_tf32_only_where_torch_allows_it():
     # exact fp32 products on the CUDA cores at torch's default "highest"; TF32 tensor cores, as torch's own
     # matmuls, once the user allows them; half precision always goes to the tensor cores as it is
-    args = lambda dtype: kernels.flash_attn._launch_args(torch.empty(1, 1, 32, dtype=dtype), None, 64)["PRECISION"]
+    args = lambda dtype: modernbert_kernels.flash_attn._launch_args(torch.empty(1, 1, 32, dtype=dtype), None, 64)["PRECISION"]
     before = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
@@ -211,11 +211,11 @@ def test_fp32_uses_tf32_only_where_torch_allows_it():
 def test_flash_attn_rejects_bad_arguments():
     q, k, v, do, cu = packed([4], 1, 32, torch.float32)
     with pytest.raises(ValueError, match="head_dim"):
-        kernels.flash_attn_varlen(q[..., :24], k[..., :24], v[..., :24], cu, 4)
+        modernbert_kernels.flash_attn_varlen(q[..., :24], k[..., :24], v[..., :24], cu, 4)
     with pytest.raises(ValueError, match="window"):
-        kernels.flash_attn_varlen(q, k, v, cu, 4, window=-1)
+        modernbert_kernels.flash_attn_varlen(q, k, v, cu, 4, window=-1)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        kernels.flash_attn_varlen(q, k, v, cu.long(), 4)
+        modernbert_kernels.flash_attn_varlen(q, k, v, cu.long(), 4)
 
 
 def test_model_on_kernels_matches_reference(monkeypatch):
@@ -247,7 +247,7 @@ def test_kernels_compile_for_hopper():
     # the interpreter above checks what the kernels compute, not that they compile for a GPU: build every
     # autotune config for sm_90 (H100) at the model's head_dim, in a process without the interpreter
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "kernels.compile", "--arch", "90", "--head_dim", "64", "--check"],
+    run = subprocess.run([sys.executable, "-m", "modernbert_kernels.compile", "--arch", "90", "--head_dim", "64", "--check"],
                          cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "0 problem(s)" in run.stdout
@@ -278,9 +278,9 @@ def check_rotary(q, k, dq, dk, cos, sin):
     """apply_rotary's q_rot, k_rot, dq, dk against the reference's own error (fp64 as the yardstick); in the
     interpreter equal to the reference, which rounds the same fp32 multiplies and adds in the same order (a
     GPU may fuse them)."""
-    got = rope_forward_backward(kernels.apply_rotary, q, k, dq, dk, cos, sin)
-    want = rope_forward_backward(kernels.apply_rotary_reference, q, k, dq, dk, cos, sin)
-    exact = rope_forward_backward(kernels.apply_rotary_reference, *(x.double() for x in (q, k, dq, dk, cos, sin)))
+    got = rope_forward_backward(modernbert_kernels.apply_rotary, q, k, dq, dk, cos, sin)
+    want = rope_forward_backward(modernbert_kernels.apply_rotary_reference, q, k, dq, dk, cos, sin)
+    exact = rope_forward_backward(modernbert_kernels.apply_rotary_reference, *(x.double() for x in (q, k, dq, dk, cos, sin)))
     for a, b in zip(got, want):
         assert a.dtype == q.dtype and (DEVICE == "cuda" or torch.equal(a, b))
     assert_within_reference_error(got, want, exact, ("q_rot", "k_rot", "dq", "dk"))
@@ -291,7 +291,7 @@ def test_rotary_reference_is_rotate_half():
     x = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
     cos, sin = torch.tensor([[0.5, 0.25, 0.5, 0.25]]), torch.tensor([[1.0, 2.0, 1.0, 2.0]])
     want = torch.tensor([[[1 * 0.5 - 3 * 1.0, 2 * 0.25 - 4 * 2.0, 3 * 0.5 + 1 * 1.0, 4 * 0.25 + 2 * 2.0]]])
-    q_rot, _ = kernels.apply_rotary_reference(x, x, cos, sin)
+    q_rot, _ = modernbert_kernels.apply_rotary_reference(x, x, cos, sin)
     torch.testing.assert_close(q_rot, want)
 
 
@@ -329,7 +329,7 @@ def check_against_sdpa(got, want, base, what):
                          ids=["64x1k", "8x8k", "mixed"])
 def test_flash_attn_gpu_bf16(lengths, window, deterministic):
     q, k, v, do, cu = packed(lengths, 12, 64, torch.bfloat16)
-    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
+    got = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window,
                            deterministic=deterministic)
     want = reference(q, k, v, do, cu, window)
     base = low_precision_baseline(q, k, v, do, cu, window)
@@ -343,7 +343,7 @@ def test_flash_attn_gpu_head_dims(dtype, head_dim):
     lengths = [1, 0, 300, 2049, 64, 1000]
     for window in (None, 64):
         q, k, v, do, cu = packed(lengths, 4, head_dim, dtype)
-        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window)
+        got = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, max(lengths), window=window)
         want = reference(q, k, v, do, cu, window)
         base = low_precision_baseline(q, k, v, do, cu, window)
         check_against_sdpa(got, want, base, f"window {window}")
@@ -363,7 +363,7 @@ def test_flash_attn_gpu_int64_offsets():
                    for _ in range(4))
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
     for window in (None, 64):
-        got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 777, window=window)
+        got = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, 777, window=window)
         for i in (0, len(lengths) - 2, len(lengths) - 1):  # the first sequence, and the two past 2**31
             start, end = cu[i].item(), cu[i + 1].item()
             one = torch.tensor([0, end - start], dtype=torch.int32, device="cuda")
@@ -389,7 +389,7 @@ def test_attention_reference_matches_sdpa(window):
     # explicit (batch, 1, L, L) mask of same-sequence keys inside the window, in fp64; forward and gradients
     lengths, scale = [5, 0, 12, 1, 9], 0.37
     q, k, v, do, cu = packed(lengths, 2, 16, torch.float32)
-    got = forward_backward(kernels.attention_reference, q, k, v, do, cu, max(lengths), window=window,
+    got = forward_backward(modernbert_kernels.attention_reference, q, k, v, do, cu, max(lengths), window=window,
                            softmax_scale=scale)
     L, pos = max(lengths), torch.arange(max(lengths), device=DEVICE)
     real = pos[None, :] < torch.tensor(lengths, device=DEVICE)[:, None]  # (batch, L) real tokens
@@ -413,13 +413,13 @@ def test_flash_attn_window_covering_every_sequence_is_global(monkeypatch, window
     # no two tokens of a 40-token sequence are more than 39 apart, so windows from 39 up are global attention;
     # near 2**31 the window band's bounds overflowed int32 (zero output, NaN dk/dv), so the global path must
     # be taken, and it is (the kernels are launched with WINDOW=-1); 38 still masks the two ends
-    fa = kernels.flash_attn
+    fa = modernbert_kernels.flash_attn
     launched = []
     launch_args = fa._launch_args
     monkeypatch.setattr(fa, "_launch_args", lambda *a: launched.append(launch_args(*a)["WINDOW"]) or
                         launch_args(*a))
     q, k, v, do, cu = packed([40, 7, 33], 2, 16, torch.float32)
-    got = forward_backward(kernels.flash_attn_varlen, q, k, v, do, cu, 40, window=window)
+    got = forward_backward(modernbert_kernels.flash_attn_varlen, q, k, v, do, cu, 40, window=window)
     effective = window if window < 39 else None
     check_reference_error(got, q, k, v, do, cu, effective)
     assert launched and set(launched) == {-1 if effective is None else window}
@@ -429,13 +429,13 @@ def test_flash_attn_sees_cu_seqlens_edited_in_place():
     # edits that leave the tensor's version counter alone (through .data, or a numpy alias on the CPU) must
     # not reuse a work table built for the old boundaries
     q, k, v, do, cu = packed([20, 20], 2, 16, torch.float32)
-    kernels.flash_attn_varlen(q, k, v, cu, 20)
+    modernbert_kernels.flash_attn_varlen(q, k, v, cu, 20)
     version = cu._version
     cu.data[1] = 7
-    check_reference_error([kernels.flash_attn_varlen(q, k, v, cu, 33)], q, k, v, do, cu)
+    check_reference_error([modernbert_kernels.flash_attn_varlen(q, k, v, cu, 33)], q, k, v, do, cu)
     if DEVICE == "cpu":
         cu.numpy()[1] = 29
-        check_reference_error([kernels.flash_attn_varlen(q, k, v, cu, 29)], q, k, v, do, cu)
+        check_reference_error([modernbert_kernels.flash_attn_varlen(q, k, v, cu, 29)], q, k, v, do, cu)
     assert cu._version == version  # the edits were invisible to the version counter
 
 
@@ -444,9 +444,9 @@ def test_flash_attn_sees_cu_seqlens_edited_in_place():
 def test_every_autotune_config_matches_reference(monkeypatch, dtype):
     # only the autotuner's pick runs on a GPU, so a config that computes the wrong thing could hide: pin round
     # i's block shape of each kernel (half-precision and exact-fp32 lists) and check it. The interpreter
-    # ignores warps and stages (kernels.compile builds those); GPU work slots (128 tokens) so that every block
+    # ignores warps and stages (modernbert_kernels.compile builds those); GPU work slots (128 tokens) so that every block
     # size fits, and a 130-token sequence crosses them
-    fa = kernels.flash_attn
+    fa = modernbert_kernels.flash_attn
     monkeypatch.setattr(fa, "SLOT", 128)
     kinds = [(fa._fwd_kernel, fa.FWD_CONFIGS + fa.FWD_CONFIGS_IEEE),
              (fa._bwd_dq_kernel, fa.DQ_CONFIGS + fa.DQ_CONFIGS_IEEE),
@@ -463,11 +463,11 @@ def test_every_autotune_config_matches_reference(monkeypatch, dtype):
 def test_block_larger_than_work_slot_is_refused(monkeypatch):
     # programs find their work-table row as program_id // (SLOT // BLOCK): a block that does not divide the
     # slot would silently skip or repeat tokens, so the launch asserts it
-    fa = kernels.flash_attn
+    fa = modernbert_kernels.flash_attn
     monkeypatch.setattr(fa._fwd_kernel, "configs", [triton.Config({"BLOCK_M": 2 * fa.SLOT, "BLOCK_N": 16})])
     q, k, v, do, cu = packed([20], 1, 16, torch.float32)
     with pytest.raises(AssertionError, match="work slots"):
-        kernels.flash_attn_varlen(q, k, v, cu, 20)
+        modernbert_kernels.flash_attn_varlen(q, k, v, cu, 20)
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ What each choice should cost, on paper until a GPU measures it (`python bench.py
 - Work table: ~10 small device ops per forward (model.py builds it once per forward for all layers), tens
   of microseconds; longest-first order shortens the tail of a batch whose longest sequence has most work.
 - Autotuning: 6 + 5 + 6 configs (and 6 more for the atomic backward), compiled once per head_dim, dtype and
-  window (~1 s each for sm_90 on one CPU core, `python -m kernels.compile`), timed once per key: global
+  window (~1 s each for sm_90 on one CPU core, `python -m modernbert_kernels.compile`), timed once per key: global
   layers per power-of-two bucket of max_seqlen, window layers once (their work per block does not grow with
   the length).
 - fp32 inputs: with torch.get_float32_matmul_precision() "high" or "medium" the products run on TF32 tensor
@@ -59,7 +59,7 @@ DKDV_CONFIGS = [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (32, 128, 4, 
 
 # exact fp32 (PRECISION "ieee") multiplies on the CUDA cores with both operand tiles in registers: every
 # config above spills there (0.2-12 KB per thread on sm_90 at head_dim 64), so exact fp32 tunes over small
-# blocks that do not (`python -m kernels.compile --dtype fp32` shows which)
+# blocks that do not (`python -m modernbert_kernels.compile --dtype fp32` shows which)
 FWD_CONFIGS_IEEE = [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 1)]
 DQ_CONFIGS_IEEE = [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
 DKDV_CONFIGS_IEEE = [(16, 64, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)]

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 BLOCK_T = 16 if os.environ.get("TRITON_INTERPRET") == "1" else 32  # tokens per program
-NUM_WARPS, NUM_STAGES = 4, 3  # launch settings, explicit so that kernels.compile checks what runs
+NUM_WARPS, NUM_STAGES = 4, 3  # launch settings, explicit so that modernbert_kernels.compile checks what runs
 
 
 @triton.jit

@@ -5,9 +5,9 @@ memory, registers, bytes spilled to the stack). The CPU tests run the kernels in
 which checks what they compute but generates no GPU code; this is how a machine without a GPU finds out
 that a change no longer compiles for one, no longer fits its shared memory, or spills.
 
-    python -m kernels.compile                            # sm_80 and sm_90, head_dim 64 and 128, bf16
-    python -m kernels.compile --arch 90 --head_dim 64 --check
-    python -m kernels.compile --arch 90 --dtype fp32     # the exact-fp32 configs (torch's default precision)
+    python -m modernbert_kernels.compile                            # sm_80 and sm_90, head_dim 64 and 128, bf16
+    python -m modernbert_kernels.compile --arch 90 --head_dim 64 --check
+    python -m modernbert_kernels.compile --arch 90 --dtype fp32     # the exact-fp32 configs (torch's default precision)
 
 --check exits 1 unless every config compiles and each (kernel, head_dim, window) keeps at least one config
 that fits the chip's shared memory without spilling (the autotuner skips configs that do not fit, so one
@@ -23,7 +23,7 @@ import tempfile
 import time
 
 if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("kernels.compile: TRITON_INTERPRET=1 is set; the interpreter compiles nothing, unset it")
+    sys.exit("modernbert_kernels.compile: TRITON_INTERPRET=1 is set; the interpreter compiles nothing, unset it")
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
