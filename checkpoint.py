@@ -33,6 +33,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+import data
+from data import _write_atomic
 from model import ModernBERT, ModernBertConfig
 
 META = "meta.json"
@@ -275,13 +277,49 @@ def load_model(path):
     return model, Path(meta["config"]["tokenizer"])
 
 
-def export_hf(model, out, tokenizer_path, meta):
-    """config.json, model.safetensors, tokenizer.model and training.json (which run, config and commit)."""
+def export_hf(model, out, tokenizer_path, meta, normalize=True):
+    """A model directory that transformers and sentence-transformers open as it is, as a released encoder:
+        config.json, model.safetensors     the weights (transformers' ModernBertForMaskedLM)
+        tokenizer.model                    the sentencepiece model (what this project reads)
+        tokenizer.json, tokenizer_config.json   the same tokenizer for transformers' AutoTokenizer (same ids)
+        modules.json, sentence_bert_config.json, 1_Pooling/, 2_Normalize/   sentence-transformers: mean pooling
+                                           over <CLS> text <SEP> up to the model's positions, then L2 (unless
+                                           normalize=False): the embeddings of evaluate.py
+        training.json                      which run, config and commit
+    Every file is written whole or not at all. -> the tokenizer file when it is missing (the model is written
+    without a tokenizer), else None."""
+    out = Path(out)
     model.save_pretrained(out)
+    positions, hidden = model.config.max_position_embeddings, model.config.hidden_size
     if tokenizer_path and Path(tokenizer_path).is_file():
-        shutil.copyfile(tokenizer_path, Path(out) / "tokenizer.model.tmp")
-        os.replace(Path(out) / "tokenizer.model.tmp", Path(out) / "tokenizer.model")
-    meta = {k: v for k, v in meta.items() if k != "files"}
-    with open(Path(out) / "training.json.tmp", "w") as f:
-        json.dump(meta, f, indent=2)
-    os.replace(Path(out) / "training.json.tmp", Path(out) / "training.json")
+        tok = data.Tokenizer(tokenizer_path)
+        _write_atomic(out / "tokenizer.model", Path(tokenizer_path).read_bytes())
+        for name, obj in data.hf_tokenizer(tok, positions).items():
+            _write_json(out / name, obj)
+        missing = None
+    else:
+        missing = tokenizer_path
+    # sentence-transformers' long-standing layout (module paths under sentence_transformers.models), which
+    # every release of it reads, so the directory drops into MTEB, JMTEB and older pipelines alike
+    modules = [("Transformer", ""), ("Pooling", "1_Pooling")] + [("Normalize", "2_Normalize")] * normalize
+    _write_json(out / "sentence_bert_config.json", {"max_seq_length": positions, "do_lower_case": False})
+    (out / "1_Pooling").mkdir(exist_ok=True)
+    _write_json(out / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": False, "include_prompt": True})
+    if normalize:
+        (out / "2_Normalize").mkdir(exist_ok=True)
+    elif (out / "2_Normalize").is_dir():
+        shutil.rmtree(out / "2_Normalize")
+    _write_json(out / "config_sentence_transformers.json", {"prompts": {}, "default_prompt_name": None,
+                                                             "similarity_fn_name": "cosine"})
+    _write_json(out / "modules.json", [{"idx": i, "name": str(i), "path": path,
+                                        "type": f"sentence_transformers.models.{kind}"}
+                                       for i, (kind, path) in enumerate(modules)])
+    _write_json(out / "training.json", {k: v for k, v in meta.items() if k != "files"})
+    return missing
+
+
+def _write_json(path, obj):
+    _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))

@@ -23,6 +23,7 @@ demo.py (`python demo.py`, or `python data.py demo`).
 """
 import argparse
 import atexit
+import base64
 import ctypes
 import errno
 import fcntl
@@ -37,9 +38,10 @@ import mmap
 import multiprocessing as mp
 import os
 import queue
-import secrets
 import re
 import resource
+import secrets
+import struct
 import sys
 import tempfile
 import threading
@@ -193,6 +195,115 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out_path, model.getvalue())
     return Path(out_path)
+
+
+def _proto_fields(buf):
+    """(field number, value) of a serialized protobuf message: ints for varints, bytes otherwise. Enough of the
+    wire format to read a sentencepiece model without the protobuf package."""
+    def varint(i):
+        value = shift = 0
+        while True:
+            byte = buf[i]
+            value, shift, i = value | (byte & 0x7F) << shift, shift + 7, i + 1
+            if byte < 0x80:
+                return value, i
+    i = 0
+    while i < len(buf):
+        key, i = varint(i)
+        kind = key & 7
+        if kind == 0:
+            value, i = varint(i)
+        elif kind in (1, 5):
+            size = 8 if kind == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif kind == 2:
+            size, i = varint(i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"protobuf wire type {kind}")
+        yield key >> 3, value
+
+
+# sentencepiece_model.proto: piece types, and the fields read below with their defaults
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # sentencepiece's visible space
+
+
+def read_sentencepiece(tok):
+    """The parts of a sentencepiece model that define how it tokenizes: [(piece, score, type)], the trainer's
+    model type and byte fallback, and the normalizer's settings."""
+    pieces, trainer, normalizer = [], {3: 1, 35: 0}, {2: b"", 3: 1, 4: 1, 5: 1}
+    for number, value in _proto_fields(tok.sp.serialized_model_proto()):
+        if number == 1:
+            piece = dict(_proto_fields(value))
+            pieces.append((piece[1].decode(), struct.unpack("<f", piece.get(2, b"\0\0\0\0"))[0],
+                           piece.get(3, NORMAL)))
+        elif number in (2, 3):
+            (trainer if number == 2 else normalizer).update(_proto_fields(value))
+    return {"pieces": pieces, "unigram": trainer[3] == 1, "byte_fallback": bool(trainer[35]),
+            "charsmap": normalizer[2], "add_dummy_prefix": bool(normalizer[3]),
+            "remove_extra_whitespaces": bool(normalizer[4]), "escape_whitespaces": bool(normalizer[5])}
+
+
+def hf_tokenizer(tok, max_length):
+    """{file name: JSON object} of a Hugging Face tokenizer (tokenizer.json, tokenizer_config.json) that gives
+    the ids this sentencepiece model gives, <CLS> A <SEP> and <CLS> A <SEP> B <SEP> around them as the model was
+    trained. Written as JSON, without a converter library. As sentencepiece does it: a Unigram model over the
+    whole normalized text (no pre-splitting), scored with the pieces' own scores; user-defined pieces always
+    taken (sentencepiece scores them length * max score + 1); control and byte pieces not matched in text,
+    except that, as in every Hugging Face tokenizer, the special tokens' strings are (a "<MASK>" in a prompt is
+    the mask) and the text after one starts a word, as at the start of a text."""
+    spec = read_sentencepiece(tok)
+    if not spec["unigram"]:
+        raise DataError(f"{tok.path}: only unigram sentencepiece models can be exported to a Hugging Face tokenizer")
+    pieces = spec["pieces"]
+    max_score = max([s for _, s, kind in pieces if kind == NORMAL] + [1.1754944e-38])  # C++ starts at FLT_MIN
+    vocab = [[p, len(p) * max_score + 1.0 if kind == USER_DEFINED else s] for p, s, kind in pieces]
+    names = {"unk": tok.unk_id, "cls": tok.cls_id, "sep": tok.sep_id, "mask": tok.mask_id, "pad": tok.pad_id}
+    special = {i: pieces[i][0] for i in sorted({*names.values(), *(i for i, (_, _, kind) in enumerate(pieces)
+                                                                   if kind in (CONTROL, UNKNOWN))})}
+    normalizers = []
+    if spec["charsmap"]:
+        normalizers.append({"type": "Precompiled", "precompiled_charsmap": base64.b64encode(spec["charsmap"]).decode()})
+    if spec["remove_extra_whitespaces"]:  # spaces only, as sentencepiece: leading, trailing, runs of them
+        normalizers += [{"type": "Replace", "pattern": {"Regex": "^ +| +$"}, "content": ""},
+                        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "}]
+    if spec["add_dummy_prefix"]:
+        normalizers.append({"type": "Prepend", "prepend": SPACE if spec["escape_whitespaces"] else " "})
+    if spec["escape_whitespaces"]:
+        normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": SPACE})
+    decoders = [{"type": "Replace", "pattern": {"String": SPACE}, "content": " "}] * spec["escape_whitespaces"]
+    decoders += [{"type": "ByteFallback"}, {"type": "Fuse"}]
+    if spec["add_dummy_prefix"]:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    cls, sep = pieces[tok.cls_id][0], pieces[tok.sep_id][0]
+
+    def piece(name, seq=0):
+        return {"SpecialToken": {"id": name, "type_id": seq}} if name in (cls, sep) else \
+               {"Sequence": {"id": name, "type_id": seq}}
+    tokenizer_json = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i, p in special.items()],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [piece(cls), piece("A"), piece(sep)],
+            "pair": [piece(cls), piece("A"), piece(sep), piece("B", 1), piece(sep, 1)],
+            "special_tokens": {p: {"id": p, "ids": [i], "tokens": [p]} for i, p in ((tok.cls_id, cls), (tok.sep_id, sep))}},
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "Unigram", "unk_id": tok.unk_id, "vocab": vocab, "byte_fallback": spec["byte_fallback"]},
+    }
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+        "model_input_names": ["input_ids", "attention_mask"],  # ModernBERT takes no token_type_ids
+        "clean_up_tokenization_spaces": False, "padding_side": "right", "truncation_side": "right",
+        **{f"{name}_token": pieces[i][0] for name, i in names.items()},
+        "added_tokens_decoder": {str(i): {"content": p, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for i, p in special.items()},
+    }
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": tokenizer_config}
 
 # ---------------------------------------------------------------------------------------------------------
 # reading inputs

@@ -14,10 +14,12 @@ is looked up by file name in configs/ (`train.py stage2` runs configs/stage2.py)
 
 out_dir receives log.txt (the resolved config, commit and versions, then progress), metrics.jsonl (one JSON
 line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
-the model in Hugging Face format in hf/ (config.json, model.safetensors, tokenizer.model). Running the same
+the model in hf/, a directory that transformers (model, tokenizer, pipelines) and sentence-transformers open
+(checkpoint.export_hf lists its files). Running the same
 command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
 losses as an uninterrupted run, on any number of processes.
-`--export` writes a checkpoint in the same format, to DIR or to out_dir/hf_STEP.
+`--export` writes a checkpoint in the same format, to DIR or to out_dir/hf_STEP (`--unnormalized`: the
+sentence-transformers embeddings without the final L2 normalisation).
 
 On several processes and nodes, `main` runs four phases: setup (every rank checks the config and its inputs,
 then the ranks agree; out_dir must be one directory that every rank sees), resume, the loop, finish. A problem
@@ -607,16 +609,21 @@ def peak_memory_gib(device):
 
 
 def export(args):
-    """python train.py --export CKPT_DIR [OUT_DIR]: one process, no GPU needed."""
-    if not 1 <= len(args) <= 2:
-        raise Stop("usage: python train.py --export CKPT_DIR [OUT_DIR]")
+    """python train.py --export CKPT_DIR [OUT_DIR] [--unnormalized]: one process, no GPU needed."""
+    unnormalized = "--unnormalized" in args
+    args = [a for a in args if a != "--unnormalized"]
+    if not 1 <= len(args) <= 2 or any(a.startswith("--") for a in args):
+        raise Stop("usage: python train.py --export CKPT_DIR [OUT_DIR] [--unnormalized]")
     ckpt = Path(args[0])
     meta = checkpoint.verify(ckpt)
     model = ModernBERT(ModernBertConfig(**meta["model_config"]))
     checkpoint.load_weights(model, ckpt)
     out = Path(args[1]) if len(args) == 2 else ckpt.parent / f"hf_{meta['step']}"
-    checkpoint.export_hf(model, out, meta["config"]["tokenizer"], meta)
+    missing = checkpoint.export_hf(model, out, meta["config"]["tokenizer"], meta, normalize=not unnormalized)
     print(f"exported {ckpt} (step {meta['step']}) to {out}")
+    if missing:
+        print(f"warning: {missing}: tokenizer not found, so {out} has no tokenizer files; copy the tokenizer there "
+              f"and export again", file=sys.stderr)
 
 
 def usage():
@@ -926,8 +933,9 @@ def finish(run, model, step):
         final.load_state_dict(state)
         meta = {"step": step, "world_size": run.world, "commit": run.commit, "config": asdict(run.cfg),
                 "model_config": asdict(run.mconf)}
-        checkpoint.export_hf(final, run.out_dir / "hf", run.cfg.tokenizer, meta)
-        run.log(f"saved the final model to {run.out_dir / 'hf'}")
+        missing = checkpoint.export_hf(final, run.out_dir / "hf", run.cfg.tokenizer, meta)
+        run.log(f"saved the final model to {run.out_dir / 'hf'}"
+                + (f" (without a tokenizer: {missing} is gone)" if missing else ""))
         if run.wandb:
             run.wandb.finish()
     dist.barrier()
@@ -945,7 +953,7 @@ def main():
             return usage()
         if not args or args[0].startswith("--"):
             raise Stop("usage: python train.py CONFIG [--key=value ...]  |  python train.py --export CKPT_DIR "
-                       "[OUT_DIR]  |  python train.py --help")
+                       "[OUT_DIR] [--unnormalized]  |  python train.py --help")
         run = setup(args)
         model, optimizer, step = resume(run)
         step = train(run, model, optimizer, step)

@@ -9,7 +9,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # Without a GPU the Triton kernels run in Triton's interpreter. The switch is read when a kernel is decorated,
-# and transformers may import the `kernels` package while it probes for optional packages, so set it first.
+# and transformers imports Hugging Face's `kernels` (which may import triton) with its models, so set it first.
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 

@@ -584,6 +584,12 @@ def test_export_matches_final_weights(reference, tmp_path):
         assert (reference / hf / "tokenizer.model").read_bytes() == tokenizer, hf
         assert json.loads((reference / hf / "training.json").read_text()) == {k: v for k, v in meta.items()
                                                                               if k != "files"}, hf
+    # the end of a run and --export write the same files (tokenizer.json, sentence-transformers' modules, ...)
+    compared = lambda p: p.is_file() and p.name not in ("model.safetensors", "training.json")  # both seen above
+    files = {hf: {str(p.relative_to(reference / hf)): p.read_bytes() for p in (reference / hf).rglob("*")
+                  if compared(p)} for hf in ("hf", f"hf_{STEPS}")}
+    assert {"tokenizer.json", "tokenizer_config.json", "modules.json", "1_Pooling/config.json"} <= files["hf"].keys()
+    assert files["hf"] == files[f"hf_{STEPS}"]
     assert meta["step"] == STEPS and meta["world_size"] == 1 and meta["config"]["seed"] == 0
     damaged = tmp_path / ckpt.name
     shutil.copytree(ckpt, damaged)
