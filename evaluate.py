@@ -19,7 +19,9 @@ line and "n/a" in the table; the other models run and are written.
 --data takes the task's data set in its published layout; without it, the demo sets in data/demo/.
 Settings: the paper's on a GPU (or with --full), smaller ones that finish in minutes on a CPU (or with --quick).
 Each task writes OUT/TASK.json (every number and the settings that produced them) and prints a table; --task
-all also writes OUT/summary.json and one combined table; --plot draws OUT/TASK.png (needs matplotlib).
+all also writes OUT/summary.json and one combined table, and OUT/report.md: the paper's published numbers
+(Tables 2-4) beside this run's, with what makes them not comparable (--report for other tasks);
+--plot draws OUT/TASK.png (needs matplotlib).
 
 Retrieval baselines (the paper's Table 4 does not define them; ours): "edit distance" scores a passage by
 1 - Levenshtein distance / length of the longer text, "Jaccard" by |A & B| / |A | B| of the two texts' sets;
@@ -1446,6 +1448,179 @@ def plot(task, report, out, args):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# the paper's published numbers, and a report that sets a run's beside them
+
+LLMJP = "llm-jp-modernbert-base"
+# Exactly as printed in the paper, with the table each comes from.
+PUBLISHED = {
+    "jglue": {
+        "source": "Table 2", "columns": ["JSTS", "JNLI", "JCoLA", "average"], "decimals": 1,
+        "what": "best validation score over the fine-tuning grid x100: JSTS Pearson, JNLI and JCoLA accuracy, and "
+                "their average",
+        "rows": {"tohoku-nlp/bert-base-japanese-v3": [92.0, 91.2, 88.0, 90.4],
+                 "sbintuitions/modernbert-ja-130m": [91.6, 92.7, 86.8, 90.4],
+                 "sbintuitions/modernbert-ja-310m": [93.2, 93.3, 88.3, 91.6],
+                 f"{LLMJP}, stage 1, 4k steps": [77.7, 68.4, 83.9, 76.7],
+                 f"{LLMJP}, stage 1, 15k steps": [90.5, 89.0, 84.3, 87.9],
+                 f"{LLMJP}, stage 1, 50k steps": [92.1, 92.0, 86.2, 90.1],
+                 f"{LLMJP}, stage 1, 100k steps": [92.1, 91.8, 86.1, 90.0],
+                 f"{LLMJP}, stage 1, 200k steps": [92.0, 92.7, 85.0, 89.9],
+                 f"{LLMJP}, stage 1, 300k steps": [92.0, 91.9, 85.2, 89.7],
+                 f"{LLMJP}, stage 1, 400k steps": [92.1, 92.0, 85.5, 89.9],
+                 f"{LLMJP}, stage 1, 500k steps": [92.1, 92.0, 84.5, 89.5],
+                 f"{LLMJP}, stage 2, 200k steps": [91.8, 91.3, 84.4, 89.2]}},
+    "fillmask": {
+        "source": "Table 3", "columns": ["top-1"], "what": f"{LLMJP}'s top-1 answer at the masked token",
+        "rows": dict(zip(PAPER_PROMPTS, ["エベレスト", "COVID-19", "長江", "12", "サンキュー", "365"]))},
+    "retrieval": {
+        "source": "Table 4", "columns": ["Recall@10", "MRR@10"], "decimals": 3,
+        "what": "zero-shot retrieval on MIRACL ja (train split), mean-pooled embeddings",
+        "rows": {"cl-nagoya/ruri-large-v2": [0.987, 0.872], "tohoku-nlp/bert-base-japanese-v3": [0.740, 0.529],
+                 "sbintuitions/modernbert-ja-130m": [0.506, 0.334], "edit distance": [0.289, 0.198],
+                 "Jaccard": [0.031, 0.021]}},
+}
+FIGURES = {"curves": "Figure 1: training curves", "ppl": "Figure 2: pseudo-perplexity against length",
+           "alignment": "Figure 3: alignment and uniformity", "simdist": "Figure 4: similarity of positive and "
+           "random pairs", "lengths": "Figure 5: token lengths of the pseudo-perplexity sample"}
+
+
+def provenance(name):
+    """What a model of this run is: {"step", "stage", "demo"} of our runs (training.json, meta.json), else {}."""
+    try:
+        kind, where = checkpoint.resolve(name)
+        meta = json.loads((where / ("training.json" if kind == "hf" else "meta.json")).read_text())
+        config = meta["config"]
+        return {"step": meta["step"], "stage": 2 if config["max_seqlen"] > 1024 else 1,
+                "demo": Path(config["data_dir"]).parts[-3:-1] == ("data", "demo") or config.get("demo_data", False)}
+    except (checkpoint.CheckpointError, OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def paper_row(name, rows):
+    """The row of a published table this model stands for: the same released model (by its name), or the row of
+    llm-jp-modernbert-base at the same stage and step, else its last row (the final model)."""
+    for row in rows:
+        if "/" in row and row.split("/")[-1] in str(name):
+            return row
+    ours = [r for r in rows if r.startswith(LLMJP)]
+    if not ours:
+        return None
+    origin = provenance(name)
+    same = f"{LLMJP}, stage {origin.get('stage')}, {origin.get('step', 0) // 1000}k steps"
+    return same if same in ours and origin.get("step", 0) % 1000 == 0 else ours[-1]
+
+
+def caveats(task, report, name=None, row=None):
+    """Lines saying why this run's numbers of a task are not comparable with the paper's."""
+    s, lines = report["settings"], []
+    if s.get("demo_data", True):
+        lines.append("data: the demo's synthetic sets, not the paper's (give --data)")
+    if s["profile"] != "paper":
+        lines.append("protocol: the small settings for a CPU (--quick, or no GPU), not the paper's (--full)")
+    if task in ("alignment", "simdist") and s["random_pairs"]["source"] != "wiki":
+        lines.append("random pairs: from the positive set, not Wikipedia articles (give --wiki)")
+    if task == "jglue":
+        lines.append("JGLUE version read: " + ", ".join(f"{t} {v}" for t, v in s["versions"].items()))
+    if task == "fillmask" and s["mask_input"]["per_model"].get(name, "hf") != "hf":
+        lines.append(f"tokenizer input: --mask_input {s['mask_input']['per_model'][name]}, not Table 3's (hf)")
+    if name is not None and row is not None:
+        origin = provenance(name)
+        if origin:
+            lines.append(f"model and step: {name} is step {origin['step']} of a stage-{origin['stage']} run"
+                         + (" on the demo data" if origin["demo"] else "") + f"; the paper's row: {row}")
+        elif not row.split("/")[-1] in str(name) and not str(name).rstrip("/").endswith(LLMJP):
+            lines.append(f"model and step: {name} is not the paper's model; compared with the row {row}")
+    return lines
+
+
+def published_table(task, report):
+    """The paper's rows, this run's models' rows and their differences from the row each stands for."""
+    table = PUBLISHED[task]
+    if task == "fillmask":
+        mine = {n: {r["prompt"]: r["top"][0]["token"] for r in rs if "top" in r} for n, rs in report["results"].items()}
+        rows = [{"prompt": p, "paper": a, "run": {n: m.get(p) for n, m in mine.items()},
+                 "same": {n: m.get(p) == a for n, m in mine.items() if p in m}} for p, a in table["rows"].items()]
+        models = {n: {"row": LLMJP, "caveats": caveats(task, report, n, LLMJP)} for n in report["results"]}
+        return {"source": table["source"], "what": table["what"], "rows": rows, "models": models,
+                "caveats": caveats(task, report)}
+    runs = {}
+    for n, r in report["results"].items():
+        if "not_applicable" in r:
+            continue
+        if task == "jglue":
+            values = [r[t]["best"]["pearson" if t == "jsts" else "accuracy"] if t in r else None
+                      for t in ("jsts", "jnli", "jcola")] + [r.get("average")]
+        else:
+            values = [r["recall@10"], r["mrr@10"]]
+        row = paper_row(n, table["rows"]) if not n.startswith("[") else \
+            next((k for k in table["rows"] if n[1:].lower().startswith(k.lower())), None)
+        paper = table["rows"].get(row)
+        runs[n] = {"values": values, "row": row, "caveats": caveats(task, report, n, row) if row else [],
+                   "difference": [None if a is None or b is None else round(a - b, 6) for a, b in zip(values, paper)]
+                   if paper else None}
+    return {"source": table["source"], "what": table["what"], "columns": table["columns"],
+            "decimals": table["decimals"], "paper": table["rows"], "run": runs, "caveats": caveats(task, report)}
+
+
+def build_report(out, tasks):
+    """{task: the paper's numbers beside this run's, with what makes them not comparable}, from the task files
+    in out (this run's numbers exactly as written there)."""
+    content = {}
+    for task in [t for t in [*PUBLISHED, *FIGURES] if t in tasks]:  # Tables 2-4, then Figures 1-5
+        path = Path(out) / f"{task}.json"
+        if not path.is_file():
+            continue
+        report = json.loads(path.read_text())
+        if task in PUBLISHED:
+            content[task] = published_table(task, report)
+        if task in FIGURES:
+            figure = Path(out) / f"{task}.png"
+            content.setdefault(task, {}).update({"figure": FIGURES[task], "caveats": caveats(task, report) if
+                                                 task != "curves" else [],
+                                                 "image": figure.name if figure.is_file() else None})
+    return content
+
+
+def write_report(out, content):
+    """OUT/report.md: each table and figure of the paper this run covered, beside the published values."""
+    fmt = lambda v: "-" if v is None else json.dumps(v, ensure_ascii=False).strip('"')  # as in the task files
+    lines = ["# This run beside the paper", "",
+             "Published values as printed in the llm-jp-modernbert paper; this run's as in its task files. "
+             "Each section lists what makes the two not comparable.", ""]
+    for task, c in content.items():
+        if "source" in c:
+            lines += [f"## {c['source']} ({task})", "", c["what"] + ".", ""]
+            if task == "fillmask":
+                names = list(c["models"])
+                lines += ["| prompt | paper | " + " | ".join(names) + " |", "|---" * (2 + len(names)) + "|"]
+                lines += [f"| {r['prompt']} | {r['paper']} | " + " | ".join(fmt(r["run"].get(n)) for n in names) + " |"
+                          for r in c["rows"]]
+                notes = [x for n in names for x in c["models"][n]["caveats"]]
+            else:
+                lines += ["| model | " + " | ".join(c["columns"]) + " |", "|---" * (1 + len(c["columns"])) + "|"]
+                lines += [f"| paper: {k} | " + " | ".join(f"{v:.{c['decimals']}f}" for v in vals) + " |"
+                          for k, vals in c["paper"].items()]  # as printed
+                for n, r in c["run"].items():
+                    lines.append(f"| this run: {n} | " + " | ".join(fmt(v) for v in r["values"]) + " |")
+                    if r["difference"] is not None:
+                        lines.append(f"| difference from {r['row']} | " + " | ".join(
+                            "-" if d is None else f"{d:+.3g}" for d in r["difference"]) + " |")
+                notes = [x for r in c["run"].values() for x in r["caveats"]]
+            lines += ["", "Not comparable:" if c["caveats"] or notes else "Comparable settings.", ""]
+            lines += [f"- {x}" for x in dict.fromkeys(c["caveats"] + notes)] + [""]
+        if "figure" in c:
+            lines += [f"## {c['figure']} ({task})", ""]
+            lines += [f"![{c['figure']}]({c['image']})", ""] if c["image"] else ["(run with --plot for the figure)", ""]
+            if "source" not in c:
+                lines += [f"- {x}" for x in c["caveats"]] + ([""] if c["caveats"] else [])
+    path = Path(out) / "report.md"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
+# -----------------------------------------------------------------------------------------------------------
 
 
 def display_width(text):
@@ -1475,7 +1650,9 @@ def run_task(task, args, entries):
     """Run one task, write OUT/TASK.json (and the figure), print its table. -> (columns, rows)."""
     t0 = time.perf_counter()
     settings, results, rows = TASKS[task][0](args, entries)
-    report = {"task": task, "settings": {**settings, "profile": args.profile, "dtype": args.dtype},
+    demo_data = not args.data or (task == "jglue" and "jcola" in settings["tasks"] and not args.jcola_data)
+    report = {"task": task, "settings": {**settings, "profile": args.profile, "dtype": args.dtype,
+                                         "demo_data": demo_data},
               "models": [e.name for e in entries], "results": results}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1527,6 +1704,9 @@ def main(argv=None):
     p.add_argument("--run", nargs="+", help="curves: run directories or metrics.jsonl files, stage 1 first")
     p.add_argument("--out", default="out/eval", help="where TASK.json (and TASK.png) go")
     p.add_argument("--plot", action="store_true", help="draw the paper's figure (needs matplotlib)")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=None, help="write OUT/report.md: the "
+                   "paper's published numbers beside this run's, and what makes them not comparable (default with "
+                   "--task all)")
     p.add_argument("--full", action="store_true", help="the paper's settings even without a GPU: "
                    + ", ".join(f"{k} {v}" for k, v in PAPER.items()))
     p.add_argument("--quick", action="store_true", help="the small settings even on a GPU: "
@@ -1598,21 +1778,26 @@ def main(argv=None):
                 tables[task] = run_task(task, args, entries)
     except DataError as e:
         fail(str(e))
-    if args.task == "all":
+    if args.task == "all" or args.report:
         summarize(args, entries, tables)
 
 
 def summarize(args, entries, tables):
-    """OUT/summary.json and one table of every task's rows."""
+    """OUT/summary.json and one table of every task's rows; with --report (the default of --task all),
+    OUT/report.md and its content in summary.json too."""
     columns = [e.name for e in entries]
     rows = [(f"{task}: {label}", cells + [""] * (len(columns) - len(cells)))
             for task, (_, task_rows) in tables.items() for label, cells in task_rows]
     path = Path(args.out) / "summary.json"
+    content = build_report(args.out, tables) if args.report is not False else None
     write_json(path, {"profile": args.profile, "models": columns,
                       "tasks": {task: {"columns": c, "rows": [[label, cells] for label, cells in r]}
-                                for task, (c, r) in tables.items()}})
+                                for task, (c, r) in tables.items()},
+                      **({"report": content} if content is not None else {})})
     print_table("summary", columns, rows)
     print(f"wrote {path}")
+    if content is not None:
+        print(f"wrote {write_report(args.out, content)}")
 
 
 if __name__ == "__main__":

@@ -555,6 +555,81 @@ def test_every_task_on_the_demo_data(demo, capsys):
     assert report(demo, "lengths")["results"]["out/demo/hf"]["n"] == len(ppl["docs"])
     curves = report(demo, "curves")["results"]["curves"]["points"]  # train.py's metrics.jsonl
     assert [s for s, _ in curves["loss"]] == [1, 2] and [s for s, _ in curves["val_acc"]] == [0, 2]
+    # report.md: the paper's values as printed (PAPER_TABLES below), this run's exactly as in the task files
+    md = (demo / "out/eval/report.md").read_text()
+    cwd = os.getcwd()
+    os.chdir(demo)  # the models' names are paths from where evaluate.py ran
+    try:
+        assert summary["report"] == json.loads(json.dumps(ev.build_report("out/eval", ev.TASKS)))
+    finally:
+        os.chdir(cwd)
+    for table in ("Table 2", "Table 3", "Table 4"):
+        assert f"## {table}" in md
+    for table, decimals in (("Table 2", 1), ("Table 4", 3)):
+        for name, values in PAPER_TABLES[table].items():
+            assert f"| paper: {name} | " + " | ".join(f"{v:.{decimals}f}" for v in values) + " |" in md
+    for prompt, answer in PAPER_TABLES["Table 3"].items():
+        assert f"| {prompt} | {answer} | " in md
+    r = retrieval["out/demo/hf"]
+    assert f"| this run: out/demo/hf | {r['recall@10']!r} | {r['mrr@10']!r} |" in md
+    assert f"| this run: out/demo/hf | {jglue['jsts']['best']['pearson']!r} | {jglue['jnli']['best']['accuracy']!r} | " \
+           f"{jglue['jcola']['best']['accuracy']!r} | {jglue['average']!r} |" in md
+    assert md.index("## Table 2") < md.index("## Table 3") < md.index("## Table 4") < md.index("## Figure 1")
+    final = PAPER_TABLES["Table 2"]["llm-jp-modernbert-base, stage 2, 200k steps"]
+    differences = summary["report"]["jglue"]["run"]["out/demo/hf"]["difference"]
+    assert differences == pytest.approx([jglue["jsts"]["best"]["pearson"] - final[0],
+                                         jglue["jnli"]["best"]["accuracy"] - final[1],
+                                         jglue["jcola"]["best"]["accuracy"] - final[2], jglue["average"] - final[3]])
+    edit = retrieval["[edit distance (char)]"]
+    assert summary["report"]["retrieval"]["run"]["[edit distance (char)]"]["difference"] == pytest.approx(
+        [edit["recall@10"] - 0.289, edit["mrr@10"] - 0.198])
+    for line in ("- data: the demo's synthetic sets", "- protocol: the small settings", "- random pairs: from the "
+                 "positive set", "- JGLUE version read: jsts v", "- model and step: out/demo/hf is step 2 of a "
+                 "stage-1 run on the demo data"):
+        assert line in md, line
+    assert ("![Figure 2" in md) == (demo / "out/eval/ppl.png").is_file()
+
+
+# The paper's published numbers, typed again from the paper: Table 2 (JSTS, JNLI, JCoLA, average), Table 3
+# (llm-jp-modernbert-base's top-1 answers), Table 4 (Recall@10, MRR@10).
+PAPER_TABLES = {
+    "Table 2": {"tohoku-nlp/bert-base-japanese-v3": (92.0, 91.2, 88.0, 90.4),
+                "sbintuitions/modernbert-ja-130m": (91.6, 92.7, 86.8, 90.4),
+                "sbintuitions/modernbert-ja-310m": (93.2, 93.3, 88.3, 91.6),
+                **{f"llm-jp-modernbert-base, stage 1, {k}k steps": v for k, v in (
+                    (4, (77.7, 68.4, 83.9, 76.7)), (15, (90.5, 89.0, 84.3, 87.9)), (50, (92.1, 92.0, 86.2, 90.1)),
+                    (100, (92.1, 91.8, 86.1, 90.0)), (200, (92.0, 92.7, 85.0, 89.9)),
+                    (300, (92.0, 91.9, 85.2, 89.7)), (400, (92.1, 92.0, 85.5, 89.9)),
+                    (500, (92.1, 92.0, 84.5, 89.5)))},
+                "llm-jp-modernbert-base, stage 2, 200k steps": (91.8, 91.3, 84.4, 89.2)},
+    "Table 3": {"{}は、地球上で最も高い山として知られ、世界中の登山家たちの憧れの地となっています。": "エベレスト",
+                "{}は、歴史上の重要な出来事であり、多くの人々の生活や社会のあり方に大きな影響を与えました。": "COVID-19",
+                "最も長い川は{}です。その流域には多くの都市や村が広がり、豊かな自然や文化が育まれています。": "長江",
+                "1年は{}ヶ月です。": "12", "英語で「ありがとう」は{}と言います。": "サンキュー", "1年はおよそ{}日です。": "365"},
+    "Table 4": {"cl-nagoya/ruri-large-v2": (0.987, 0.872), "tohoku-nlp/bert-base-japanese-v3": (0.740, 0.529),
+                "sbintuitions/modernbert-ja-130m": (0.506, 0.334), "edit distance": (0.289, 0.198),
+                "Jaccard": (0.031, 0.021)},
+}
+
+
+def test_published_numbers_are_the_papers():
+    tables = {t["source"]: t["rows"] for t in ev.PUBLISHED.values()}
+    assert tables.keys() == PAPER_TABLES.keys()
+    for name, rows in PAPER_TABLES.items():
+        assert {k: tuple(v) if isinstance(v, list) else v for k, v in tables[name].items()} == rows, name
+
+
+def test_report_matches_each_model_to_its_row(tmp_path):
+    rows = ev.PUBLISHED["jglue"]["rows"]
+    assert ev.paper_row("models/bert-base-japanese-v3", rows) == "tohoku-nlp/bert-base-japanese-v3"
+    assert ev.paper_row("llm-jp-modernbert-base", rows) == "llm-jp-modernbert-base, stage 2, 200k steps"
+    run = tmp_path / "stage1" / "hf"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    for step, row in ((50000, "stage 1, 50k steps"), (51000, "stage 2, 200k steps")):
+        (run / "training.json").write_text(json.dumps({"step": step, "config": {"max_seqlen": 1024,
+                                                                                 "data_dir": "corpus/shards"}}))
+        assert ev.paper_row(str(run), rows) == f"llm-jp-modernbert-base, {row}"
 
 
 def test_hf_directory_and_our_checkpoint_give_the_same_numbers(demo, tmp_path):
