@@ -243,6 +243,71 @@ def test_model_on_kernels_matches_reference(monkeypatch):
         assert err <= 1e-5, f"tensor {i} (0 = logits, then parameter grads): relative error {err:.3g}"
 
 
+def small_model_batch(**config):
+    import model
+    config = model.ModernBertConfig.preset("tiny", vocab_size=97, hidden_size=64, num_attention_heads=2,
+                                           intermediate_size=96, num_hidden_layers=3, local_attention=8, **config)
+    torch.manual_seed(0)
+    net = model.ModernBERT(config).to(DEVICE)
+    lengths = [5, 40, 17, 1, 29]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(7, 97, (sum(lengths),), generator=g).to(DEVICE)
+    labels = torch.where(torch.rand(ids.shape, generator=g).to(DEVICE) < 0.3, ids, model.IGNORE_INDEX)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    return net, dict(labels=labels, cu_seqlens=cu, max_seqlen=max(lengths)), ids
+
+
+def test_model_on_kernels_with_attention_dropout_takes_the_reference(monkeypatch):
+    """The kernels have no dropout: in train mode with attention dropout the model takes the PyTorch path (the
+    same masks as the reference run, drawn from the same seed); in eval mode, the kernels."""
+    import model
+    calls = []
+    kernel = modernbert_kernels.flash_attn_varlen
+    monkeypatch.setattr(modernbert_kernels, "flash_attn_varlen", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    net, batch, ids = small_model_batch(attention_dropout=0.5)
+    runs = {}
+    for training in (True, False):
+        net.train(training)
+        for mode in ("reference", "kernels"):
+            monkeypatch.setattr(model, "ATTENTION", mode)
+            calls.clear()
+            torch.manual_seed(3)
+            logits, _ = net(ids, **batch)
+            runs[training, mode] = (logits, len(calls))
+    assert runs[True, "kernels"][1] == 0 and runs[False, "kernels"][1] == 3  # one call per layer in eval
+    for training in (True, False):
+        a, b = runs[training, "kernels"][0], runs[training, "reference"][0]
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= 1e-5, f"train={training}: relative error {err:.3g}"  # RoPE in the kernel vs in PyTorch
+    assert (runs[True, "reference"][0] - runs[False, "reference"][0]).abs().max() > 1e-2  # dropout acted
+
+
+def test_model_on_kernels_bf16_training_steps_track_fp32(monkeypatch, bf16_interpreter):
+    """Five AdamW steps in bf16 (autocast, fp32 weights) on the kernels and on the PyTorch reference, each
+    against the same steps in fp32 on the reference: the kernels' bf16 losses stay as close to fp32 as the
+    reference's bf16 losses do (8x, the half-precision factor of the kernel comparisons above)."""
+    import model
+    losses = {}
+    for mode, dtype in (("reference", torch.float32), ("reference", torch.bfloat16), ("kernels", torch.bfloat16)):
+        monkeypatch.setattr(model, "ATTENTION", mode)
+        net, batch, ids = small_model_batch()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
+        curve = []
+        for _ in range(5):
+            with torch.autocast(DEVICE, dtype, enabled=dtype != torch.float32):
+                _, loss = net(ids, **batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curve.append(loss.item())
+        losses[mode, dtype] = torch.tensor(curve, dtype=torch.float64)
+    fp32 = losses["reference", torch.float32]
+    assert fp32[-1] < fp32[0] - 0.1  # it trains
+    ours = (losses["kernels", torch.bfloat16] - fp32).abs().max().item()
+    theirs = (losses["reference", torch.bfloat16] - fp32).abs().max().item()
+    assert 0 < theirs and ours <= 8 * theirs, f"bf16 loss error: kernels {ours:.3g}, reference {theirs:.3g}"
+
+
 def test_kernels_compile_for_hopper():
     # the interpreter above checks what the kernels compute, not that they compile for a GPU: build every
     # autotune config for sm_90 (H100) at the model's head_dim, in a process without the interpreter
