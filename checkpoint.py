@@ -33,6 +33,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+import ranks
 from model import ModernBERT, ModernBertConfig
 
 META = "meta.json"
@@ -61,35 +62,6 @@ def crc32(path, chunk=16 << 20):
     return f"{crc:08x}"
 
 
-def _rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _from_rank0(obj):
-    """Rank 0's obj on every process: one decision for all, whatever each process's view of the filesystem."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box)
-    return box[0]
-
-
-def _share(names):
-    """This process's part of a list of files, so that hashing is spread over all processes."""
-    if dist.is_initialized():
-        return names[dist.get_rank()::dist.get_world_size()]
-    return names
-
-
-def _gather(part):
-    """Merge per-process dicts (or lists) on every process."""
-    if not dist.is_initialized():
-        return part
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()} if isinstance(part, dict) else [x for p in parts for x in p]
-
-
 def read_meta(path):
     """meta.json of a checkpoint, or CheckpointError saying what is wrong with it."""
     file = Path(path) / META
@@ -115,12 +87,12 @@ def verify(path):
     checks a share of the files, and every process gets the same answer."""
     path = Path(path)
     try:
-        meta, problems = (read_meta(path) if _rank() == 0 else None), []
+        meta, problems = (read_meta(path) if ranks.rank() == 0 else None), []
     except CheckpointError as e:
         meta, problems = None, [str(e)]
-    meta, problems = _from_rank0((meta, problems))
+    meta, problems = ranks.from_rank0((meta, problems))
     try:
-        for name in _share(sorted(meta["files"])) if meta else []:
+        for name in ranks.share(sorted(meta["files"])) if meta else []:
             want, file = meta["files"][name], path / name
             if not file.is_file():
                 problems.append(f"{file}: missing")
@@ -132,7 +104,7 @@ def verify(path):
         problems.append(f"{path / META}: malformed ({type(e).__name__}: {e})")
     except OSError as e:
         problems.append(f"{path}: {e}")
-    problems = sorted(set(_gather(problems)))
+    problems = sorted(set(ranks.gather(problems)))
     if problems:
         raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     return meta
@@ -141,7 +113,7 @@ def verify(path):
 def latest(out_dir, report=print):
     """(newest checkpoint of out_dir that verifies, its meta) or (None, None), the same on every process (rank 0
     lists them); each newer one that does not verify is reported in one line and left in place."""
-    for path in reversed(_from_rank0(list_checkpoints(out_dir))):
+    for path in reversed(ranks.from_rank0(list_checkpoints(out_dir))):
         try:
             return path, verify(path)
         except CheckpointError as e:

@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
+import ranks  # noqa: E402
 import train  # noqa: E402
 from evaluate import read_miracl_pairs, retrieval_scores  # noqa: E402
 from model import ModernBERT, ModernBertConfig, parallelize  # noqa: E402
@@ -598,7 +599,7 @@ def test_export_matches_final_weights(reference, tmp_path):
 
 
 def config_error(capsys, *args):
-    with pytest.raises(train.Stop) as e:
+    with pytest.raises(ranks.Problem) as e:
         train.load_config([str(a) for a in args])
     assert len(str(e.value).splitlines()) == 1
     return f"error: {e.value}"
