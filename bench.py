@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ranks import Problem
+
 REPO = Path(__file__).resolve().parent
 
 
@@ -275,7 +277,7 @@ def bench_attention(args):
     own. FLOPs count the keys inside the window only; fwd+bwd counts 3.5x the forward (5 matmuls backward, 2
     forward). With --stream, each figure is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
-        sys.exit("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
+        raise Problem("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
     import modernbert_kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
@@ -591,11 +593,11 @@ def bench_gpu(args):
     (gpu_usage). A summary table is printed last. Exits 1 if any part failed. --quick passes on to
     attention (8k tokens instead of 64k: a smoke test, not a measurement)."""
     if not args.out:
-        sys.exit("bench.py gpu: --out DIR is required (the directory for gpu.jsonl and the part logs)")
+        raise Problem("bench.py gpu: --out DIR is required (the directory for gpu.jsonl and the part logs)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        sys.exit(f"bench.py gpu: --out {args.out} is a file; it must be a directory")
+        raise Problem(f"bench.py gpu: --out {args.out} is a file; it must be a directory")
     if not torch.cuda.is_available():
-        sys.exit("bench.py gpu: needs a CUDA GPU, and none is visible")
+        raise Problem("bench.py gpu: needs a CUDA GPU, and none is visible")
     out_dir, args.out = args.out, None  # the figures go to out_dir/gpu.jsonl, instead of main's one line
     import triton
     env = {**environment(), "triton": triton.__version__, "cuda": torch.version.cuda}
@@ -651,7 +653,7 @@ def bench_train(args):
     of an H100/H200. TORCHDYNAMO_DISABLE=1 runs without torch.compile (the rows say which ran). With --stream,
     each row is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
-        sys.exit("bench.py train: needs a CUDA GPU, and none is visible")
+        raise Problem("bench.py train: needs a CUDA GPU, and none is visible")
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
@@ -992,7 +994,7 @@ def data_scale(args):
             proc = subprocess.run([sys.executable, "-c", run, json.dumps(spec)], cwd=REPO, capture_output=True,
                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode:
-                raise SystemExit(f"loader probe {spec} failed:\n{proc.stderr[-3000:]}")
+                raise Problem(f"loader probe {spec} failed:\n{proc.stderr[-3000:]}")
             return json.loads(proc.stdout.splitlines()[-1])
 
         designs = {"ours": None, "baseline": str(baseline)} if baseline.is_dir() else {"ours": None}
@@ -1146,7 +1148,10 @@ def main():
     args = parser.parse_args()
     env = environment()
     print(f"# {args.task} on {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")
-    results = tasks[args.task](args)
+    try:
+        results = tasks[args.task](args)
+    except Problem as e:  # one line, named by the command (bench.py TASK: ...), and exit status 1
+        sys.exit(str(e))
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps({"task": args.task, **env, "results": results}) + "\n")

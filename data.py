@@ -54,12 +54,11 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
+import ranks
+from ranks import Problem
+
 FORMAT_VERSION = 1
 SPECIAL_NAMES = ("MASK", "PAD", "CLS", "SEP", "EOD")
-
-
-class DataError(Exception):
-    """A problem with the user's data or files; the message is one line saying what and where."""
 
 
 def sha256_file(path):
@@ -95,11 +94,11 @@ class Tokenizer:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"{path}: tokenizer file not found")
+            raise Problem(f"{path}: tokenizer file not found")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise DataError(f"{path}: not a sentencepiece model ({str(e).strip().splitlines()[0]})") from None
+            raise Problem(f"{path}: not a sentencepiece model ({str(e).strip().splitlines()[0]})") from None
         self.vocab_size = self.sp.get_piece_size()
         ids = {}
         for name in SPECIAL_NAMES:
@@ -109,7 +108,7 @@ class Tokenizer:
                     ids[name] = i
                     break
             else:
-                raise DataError(f"{path}: tokenizer has no <{name}> piece (needs the llm-jp special-piece layout)")
+                raise Problem(f"{path}: tokenizer has no <{name}> piece (needs the llm-jp special-piece layout)")
         self.mask_id, self.pad_id, self.cls_id, self.sep_id, self.eod_id = (ids[n] for n in SPECIAL_NAMES)
         self.unk_id = self.sp.unk_id()
         ids = list(range(self.vocab_size))  # one call per question for the whole vocabulary, not one per id
@@ -170,7 +169,7 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
             for path in files:
                 for _, text in iter_documents(path, text_field):
                     yield from (line for line in text.split("\n") if line.strip())
-        except DataError as e:  # raised inside the trainer it would come back as a RuntimeError
+        except Problem as e:  # raised inside the trainer it would come back as a RuntimeError
             failure.append(e)
 
     model = io.BytesIO()
@@ -187,7 +186,7 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
         if failure:
             raise failure[0] from None
         reason = str(e).strip().splitlines()[-1].split("] ")[-1]
-        raise DataError(f"training a tokenizer on {', '.join(map(str, files))}: {reason}") from None
+        raise Problem(f"training a tokenizer on {', '.join(map(str, files))}: {reason}") from None
     if failure:
         raise failure[0]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +230,7 @@ def _read_lines(path, start=0, end=None):
                 yield pos, line
                 pos += len(line)
         except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz
-            raise DataError(f"{path}: cannot read ({e})") from None
+            raise Problem(f"{path}: cannot read ({e})") from None
 
 
 def _parse_line(path, pos, line, kind, text_field):
@@ -239,7 +238,7 @@ def _parse_line(path, pos, line, kind, text_field):
     try:
         s = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{_line_number(path, pos)}: not valid UTF-8 (byte {e.start} of the line)") from None
+        raise Problem(f"{path}:{_line_number(path, pos)}: not valid UTF-8 (byte {e.start} of the line)") from None
     if pos == 0:
         s = s.removeprefix("\ufeff")
     if kind == "txt":
@@ -253,24 +252,24 @@ def _parse_line(path, pos, line, kind, text_field):
             record = json.loads(s)
         except json.JSONDecodeError as e:
             reason = f"{e.msg.removesuffix(' at')} (column {e.colno})"
-            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {reason}") from None
+            raise Problem(f"{path}:{_line_number(path, pos)}: malformed JSON: {reason}") from None
         except ValueError as e:  # an integer beyond Python's digit limit for int()
-            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {str(e).split(':')[0]}") from None
+            raise Problem(f"{path}:{_line_number(path, pos)}: malformed JSON: {str(e).split(':')[0]}") from None
         except RecursionError:
-            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: nested too deeply") from None
+            raise Problem(f"{path}:{_line_number(path, pos)}: malformed JSON: nested too deeply") from None
         if text_field is None:
             return record
         if not isinstance(record, dict) or text_field not in record:
-            raise DataError(f"{path}:{_line_number(path, pos)}: record has no {text_field!r} field")
+            raise Problem(f"{path}:{_line_number(path, pos)}: record has no {text_field!r} field")
         text = record[text_field]
         if not isinstance(text, str):
             kind = type(text).__name__
-            raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
+            raise Problem(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
     if "\\u" in s:  # only a JSON escape can make a lone surrogate, which is no text (nor tokenizable)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} holds a lone surrogate "
+            raise Problem(f"{path}:{_line_number(path, pos)}: field {text_field!r} holds a lone surrogate "
                             f"\\u{ord(text[e.start]):04x} (character {e.start + 1}), not text") from None
     return text
 
@@ -308,15 +307,15 @@ def _input_kind(path):
         return "jsonl"
     if name.endswith(".txt"):
         return "txt"
-    raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .txt, optionally .gz)")
+    raise Problem(f"{path}: unsupported file type (expected .jsonl, .json or .txt, optionally .gz)")
 
 
 def read_jsonl(path, text_field=None):
     """Yield (line number, record) for the JSON lines in path (.gz allowed), skipping blank lines; with
     text_field, yield (line number, record[text_field]) and require it to be a string. Bad lines raise
-    DataError naming file:line."""
+    Problem naming file:line."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+        raise Problem(f"{path}: no such file")
     n = 0
     for pos, line in _read_lines(path):
         n += 1
@@ -345,20 +344,20 @@ def expand_inputs(inputs):
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
-                raise DataError(f"{pattern}: no files match")
+                raise Problem(f"{pattern}: no files match")
         else:
             matches = [pattern]
         for path in matches:
             if not os.path.exists(path):
-                raise DataError(f"{path}: no such file")
+                raise Problem(f"{path}: no such file")
             if not os.path.isfile(path):
-                raise DataError(f"{path}: not a file")
+                raise Problem(f"{path}: not a file")
             _input_kind(path)
             if os.path.getsize(path) == 0:
-                raise DataError(f"{path}: empty file")
+                raise Problem(f"{path}: empty file")
             files.append(path)
     if not files:
-        raise DataError("no input files given")
+        raise Problem("no input files given")
     return files
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,15 +493,15 @@ def _run_task(task):
                 flush()
                 chars = 0
                 if _worker_stop is not None and _worker_stop.is_set():
-                    raise DataError("stopped: another shard failed")
+                    raise Problem("stopped: another shard failed")
         flush()
         record = {"spec": spec, "train": writers["train"].finish(), "val": writers["val"].finish(), "empty": empty}
         _write_atomic(record_path, json.dumps(record, indent=1))
     except BaseException as e:
         for w in writers.values():
             w.abort()
-        if isinstance(e, OSError):  # reading errors are DataErrors already: this one is writing
-            raise DataError(f"{out_dir}: cannot write shards ({e.strerror or e})") from None
+        if isinstance(e, OSError):  # reading errors are Problems already: this one is writing
+            raise Problem(f"{out_dir}: cannot write shards ({e.strerror or e})") from None
         raise
     return {**record, "skipped": False}
 
@@ -522,12 +521,12 @@ def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_f
         tempfile.TemporaryFile(dir=out_dir).close()
         lock = os.open(out_dir, os.O_RDONLY)
     except OSError as e:
-        raise DataError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+        raise Problem(f"{out_dir}: cannot write there ({e.strerror or e})") from None
     try:
         try:  # on the directory: held by this process and its workers, released by the kernel however they end
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"{out_dir}: another prepare is writing there") from None
+            raise Problem(f"{out_dir}: another prepare is writing there") from None
         return _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes, replace)
     finally:
         os.close(lock)
@@ -589,7 +588,7 @@ def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes
 
     for path in files:
         if not any(r[s] for r, t in zip(records, tasks) if t["path"] == path for s in ("train", "val")):
-            raise DataError(f"{path}: no documents (only blank lines or empty {text_field!r} fields)")
+            raise Problem(f"{path}: no documents (only blank lines or empty {text_field!r} fields)")
     splits = {}
     for s in ("train", "val"):
         shards = [r[s] for r in records if r[s]]
@@ -601,7 +600,7 @@ def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes
     try:
         _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     except OSError as e:
-        raise DataError(f"{out_dir}: cannot write manifest.json ({e.strerror or e})") from None
+        raise Problem(f"{out_dir}: cannot write manifest.json ({e.strerror or e})") from None
     if replace:  # the replaced dataset's shards and records
         keep = {e[k] for s in splits.values() for e in s["shards"] for k in ("bin", "idx")}
         keep |= {f"{t['name']}.json" for t in tasks}
@@ -627,7 +626,7 @@ def _check_same_dataset(out_dir, tok, files, sizes, text_field, val_fraction):
                               [(os.path.realpath(p), n) for p, n in zip(files, sizes)]):
         first = old["inputs"][0]["path"] if old["inputs"] else "?"
         more = f" and {len(old['inputs']) - 1} more" if len(old["inputs"]) > 1 else ""
-        raise DataError(f"{out_dir} holds another dataset (made from {first}{more}, with other inputs or "
+        raise Problem(f"{out_dir} holds another dataset (made from {first}{more}, with other inputs or "
                         "settings); use a new output directory, or --replace to replace it")
 
 
@@ -642,7 +641,7 @@ def _check_tokenizer_matches(out_dir, tok):
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             continue  # not one of ours
         if sha != tok.sha256:
-            raise DataError(f"{out_dir} holds shards made with another tokenizer (sha256 {sha[:12]}, not "
+            raise Problem(f"{out_dir} holds shards made with another tokenizer (sha256 {sha[:12]}, not "
                             f"{tok.sha256[:12]} of {tok.path}); use a new output directory")
 
 
@@ -650,16 +649,16 @@ def load_manifest(data_dir, tokenizer=None):
     """Read data_dir/manifest.json; with tokenizer (path or Tokenizer), check that it made the shards."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
-        raise DataError(f"{path}: not found (make shards with `python data.py prepare`)")
+        raise Problem(f"{path}: not found (make shards with `python data.py prepare`)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        raise Problem(f"{path}: not valid JSON ({e})") from None
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         want = manifest["tokenizer"]
         if tok.sha256 != want["sha256"]:
-            raise DataError(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) does not match the one {data_dir} "
+            raise Problem(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) does not match the one {data_dir} "
                             f"was prepared with ({want['file']}, sha256 {want['sha256'][:12]})")
     return manifest
 
@@ -689,7 +688,7 @@ def _map_files(paths, sizes, dtype):
     failed = ctypes.c_void_p(-1).value
     base = _libc.mmap(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve the range
     if base == failed:
-        raise DataError(f"{Path(paths[0]).parent}: cannot reserve {total:,} bytes of address space for its shards "
+        raise Problem(f"{Path(paths[0]).parent}: cannot reserve {total:,} bytes of address space for its shards "
                         f"({os.strerror(ctypes.get_errno())})")
     buffer = (ctypes.c_char * total).from_address(base)
     # unmapped with the last view; not at exit, where a thread may still be reading (the process ends anyway)
@@ -700,7 +699,7 @@ def _map_files(paths, sizes, dtype):
         fd = os.open(path, os.O_RDONLY)
         try:
             if os.fstat(fd).st_size != size:  # replaced since it was checked: a map past its end would crash
-                raise DataError(f"{path}: changed while it was being opened (now {os.fstat(fd).st_size} bytes, "
+                raise Problem(f"{path}: changed while it was being opened (now {os.fstat(fd).st_size} bytes, "
                                 f"{size} expected); rerun `python data.py prepare` to rebuild it")
             address = _libc.mmap(base + offset, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
             err = ctypes.get_errno()
@@ -709,7 +708,7 @@ def _map_files(paths, sizes, dtype):
         if address == failed:
             why = (f"the {_max_map_count()} maps a process may hold (vm.max_map_count) are in use; raise it with "
                    "sysctl, or merge shards" if err == errno.ENOMEM else os.strerror(err))
-            raise DataError(f"{path}: cannot map ({why})")
+            raise Problem(f"{path}: cannot map ({why})")
         _libc.madvise(address, size, mmap.MADV_RANDOM)
     array = np.frombuffer(buffer, dtype=dtype, count=int(offsets[-1]) // itemsize)  # no unmapped page inside
     array.flags.writeable = False
@@ -737,17 +736,17 @@ class Shards:
         except OSError as e:  # e.g. a process at its limit of open files, which the maps themselves do not use
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             why = f"the {limit} open files allowed (ulimit -n) are in use" if e.errno == errno.EMFILE else e.strerror
-            raise DataError(f"{e.filename or data_dir}: cannot read ({why})") from None
+            raise Problem(f"{e.filename or data_dir}: cannot read ({why})") from None
 
     def _open(self, data_dir, split, verify, tokenizer):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(data_dir, tokenizer)
         self.tokenizer_info = self.manifest["tokenizer"]
         if split not in self.manifest["splits"]:
-            raise DataError(f"{self.data_dir}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
+            raise Problem(f"{self.data_dir}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
         entries = self.manifest["splits"][split]["shards"]
         if not entries:
-            raise DataError(f"{self.data_dir}: split {split!r} has no documents")
+            raise Problem(f"{self.data_dir}: split {split!r} has no documents")
         for entry in entries:
             if verify:
                 problem = _check_shard(self.data_dir, entry)
@@ -758,7 +757,7 @@ class Shards:
                     if not p.is_file() or p.stat().st_size != size:
                         problem = f"{p}: missing, or not the {size} bytes the manifest says (truncated or altered)"
             if problem:
-                raise DataError(problem + "; rerun `python data.py prepare` to rebuild it")
+                raise Problem(problem + "; rerun `python data.py prepare` to rebuild it")
         self.files = [self.data_dir / e["bin"] for e in entries]
         self.idx_files = [self.data_dir / e["idx"] for e in entries]
         self.tokens, self.token_start = _map_files(self.files, [e["bin_bytes"] for e in entries],
@@ -769,12 +768,12 @@ class Shards:
         self.shard_tokens = np.array([e["bin_bytes"] for e in entries]) // self.tokens.itemsize
         first, last = self.offsets[self.offset_start], self.offsets[self.offset_start + np.diff(self.first_doc)]
         for s in np.flatnonzero((first != 0) | (last != self.shard_tokens))[:1]:  # cheap, unlike a hash
-            raise DataError(f"{self.idx_files[s]}: document offsets are damaged (they run from {first[s]} to "
+            raise Problem(f"{self.idx_files[s]}: document offsets are damaged (they run from {first[s]} to "
                             f"{last[s]}, the .bin holds {self.shard_tokens[s]} tokens); rerun `python data.py "
                             "prepare` to rebuild it")
         self.n_tokens = int(self.shard_tokens.sum())
         if self.n_tokens == 0:
-            raise DataError(f"{self.data_dir}: split {split!r} holds no tokens")
+            raise Problem(f"{self.data_dir}: split {split!r} holds no tokens")
 
     def __len__(self):
         return int(self.first_doc[-1])
@@ -786,7 +785,7 @@ class Shards:
         j = docs - self.first_doc[s]
         a, b = self.offsets[self.offset_start[s] + j], self.offsets[self.offset_start[s] + j + 1]
         for k in np.flatnonzero((a < 0) | (b < a) | (b > self.shard_tokens[s]))[:1]:
-            raise DataError(f"{self.idx_files[s[k]]}: the offsets of document {j[k]} are damaged ({a[k]} to "
+            raise Problem(f"{self.idx_files[s[k]]}: the offsets of document {j[k]} are damaged ({a[k]} to "
                             f"{b[k]}, the .bin holds {self.shard_tokens[s[k]]} tokens); rerun `python data.py "
                             "prepare` to rebuild it")
         return self.token_start[s] + a, self.token_start[s] + b
@@ -798,12 +797,12 @@ class Shards:
         return self.tokens[a:b].astype(np.int64)
 
     def check_ids(self, docs, vocab_size):
-        """Raise a DataError naming the shard and document of the first of docs holding an id >= vocab_size."""
+        """Raise a Problem naming the shard and document of the first of docs holding an id >= vocab_size."""
         for i in docs:
             ids = self[i]
             if len(ids) and ids.max() >= vocab_size:
                 s = int(np.searchsorted(self.first_doc, i, side="right")) - 1
-                raise DataError(f"{self.files[s]}: document {i - int(self.first_doc[s])} holds token id {ids.max()}, "
+                raise Problem(f"{self.files[s]}: document {i - int(self.first_doc[s])} holds token id {ids.max()}, "
                                 f"outside the vocabulary of {vocab_size} (the shard was altered); rerun "
                                 "`python data.py prepare` to rebuild it")
 
@@ -1029,12 +1028,12 @@ class Loader:
 
     def load_state_dict(self, state):
         if state.get("order") != ORDER:
-            raise DataError(f"cannot resume: the loader state was saved with document order "
+            raise Problem(f"cannot resume: the loader state was saved with document order "
                             f"{state.get('order', 1)}, this data.py makes order {ORDER} (other batches); "
                             "start the run again in a new out_dir")
         for key in ("seed", "samples_per_epoch", "max_seqlen"):
             if state[key] != getattr(self, key):
-                raise DataError(f"cannot resume: the loader state has {key}={state[key]}, "
+                raise Problem(f"cannot resume: the loader state has {key}={state[key]}, "
                                 f"this loader {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
         if self.mode == "packed":
@@ -1191,7 +1190,7 @@ class Loader:
 
 class _Prefetch:
     """Loader.prefetch's iterator: a thread builds batches from the loader's state at the start, one ahead of
-    those handed out; a DataError there is raised here, on the next batch."""
+    those handed out; a Problem there is raised here, on the next batch."""
 
     running = set()  # (thread, stop event) of every builder thread alive, stopped at exit
 
@@ -1335,9 +1334,8 @@ def main(argv=None):
         else:
             print(summary(prepare(args.input, args.tokenizer, args.out, args.workers, args.text_field,
                                   args.val_fraction, replace=args.replace)))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Problem as e:
+        ranks.exit_with(str(e))
 
 
 if __name__ == "__main__":

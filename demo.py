@@ -15,12 +15,13 @@ import json
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import DataError, _write_atomic, prepare, summary, train_tokenizer
+import ranks
+from data import _write_atomic, prepare, summary, train_tokenizer
+from ranks import Problem
 
 # entity tables: (name, height m, where)
 MOUNTAINS = [
@@ -431,9 +432,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         print(summary(build(args.out, args.vocab_size, args.workers)))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Problem as e:
+        ranks.exit_with(str(e))
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from data import DataError, Shards, Tokenizer, load_manifest, mask_tokens, read_jsonl
+from data import Shards, Tokenizer, load_manifest, mask_tokens, read_jsonl
 from model import IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, cpu_threads
+from ranks import Problem
 
 DEMO = Path("data/demo")
 DEFAULT_MODEL = "out/demo/hf"
@@ -60,11 +61,6 @@ PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られ、世界
                  "{}は、歴史上の重要な出来事であり、多くの人々の生活や社会のあり方に大きな影響を与えました。",
                  "最も長い川は{}です。その流域には多くの都市や村が広がり、豊かな自然や文化が育まれています。",
                  "1年は{}ヶ月です。", "英語で「ありがとう」は{}と言います。", "1年はおよそ{}日です。"]
-
-
-def fail(message):
-    """Stop with one line for people and a non-zero exit."""
-    raise SystemExit(f"error: {message}")
 
 
 class Progress:
@@ -114,9 +110,9 @@ def find_weights(path):
     training checkpoints (meta.json). A run directory stands for its final export hf/, else its newest ckpt_STEP."""
     try:
         return checkpoint.resolve(path)
-    except checkpoint.CheckpointError as e:
-        fail(f"--model {e}" + (" (run `python train.py configs/demo.py` first to make the demo model)"
-                               if str(path) == str(DEFAULT_MODEL) else ""))
+    except Problem as e:
+        raise Problem(f"--model {e}" + (" (run `python train.py configs/demo.py` first to make the demo model)"
+                                     if str(path) == str(DEFAULT_MODEL) else ""))
 
 
 def model_type(where):
@@ -125,9 +121,9 @@ def model_type(where):
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(f"{file}: not valid JSON ({e})")
+        raise Problem(f"{file}: not valid JSON ({e})")
     if not isinstance(config, dict):
-        fail(f"{file}: not a JSON object")
+        raise Problem(f"{file}: not a JSON object")
     return config.get("model_type")
 
 
@@ -139,8 +135,8 @@ def load_model(path, device):
         return load_transformers_model(where, device), None
     try:
         model, tokenizer = checkpoint.load_model(path)
-    except checkpoint.CheckpointError as e:
-        fail(f"--model {path}: {e}")
+    except Problem as e:
+        raise Problem(f"--model {path}: {e}")
     return model.to(device).eval(), (tokenizer if tokenizer.is_file() else None)
 
 
@@ -148,7 +144,7 @@ def import_transformers(why):
     try:
         import transformers
     except ImportError:
-        fail(f"{why} needs transformers (pip install transformers)")
+        raise Problem(f"{why} needs transformers (pip install transformers)")
     transformers.logging.set_verbosity_error()  # "some weights were newly initialised": the classifier, as intended
     transformers.logging.disable_progress_bar()  # a bar per model loaded; ours say what runs
     return transformers
@@ -224,7 +220,7 @@ def load_transformers_model(where, device):
     try:
         hf = transformers.AutoModelForMaskedLM.from_pretrained(where)
     except (ValueError, OSError, KeyError) as e:
-        fail(f"--model {where}: transformers cannot load it ({str(e).splitlines()[0]})")
+        raise Problem(f"--model {where}: transformers cannot load it ({str(e).splitlines()[0]})")
     return TransformersMLM(hf, where).to(device).eval()
 
 
@@ -245,14 +241,14 @@ class TransformersTokenizer:
         try:
             self.hf = transformers.AutoTokenizer.from_pretrained(path)
         except (ValueError, OSError, KeyError) as e:
-            fail(f"{path}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})")
+            raise Problem(f"{path}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})")
         self.hf.model_max_length = 10 ** 9  # documents are measured whole; callers truncate
         t = self.hf
         self.cls_id = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
         self.sep_id = t.sep_token_id if t.sep_token_id is not None else t.eos_token_id
         self.mask_id, self.pad_id = t.mask_token_id, t.pad_token_id
         if None in (self.cls_id, self.sep_id, self.mask_id):
-            fail(f"{path}: the tokenizer lacks a cls/bos, sep/eos or mask token, which an encoder needs")
+            raise Problem(f"{path}: the tokenizer lacks a cls/bos, sep/eos or mask token, which an encoder needs")
         self.special_ids = set(t.all_special_ids)
         self.vocab_size = len(t)
         h = hashlib.sha256()
@@ -305,14 +301,14 @@ def load_tokenizer(path, model, model_path, stated=None):
     elif p.is_file():
         tok = Tokenizer(str(p))
     else:
-        fail(f"tokenizer {path}: no such file (give --tokenizer X.model)")
+        raise Problem(f"tokenizer {path}: no such file (give --tokenizer X.model)")
     if tok.vocab_size > model.config.vocab_size:
-        fail(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only "
-             f"{model.config.vocab_size} embeddings")
+        raise Problem(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only "
+                   f"{model.config.vocab_size} embeddings")
     for name, theirs in (stated or {}).items():
         if getattr(tok, f"{name}_id") != theirs:
-            fail(f"tokenizer {path} has {name} id {getattr(tok, f'{name}_id')} but model {model_path} expects "
-                 f"{theirs}: wrong tokenizer?")
+            raise Problem(f"tokenizer {path} has {name} id {getattr(tok, f'{name}_id')} but model {model_path} expects "
+                       f"{theirs}: wrong tokenizer?")
     return tok
 
 
@@ -348,7 +344,8 @@ def load_entries(args):
     paths = args.model or [DEFAULT_MODEL]
     toks = args.tokenizer or [None]
     if len(toks) not in (1, len(paths)):
-        fail(f"--tokenizer: give one tokenizer for all models or one per model ({len(paths)}), not {len(toks)}")
+        raise Problem(f"--tokenizer: give one tokenizer for all models or one per model ({len(paths)}), "
+                      f"not {len(toks)}")
     entries = []
     for i, path in enumerate(paths):
         model, own = load_model(path, args.device)
@@ -396,7 +393,7 @@ def records(path, limit=None):
     """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line,
     and so does a file without records."""
     if not Path(path).is_file():
-        fail(f"{path}: no such file")
+        raise Problem(f"{path}: no such file")
     n = 0
     for lineno, record in read_jsonl(path):
         if limit is not None and n >= limit:
@@ -404,18 +401,18 @@ def records(path, limit=None):
         n += 1
         yield lineno, record
     if n == 0:
-        fail(f"{path}: no records (an empty file)")
+        raise Problem(f"{path}: no records (an empty file)")
 
 
 def field(record, key, path, lineno, kind=str):
     """record[key], which must be of `kind`; otherwise one line naming file:line."""
     if not isinstance(record, dict) or key not in record:
-        fail(f"{path}:{lineno}: record has no field {key!r}")
+        raise Problem(f"{path}:{lineno}: record has no field {key!r}")
     value = record[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-        fail(f"{path}:{lineno}: field {key!r} is {type(value).__name__}, expected "
-             + " or ".join(k.__name__ for k in kinds))
+        raise Problem(f"{path}:{lineno}: field {key!r} is {type(value).__name__}, expected "
+                   + " or ".join(k.__name__ for k in kinds))
     return value
 
 
@@ -431,7 +428,7 @@ def read_miracl_pairs(path, limit=None):
                 field(p, "text", path, lineno)
             pairs.append((positives[0]["text"], positives[1]["text"]))
     if not pairs:
-        fail(f"{path}: no item with two or more positive_passages")
+        raise Problem(f"{path}: no item with two or more positive_passages")
     return pairs
 
 
@@ -478,7 +475,8 @@ def parse_edges(text):
     except ValueError:
         edges = []
     if len(edges) < 2 or edges != sorted(set(edges)) or edges[0] < 0:
-        fail(f"--bins {text}: expected increasing token counts separated by commas, e.g. 0,1024,2048,4096,8192")
+        raise Problem(f"--bins {text}: expected increasing token counts separated by commas, "
+                      f"e.g. 0,1024,2048,4096,8192")
     return edges
 
 
@@ -677,7 +675,7 @@ def draw_positions(docs, special_ids, n, seed):
     for i, ids in enumerate(docs):
         candidates = torch.nonzero(~torch.isin(ids, specials)).flatten()
         if len(candidates) == 0:
-            fail(f"document {i} has no token to mask")
+            raise Problem(f"document {i} has no token to mask")
         out.append(candidates[torch.randint(len(candidates), (n,), generator=g)])
     return out
 
@@ -725,7 +723,7 @@ def val_sequences(path, e, max_len, limit, shards):
                "transformers tokenizer (give --data a jsonl of {\"text\"})"
     try:
         load_manifest(path, e.tok)
-    except DataError as err:
+    except Problem as err:
         return f"{err} (give --data a jsonl of {{\"text\"}})"
     if e.tok.sha256 not in shards:
         shards[e.tok.sha256] = Shards(path, "val", tokenizer=e.tok)
@@ -763,7 +761,7 @@ def task_mlm(args, entries):
             correct += (logits.argmax(-1) == target).sum().item()
             count += len(target)
         if count == 0:
-            fail(f"{path}: no tokens to mask")
+            raise Problem(f"{path}: no tokens to mask")
         results[e.name] = {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": count,
                            "sequences": len(seqs), "max_len": max_len}
     settings = {"data": str(path), "mlm_probability": args.mlm_probability, "seed": args.seed,
@@ -788,8 +786,8 @@ def task_ppl(args, entries):
         for b, items in enumerate(bins):
             if fits[e.name][b] and not items:
                 why = f", {unmaskable['per_bin'][b]} with nothing to mask" if unmaskable["per_bin"][b] else ""
-                fail(f"{path}: no document of {bin_label(edges, b)} tokens to score (tokenizer {e.tok_path}{why}); "
-                     f"give other --bins or read more records (--limit)")
+                raise Problem(f"{path}: no document of {bin_label(edges, b)} tokens to score (tokenizer {e.tok_path}"
+                              f"{why}); give other --bins or read more records (--limit)")
     results = {}
     for e in entries:
         bins, unmaskable = samples[e.tok.sha256]
@@ -838,17 +836,17 @@ def bin_summary(edges, b, values):
 def read_prompts(path):
     prompts = []
     if not Path(path).is_file():
-        fail(f"{path}: no such file")
+        raise Problem(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             if line.count("{}") != 1:
-                fail(f"{path}:{lineno}: a prompt needs exactly one {{}} where the mask goes")
+                raise Problem(f"{path}:{lineno}: a prompt needs exactly one {{}} where the mask goes")
             prompts.append(line)
     if not prompts:
-        fail(f"{path}: no prompts")
+        raise Problem(f"{path}: no prompts")
     return prompts
 
 
@@ -880,7 +878,7 @@ def prompt_ids(tok, prompt, mask_input="hf"):
         for i in range(len(ids) - len(m) + 1):
             if ids[i:i + len(m)] == m:
                 return [tok.cls_id] + ids[:i] + [tok.mask_id] + ids[i + len(m):] + [tok.sep_id]
-    fail(f"prompt {prompt!r}: cannot place the mask (the tokenizer merged the placeholder)")
+    raise Problem(f"prompt {prompt!r}: cannot place the mask (the tokenizer merged the placeholder)")
 
 
 def mask_input_of(args, e):
@@ -915,7 +913,7 @@ def task_fillmask(args, entries):
         for prompt in fillmask_prompts(args, e):
             ids = torch.tensor(prompt_ids(e.tok, prompt, args.mask_input))
             if (ids == e.tok.mask_id).sum() != 1:
-                fail(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
+                raise Problem(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
             if len(ids) > e.max_positions:
                 why = f"prompt {short(prompt)!r} is {len(ids)} tokens, over its {e.max_positions} positions"
                 out.append({"prompt": prompt, **not_applicable("fillmask", e.name, why)})
@@ -1005,14 +1003,15 @@ def jglue_files(task, jglue_root, jcola_root, version=None):
         if version is not None:
             versions = [d for d in versions if d.name == f"{task}-{version}"]
         if not versions:
-            fail(f"{root}: no datasets/{task}-{version or 'v1.*'}/ directory (expected a JGLUE checkout as --data)")
+            raise Problem(f"{root}: no datasets/{task}-{version or 'v1.*'}/ directory "
+                          f"(expected a JGLUE checkout as --data)")
         d = versions[-1]
         version = d.name.split("-")[-1]
         files = [d / f"{s}-{version}.json" for s in ("train", "valid")]
         where = "a JGLUE checkout (--data)"
     for f in files:
         if not f.is_file():
-            fail(f"{f}: missing (expected {where})")
+            raise Problem(f"{f}: missing (expected {where})")
     return files[0], files[1], version
 
 
@@ -1027,11 +1026,11 @@ def read_jglue(path, task, tok, max_len, limit):
             try:
                 label = float(label)
             except ValueError:
-                fail(f"{path}:{lineno}: field 'label' is {label!r}, not a number")
+                raise Problem(f"{path}:{lineno}: field 'label' is {label!r}, not a number")
             if not math.isfinite(label):
-                fail(f"{path}:{lineno}: field 'label' is {label}, not a finite number")
+                raise Problem(f"{path}:{lineno}: field 'label' is {label}, not a finite number")
         elif label not in labels:
-            fail(f"{path}:{lineno}: field 'label' is {label!r}, not one of {', '.join(map(repr, labels))}")
+            raise Problem(f"{path}:{lineno}: field 'label' is {label!r}, not one of {', '.join(map(repr, labels))}")
         else:
             label = labels.index(label)
         out.append((torch.tensor(tok.encode_pair(*texts, max_len=max_len)), label))
@@ -1123,7 +1122,7 @@ def task_jglue(args, entries):
     tasks = [t.strip().lower() for t in args.tasks.split(",")]
     for t in tasks:
         if t not in JGLUE:
-            fail(f"--tasks {args.tasks}: unknown task {t!r}; known: {', '.join(JGLUE)}")
+            raise Problem(f"--tasks {args.tasks}: unknown task {t!r}; known: {', '.join(JGLUE)}")
     files = {t: jglue_files(t, args.data or DEMO / "JGLUE", args.jcola_data or DEMO / "JCoLA", args.jglue_version)
              for t in tasks}
     results = {}
@@ -1190,7 +1189,7 @@ def pair_texts(args):
             j = rng.choice([j for j in range(len(every)) if j != i])
             randoms.append((every[i][0], every[j][1]))
     if n == 0:
-        fail(f"{args.wiki or path}: fewer than two texts for random pairs")
+        raise Problem(f"{args.wiki or path}: fewer than two texts for random pairs")
     return every[:args.pairs], randoms
 
 
@@ -1317,7 +1316,7 @@ def metric_files(args):
         files = [Path(r) / "metrics.jsonl" if Path(r).is_dir() else Path(r) for r in args.run]
         for r, f in zip(args.run, files):
             if not f.is_file():
-                fail(f"--run {r}: no metrics.jsonl (give the training run directories)")
+                raise Problem(f"--run {r}: no metrics.jsonl (give the training run directories)")
         return files, {}
     files, missing = [], {}
     for model, run in zip(args.model or [DEFAULT_MODEL], run_dirs(args)):
@@ -1327,7 +1326,7 @@ def metric_files(args):
         elif f not in files:
             files.append(f)
     if not files:
-        fail("--model: none of the models is a training run with a metrics.jsonl (give the runs with --run)")
+        raise Problem("--model: none of the models is a training run with a metrics.jsonl (give the runs with --run)")
     return files, missing
 
 
@@ -1514,6 +1513,15 @@ def settings_line(args):
 
 
 def main(argv=None):
+    """The command line: a Problem anywhere ends it with one line, `error: ...`, and exit status 1."""
+    try:
+        run_tasks(parse_args(argv))
+    except Problem as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def parse_args(argv):
+    """The options, checked, with the settings of the profile (the paper's or the small one) filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}, all")
     p.add_argument("--model", nargs="+", help=f"model directories, checkpoints or run directories (default {DEFAULT_MODEL})")
@@ -1560,9 +1568,9 @@ def main(argv=None):
     p.add_argument("--jglue_batch_size", type=int, default=32)
     args = p.parse_args(argv)
     if args.task not in tuple(TASKS) + ("all",):
-        fail(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
+        raise Problem(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
     if args.full and args.quick:
-        fail("--full and --quick: choose one")
+        raise Problem("--full and --quick: choose one")
     args.profile = "paper" if args.full or (args.device.startswith("cuda") and not args.quick) else "small"
     for key, value in (PAPER if args.profile == "paper" else SMALL).items():
         if getattr(args, key) is None:
@@ -1571,11 +1579,16 @@ def main(argv=None):
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.baselines = [] if args.baselines == "none" else [u.strip() for u in args.baselines.split(",")]
     if not set(args.baselines) <= set(UNITS):
-        fail(f"--baselines: expected char, word, both separated by a comma, or none")
+        raise Problem(f"--baselines: expected char, word, both separated by a comma, or none")
     if args.task == "all" and args.data:
-        fail("--data names one task's data set; with --task all every task reads its demo set")
+        raise Problem("--data names one task's data set; with --task all every task reads its demo set")
     if min(args.epochs) < 1 or args.limit is not None and args.limit < 1:
-        fail("--epochs and --limit must be positive")
+        raise Problem("--epochs and --limit must be positive")
+    return args
+
+
+def run_tasks(args):
+    """Every task asked for, each printing its table and writing OUT/TASK.json; with --task all, the summary."""
     if args.device == "cpu":
         cpu_threads()
     tasks = list(TASKS) if args.task == "all" else [args.task]
@@ -1587,17 +1600,14 @@ def main(argv=None):
             args.plot = False
     print(settings_line(args) + "\n", flush=True)
     tables = {}
-    try:
-        entries = [] if tasks == ["curves"] else load_entries(args)
-        for task in tasks:
-            if task == "curves" and args.task == "all" and not args.run and not any(
-                    (f / "metrics.jsonl").is_file() for f in run_dirs(args)):
-                print("curves: no metrics.jsonl beside the models (give the training runs with --run); skipped\n")
-                continue
-            with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                tables[task] = run_task(task, args, entries)
-    except DataError as e:
-        fail(str(e))
+    entries = [] if tasks == ["curves"] else load_entries(args)
+    for task in tasks:
+        if task == "curves" and args.task == "all" and not args.run and not any(
+                (f / "metrics.jsonl").is_file() for f in run_dirs(args)):
+            print("curves: no metrics.jsonl beside the models (give the training runs with --run); skipped\n")
+            continue
+        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            tables[task] = run_task(task, args, entries)
     if args.task == "all":
         summarize(args, entries, tables)
 

@@ -273,18 +273,13 @@ def open_inputs(cfg, config_path, rank, world):
     """This rank's tokenizer, training and validation loaders and retrieval pairs; Problem naming the first one."""
     if problem := check_inputs(replace(cfg, demo_data=False), config_path, world):  # the demo data is built now
         raise Problem(problem)
-    try:
-        tokenizer = data.Tokenizer(cfg.tokenizer)
-        loaders = [data.Loader(cfg.data_dir, split=split, batch_size=cfg.batch_size,
-                               micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
-                               world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
-                               shuffle=split == "train", verify=False, tokenizer=tokenizer,
-                               micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
-        pairs = read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
-    except data.DataError as e:
-        raise Problem(str(e)) from None
-    except SystemExit as e:  # evaluate.py's one-line errors (a malformed retrieval file)
-        raise Problem(str(e.code).removeprefix("error: ")) from None
+    tokenizer = data.Tokenizer(cfg.tokenizer)
+    loaders = [data.Loader(cfg.data_dir, split=split, batch_size=cfg.batch_size,
+                           micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
+                           world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
+                           shuffle=split == "train", verify=False, tokenizer=tokenizer,
+                           micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
+    pairs = read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
 
 
@@ -586,7 +581,7 @@ def resume(run):
                     f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
             else:
                 model.load_state_dict(source.state_dict())
-        except checkpoint.CheckpointError as e:
+        except Problem as e:
             problem = f"init_from {e}"
     ranks.stop_if_any(problem)
     run.log(f"parameters: {model.num_params():,} ({model.num_params(embeddings=False):,} without the embedding)")
@@ -744,7 +739,7 @@ def main():
         model, optimizer, step = resume(run)
         step = train(run, model, optimizer, step)
         finish(run, model, step)
-    except (Problem, data.DataError, checkpoint.CheckpointError) as e:
+    except Problem as e:
         ranks.exit_with(str(e), run and run.log_file)
     except RuntimeError as e:
         if not (what := ranks.collective_failure(e)):

@@ -478,12 +478,12 @@ def test_every_damage_is_counted_and_a_meta_json_lacking_a_key_is_named(referenc
     shutil.copytree(reference / "ckpt_9", ckpt)
     damage(ckpt, "truncated")
     (ckpt / "rank0.pt").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match=r"\(and 1 more problems\)$"):
+    with pytest.raises(ranks.Problem, match=r"\(and 1 more problems\)$"):
         checkpoint.verify(ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     for key in ("step", "world_size", "config", "model_config", "files"):  # what resuming and loading read
         (ckpt / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != key}))
-        with pytest.raises(checkpoint.CheckpointError) as e:
+        with pytest.raises(ranks.Problem) as e:
             checkpoint.verify(ckpt)
         assert str(e.value) == f"{ckpt / 'meta.json'}: lacks {key}"
 
@@ -494,7 +494,7 @@ def test_damage_is_found_and_named(reference, tmp_path, how):
     shutil.copytree(reference / "ckpt_9", ckpt)
     assert checkpoint.verify(ckpt)["step"] == 9
     expected = damage(ckpt, how)
-    with pytest.raises(checkpoint.CheckpointError) as e:
+    with pytest.raises(ranks.Problem) as e:
         checkpoint.verify(ckpt)
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
 
