@@ -19,7 +19,7 @@ val_fraction * 2**32, so the split does not depend on file order, sharding or wo
 Bad inputs are one-line errors naming file:line. A rerun skips finished shards; an output directory holding
 another dataset is refused unless --replace. Before training, verify_shards checks every shard once against
 the manifest and remembers it (train.py runs it in the background). The synthetic demo corpus lives in
-demo.py (`python demo.py`, or `python data.py demo`).
+demo.py (`python demo.py`), which uses this file.
 """
 import argparse
 import atexit
@@ -40,7 +40,6 @@ import queue
 import secrets
 import re
 import resource
-import sys
 import tempfile
 import threading
 import time
@@ -322,6 +321,49 @@ def read_jsonl(path, text_field=None):
         item = _parse_line(path, pos, line, "jsonl", text_field)
         if item is not None:
             yield n, item
+
+
+def jsonl_records(path, limit=None):
+    """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line,
+    and so does a file without records."""
+    if not Path(path).is_file():
+        raise Problem(f"{path}: no such file")
+    n = 0
+    for lineno, record in read_jsonl(path):
+        if limit is not None and n >= limit:
+            return
+        n += 1
+        yield lineno, record
+    if n == 0:
+        raise Problem(f"{path}: no records (an empty file)")
+
+
+def record_field(record, key, path, lineno, kind=str):
+    """record[key], which must be of `kind`; otherwise one line naming file:line."""
+    if not isinstance(record, dict) or key not in record:
+        raise Problem(f"{path}:{lineno}: record has no field {key!r}")
+    value = record[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise Problem(f"{path}:{lineno}: field {key!r} is {type(value).__name__}, expected "
+                   + " or ".join(k.__name__ for k in kinds))
+    return value
+
+
+def read_miracl_pairs(path, limit=None):
+    """(query, passage) pairs of a MIRACL-layout jsonl, as the paper's Table 4: every item with >= 2 positive
+    passages gives query = positive_passages[0].text, passage = positive_passages[1].text. `limit` counts items
+    read."""
+    pairs = []
+    for lineno, item in jsonl_records(path, limit):
+        positives = record_field(item, "positive_passages", path, lineno, list)
+        if len(positives) >= 2:
+            for p in positives[:2]:
+                record_field(p, "text", path, lineno)
+            pairs.append((positives[0]["text"], positives[1]["text"]))
+    if not pairs:
+        raise Problem(f"{path}: no item with two or more positive_passages")
+    return pairs
 
 
 def iter_documents(path, text_field="text"):
@@ -1304,13 +1346,8 @@ def summary(manifest):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # the demo corpus has its own file
-        import demo
-        return demo.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="= python demo.py: the synthetic demo corpus and eval sets, a tokenizer, shards")
     p = sub.add_parser("tokenizer", help="train a sentencepiece unigram tokenizer with the llm-jp special pieces")
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns")
     p.add_argument("--vocab_size", type=int, required=True)

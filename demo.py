@@ -1,7 +1,7 @@
 """
 The synthetic Japanese demo corpus and its evaluation sets, and the demo data build.
 
-    python demo.py              # corpus + eval sets, a tokenizer and shards, all in data/demo (= python data.py demo)
+    python demo.py              # corpus + eval sets, a tokenizer and shards, all in data/demo
     python demo.py --out DIR --vocab_size 1500 --workers 4
 
 The corpus is synthetic: sentences generated from the templates and entity tables below (mountains,
@@ -303,6 +303,9 @@ def _corrupt(rng, sentence):
     return sentence[:i + 1] + extra + sentence[i + 1:]
 
 
+WORKERS = min(4, os.cpu_count() or 1)  # processes that tokenize the demo corpus into shards
+
+
 def write_demo(out_dir="data/demo", n_docs=3000, seed=0):
     """Write the synthetic demo corpus and evaluation sets (layouts as the real data sets; see the module
     docstring) to out_dir; deterministic. Returns {name: path}."""
@@ -414,7 +417,7 @@ def write_demo(out_dir="data/demo", n_docs=3000, seed=0):
     return paths
 
 
-def build(out_dir="data/demo", vocab_size=1500, workers=1):
+def build(out_dir="data/demo", vocab_size=1500, workers=WORKERS):
     """write_demo, then a tokenizer trained on the corpus and its shards (5% held out) in out_dir/shards.
     Returns prepare's manifest."""
     paths = write_demo(out_dir)
@@ -428,7 +431,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo")
     parser.add_argument("--vocab_size", type=int, default=1500, help="the demo text allows at most ~1700")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=WORKERS)
     args = parser.parse_args(argv)
     try:
         print(summary(build(args.out, args.vocab_size, args.workers)))

@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from data import Shards, Tokenizer, load_manifest, mask_tokens, read_jsonl
-from model import IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, cpu_threads
+from data import Shards, Tokenizer, jsonl_records, load_manifest, mask_tokens, read_miracl_pairs, record_field
+from model import (IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, by_budget, cpu_threads, embed, pack,
+                   recall_mrr)
 from ranks import Problem
 
 DEMO = Path("data/demo")
@@ -365,76 +366,13 @@ def device_of(model):
     return next(model.parameters()).device
 
 
-def by_budget(lengths, token_budget):
-    """Consecutive groups of item indices, each at most token_budget tokens (a longer item goes alone)."""
-    batch, tokens = [], 0
-    for i, n in enumerate(lengths):
-        if batch and tokens + n > token_budget:
-            yield batch
-            batch, tokens = [], 0
-        batch.append(i)
-        tokens += n
-    if batch:
-        yield batch
-
-
-def pack(seqs, device):
-    """List of 1-D id tensors -> (input_ids (total,), cu_seqlens int32 (n+1,), max_seqlen) on device."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-    return torch.cat([torch.as_tensor(s) for s in seqs]).to(device), cu, int(lengths.max())
-
-
 # -----------------------------------------------------------------------------------------------------------
 # data sets in their published layouts
 
 
-def records(path, limit=None):
-    """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line,
-    and so does a file without records."""
-    if not Path(path).is_file():
-        raise Problem(f"{path}: no such file")
-    n = 0
-    for lineno, record in read_jsonl(path):
-        if limit is not None and n >= limit:
-            return
-        n += 1
-        yield lineno, record
-    if n == 0:
-        raise Problem(f"{path}: no records (an empty file)")
-
-
-def field(record, key, path, lineno, kind=str):
-    """record[key], which must be of `kind`; otherwise one line naming file:line."""
-    if not isinstance(record, dict) or key not in record:
-        raise Problem(f"{path}:{lineno}: record has no field {key!r}")
-    value = record[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-        raise Problem(f"{path}:{lineno}: field {key!r} is {type(value).__name__}, expected "
-                   + " or ".join(k.__name__ for k in kinds))
-    return value
-
-
-def read_miracl_pairs(path, limit=None):
-    """(query, passage) pairs of a MIRACL-layout jsonl, as the paper's Table 4: every item with >= 2 positive
-    passages gives query = positive_passages[0].text, passage = positive_passages[1].text. `limit` counts items
-    read."""
-    pairs = []
-    for lineno, item in records(path, limit):
-        positives = field(item, "positive_passages", path, lineno, list)
-        if len(positives) >= 2:
-            for p in positives[:2]:
-                field(p, "text", path, lineno)
-            pairs.append((positives[0]["text"], positives[1]["text"]))
-    if not pairs:
-        raise Problem(f"{path}: no item with two or more positive_passages")
-    return pairs
-
-
 def read_texts(path, limit=None):
     """[(id, text)] of a Wikipedia-style jsonl ({"text", optional "id"})."""
-    texts = [(lineno, r, field(r, "text", path, lineno)) for lineno, r in records(path, limit)]
+    texts = [(lineno, r, record_field(r, "text", path, lineno)) for lineno, r in jsonl_records(path, limit)]
     return [(str(r.get("id", f"line {lineno}")), text) for lineno, r, text in texts]
 
 
@@ -448,8 +386,8 @@ def sample_by_length(tok, path, edges, per_bin, seed, limit=None):
     rng = random.Random(seed)
     bins, seen = [[] for _ in edges[:-1]], [0] * (len(edges) - 1)
     unmaskable = {"per_bin": [0] * (len(edges) - 1), "ids": []}
-    for lineno, r in progress(records(path, limit), f"tokenizing {Path(path).name}"):
-        text = tok.encode(field(r, "text", path, lineno))
+    for lineno, r in progress(jsonl_records(path, limit), f"tokenizing {Path(path).name}"):
+        text = tok.encode(record_field(r, "text", path, lineno))
         ids = [tok.cls_id] + text + [tok.sep_id]
         b = bisect.bisect_left(edges, len(ids)) - 1
         if not 0 <= b < len(bins):
@@ -482,19 +420,6 @@ def parse_edges(text):
 
 # -----------------------------------------------------------------------------------------------------------
 # metrics (each checked against an independent computation in tests/test_evaluate.py)
-
-
-def ranks_of_gold(scores):
-    """scores (n_queries, n_corpus), query i's own entry is corpus i -> its 1-based rank. Ties count against
-    the query (rank = 1 + entries scoring >= its own, itself excluded), so constant scores earn nothing."""
-    return (scores >= scores.diagonal()[:, None]).sum(1)  # counts the own entry itself: the + 1
-
-
-def recall_mrr(scores, k=10):
-    """Recall@k (share of queries whose own entry is in the top k) and MRR@k (mean 1/rank, 0 outside the top k)."""
-    rank = ranks_of_gold(scores).double()
-    hit = rank <= k
-    return hit.double().mean().item(), torch.where(hit, 1.0 / rank, 0.0).mean().item()
 
 
 def pearson(x, y):
@@ -642,27 +567,16 @@ UNITS = {"char": lambda texts: texts, "word": as_word_strings}
 # model computations
 
 
-@torch.no_grad()
-def embed(model, tok, texts, max_len, token_budget=16384):
-    """L2-normalised mean-pooled embeddings (n, H) of "<CLS> text <SEP>" truncated to max_len tokens. Texts
-    are embedded longest first in packed batches of at most token_budget tokens."""
-    device = device_of(model)
-    seqs = [torch.tensor(tok.encode_pair(t, max_len=max_len)) for t in texts]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = torch.empty(len(seqs), model.config.hidden_size)
-    for group in progress(list(by_budget([len(seqs[i]) for i in order], token_budget)), "embedding"):
-        idx = [order[i] for i in group]
-        ids, cu, m = pack([seqs[i] for i in idx], device)
-        out[idx] = F.normalize(model.encode(ids, cu_seqlens=cu, max_seqlen=m).float(), dim=-1).cpu()
-    return out
+def embedding_progress(batches):
+    return progress(batches, "embedding")
 
 
 def retrieval_scores(model, tokenizer, path, limit=None, max_len=8192, token_budget=16384):
     """Zero-shot MIRACL-style retrieval (Table 4): Recall@10 and MRR@10 of each query's own passage among all
     passages, by dot product of normalised mean-pooled embeddings."""
     pairs = read_miracl_pairs(path, limit)
-    q = embed(model, tokenizer, [a for a, _ in pairs], max_len, token_budget)
-    c = embed(model, tokenizer, [b for _, b in pairs], max_len, token_budget)
+    q = embed(model, tokenizer, [a for a, _ in pairs], max_len, token_budget, embedding_progress)
+    c = embed(model, tokenizer, [b for _, b in pairs], max_len, token_budget, embedding_progress)
     recall, mrr = recall_mrr(q @ c.T)
     return {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
 
@@ -1019,9 +933,9 @@ def read_jglue(path, task, tok, max_len, limit):
     """[(ids, label)] of a JGLUE / JCoLA file: "<CLS> s1 <SEP> [s2 <SEP>]" truncated to max_len."""
     keys, labels = JGLUE[task]
     out = []
-    for lineno, r in records(path, limit):
-        texts = [field(r, k, path, lineno) for k in keys]
-        label = field(r, "label", path, lineno, (int, float, str))
+    for lineno, r in jsonl_records(path, limit):
+        texts = [record_field(r, k, path, lineno) for k in keys]
+        label = record_field(r, "label", path, lineno, (int, float, str))
         if labels is None:
             try:
                 label = float(label)
@@ -1213,8 +1127,8 @@ def random_pairs_row(pairs, entries):
 
 
 def pair_embeddings(e, pairs, args):
-    a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget)
-    b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget)
+    a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget, embedding_progress)
+    b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget, embedding_progress)
     return a, b
 
 
@@ -1337,8 +1251,8 @@ def task_curves(args, entries):
     files, missing = metric_files(args)
     points, starts, offset = {k: [] for k in CURVES}, [], 0
     for f in files:
-        lines = list(records(f))
-        rows, steps = [r for _, r in lines], [field(r, "step", f, lineno, int) for lineno, r in lines]
+        lines = list(jsonl_records(f))
+        rows, steps = [r for _, r in lines], [record_field(r, "step", f, lineno, int) for lineno, r in lines]
         shift = offset if steps and min(steps) <= offset else 0
         starts.append(shift + (min(steps) if steps else 0))
         for r, s in zip(rows, steps):

@@ -679,3 +679,56 @@ def parallelize(model, mesh, dtype=torch.float32, compile=False, activation_chec
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# texts: packed batches by a token budget, embeddings, retrieval by them (evaluate.py and train.py)
+
+
+def by_budget(lengths, token_budget):
+    """Consecutive groups of item indices, each at most token_budget tokens (a longer item goes alone)."""
+    batch, tokens = [], 0
+    for i, n in enumerate(lengths):
+        if batch and tokens + n > token_budget:
+            yield batch
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        yield batch
+
+
+def pack(seqs, device):
+    """List of 1-D id tensors -> (input_ids (total,), cu_seqlens int32 (n+1,), max_seqlen) on device."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    return torch.cat([torch.as_tensor(s) for s in seqs]).to(device), cu, int(lengths.max())
+
+
+def ranks_of_gold(scores):
+    """scores (n_queries, n_corpus), query i's own entry is corpus i -> its 1-based rank. Ties count against
+    the query (rank = 1 + entries scoring >= its own, itself excluded), so constant scores earn nothing."""
+    return (scores >= scores.diagonal()[:, None]).sum(1)  # counts the own entry itself: the + 1
+
+
+def recall_mrr(scores, k=10):
+    """Recall@k (share of queries whose own entry is in the top k) and MRR@k (mean 1/rank, 0 outside the top k)."""
+    rank = ranks_of_gold(scores).double()
+    hit = rank <= k
+    return hit.double().mean().item(), torch.where(hit, 1.0 / rank, 0.0).mean().item()
+
+
+@torch.no_grad()
+def embed(model, tok, texts, max_len, token_budget=16384, progress=lambda batches: batches):
+    """L2-normalised mean-pooled embeddings (n, H) of "<CLS> text <SEP>" (tok.encode_pair) truncated to max_len
+    tokens. Texts are embedded longest first in packed batches of at most token_budget tokens; `progress` wraps
+    the list of batches (evaluate.py's progress bar)."""
+    device = next(model.parameters()).device
+    seqs = [torch.tensor(tok.encode_pair(t, max_len=max_len)) for t in texts]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), model.config.hidden_size)
+    for group in progress(list(by_budget([len(seqs[i]) for i in order], token_budget))):
+        idx = [order[i] for i in group]
+        ids, cu, m = pack([seqs[i] for i in idx], device)
+        out[idx] = F.normalize(model.encode(ids, cu_seqlens=cu, max_seqlen=m).float(), dim=-1).cpu()
+    return out

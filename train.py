@@ -29,7 +29,6 @@ import ast
 import contextlib
 import importlib.util
 import inspect
-import io
 import json
 import math
 import os
@@ -52,9 +51,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import demo
 import ranks
-from evaluate import by_budget, embed, read_miracl_pairs, recall_mrr
-from model import PRESETS, ModernBERT, ModernBertConfig, cpu_threads, parallelize
+from model import PRESETS, ModernBERT, ModernBertConfig, by_budget, cpu_threads, embed, parallelize, recall_mrr
 from ranks import Problem
 
 REPO = Path(__file__).resolve().parent
@@ -279,7 +278,7 @@ def open_inputs(cfg, config_path, rank, world):
                            world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
                            shuffle=split == "train", verify=False, tokenizer=tokenizer,
                            micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
-    pairs = read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
+    pairs = data.read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
 
 
@@ -351,8 +350,8 @@ def evaluate_mlm(run, model, step):
 
 @torch.no_grad()
 def evaluate_retrieval(run, model, step):
-    """Zero-shot Recall@10 and MRR@10 as evaluate.retrieval_scores computes them, with the texts shared over the
-    ranks: batches of at most a micro-batch's tokens, planned alike on every rank (longest texts first), dealt
+    """Zero-shot Recall@10 and MRR@10 as evaluate.retrieval_scores computes them (model.embed, model.recall_mrr),
+    with the texts shared over the ranks: batches of at most a micro-batch's tokens, planned alike on every rank (longest texts first), dealt
     round-robin, as many to each rank (an empty text fills up: every rank takes part in every sharded forward);
     rank 0 gathers the embeddings and scores. -> the scores on rank 0, None elsewhere."""
     cfg, rank, world = run.cfg, run.rank, run.world
@@ -363,11 +362,10 @@ def evaluate_retrieval(run, model, step):
     batches = [[order[i] for i in group] for group in by_budget([lengths[i] for i in order], budget)]
     mine = batches[rank::world]
     part = {}
-    with contextlib.redirect_stdout(io.StringIO()):  # evaluate.py's progress lines are for its command line
-        for group in mine + [[]] * (-(-len(batches) // world) - len(mine)):
-            run.at(step, "evaluation")
-            part.update(zip(group, embed(model, run.tokenizer, [texts[i] for i in group] or [""],
-                                         cfg.retrieval_max_len, budget)))
+    for group in mine + [[]] * (-(-len(batches) // world) - len(mine)):
+        run.at(step, "evaluation")
+        part.update(zip(group, embed(model, run.tokenizer, [texts[i] for i in group] or [""], cfg.retrieval_max_len,
+                                     budget)))
     parts = [None] * world if rank == 0 else None
     dist.gather_object(part, parts)
     if rank:
@@ -521,10 +519,10 @@ def setup(args):
     run.at(0, "checking out_dir")
     ranks.stop_if_any(ranks.prove_shared(run.out_dir, rank))
 
-    if run.master and cfg.demo_data and not Path(cfg.data_dir).exists():  # = python data.py demo --out DIR
+    if run.master and cfg.demo_data and not Path(cfg.data_dir).exists():  # = python demo.py --out DIR
         print(f"{cfg.data_dir} is missing: building the demo data in {Path(cfg.data_dir).parent}", flush=True)
         with run.patient("building the demo data"):
-            data.main(["demo", "--out", str(Path(cfg.data_dir).parent)])
+            print(data.summary(demo.build(Path(cfg.data_dir).parent)), flush=True)
     run.barrier("demo data")
     run.at(0, "opening the inputs")
     try:

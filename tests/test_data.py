@@ -980,7 +980,7 @@ def test_demo_corpus(world, tmp_path):
 
 def test_demo_command(tmp_path, capsys):
     """The whole demo path: synthetic text, tokenizer, shards; the Wikipedia-like set fills every length bin."""
-    data.main(["demo", "--out", str(tmp_path), "--workers", "2"])
+    demo.main(["--out", str(tmp_path), "--workers", "2"])
     assert "shards: train" in capsys.readouterr().out
     loader = Loader(tmp_path / "shards", batch_size=8, micro_batch_size=8, tokenizer=tmp_path / "tokenizer.model")
     assert loader.tokenizer_info["vocab_size"] == 1500 and len(Shards(tmp_path / "shards", "val")) > 50
