@@ -106,7 +106,7 @@ def bench_model(args):
     ours (unpadded, sparse prediction) vs transformers' ModernBertForMaskedLM, default and sparse_prediction."""
     import tempfile
     import transformers
-    from model import ModernBERT, ModernBertConfig
+    from model import IGNORE_INDEX, ModernBERT, ModernBertConfig
     layers, batch, max_len = (2, 4, 128) if args.quick else (6, 8, 512)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = ModernBertConfig.preset("llm-jp-modernbert-base", num_hidden_layers=layers)
@@ -115,7 +115,7 @@ def bench_model(args):
     lengths = document_lengths(batch, max_len)
     mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
     ids = torch.randint(8, config.vocab_size, (batch, max_len)).masked_fill(mask == 0, config.pad_token_id)
-    labels = torch.where((torch.rand(batch, max_len) < 0.3) & mask.bool(), ids, -100)
+    labels = torch.where((torch.rand(batch, max_len) < 0.3) & mask.bool(), ids, IGNORE_INDEX)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
@@ -657,7 +657,7 @@ def bench_train(args):
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
-    from model import ModernBERT, ModernBertConfig, parallelize
+    from model import IGNORE_INDEX, ModernBERT, ModernBertConfig, parallelize
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cuda", (1,))
     warmup, steps = (1, 2) if args.quick else (2, 5)
@@ -678,7 +678,7 @@ def bench_train(args):
             def micro_batch(lengths):
                 lengths = torch.tensor(lengths)
                 ids = torch.randint(8, config.vocab_size, (int(lengths.sum()),), generator=g)
-                labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, -100)
+                labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, IGNORE_INDEX)
                 cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
                 return ids.cuda(), labels.cuda(), cu.cuda(), int(lengths.max()), lengths.tolist(), int((labels >= 0).sum())
 

@@ -54,6 +54,7 @@ import torch
 from tqdm import tqdm
 
 import ranks
+from model import IGNORE_INDEX
 from ranks import Problem
 
 FORMAT_VERSION = 1
@@ -933,14 +934,14 @@ class _Masker:
         out = torch.where(selected & (kind < self.to_mask), self.mask_id, ids)
         swap = torch.nonzero(selected & (kind >= self.to_mask) & (kind < self.to_random)).flatten()  # ~3%
         out[swap] = self.allowed.index_select(0, ((bits[swap] & 0xFFFFFFFF) * len(self.allowed)) >> 32)
-        labels = torch.where(selected, ids, -100)
+        labels = torch.where(selected, ids, IGNORE_INDEX)
         return out, labels
 
 
 def mask_tokens(ids, special_ids, mask_id, vocab_size, generator=None, p=0.3):
     """MLM masking as in the paper's recipe (Table 1): select each non-special token with probability p; of
     those 80% become <MASK>, 10% a random non-special token, 10% stay. Returns (input_ids, labels) with labels
-    -100 where unselected."""
+    IGNORE_INDEX where unselected."""
     bits = torch.empty(ids.shape, dtype=torch.int64, device=ids.device).random_(generator=generator)
     return _masker(tuple(sorted(special_ids)), mask_id, vocab_size, p)(ids, bits)
 
@@ -965,7 +966,7 @@ def _mix64(x):
 # ---------------------------------------------------------------------------------------------------------
 # loader
 
-ORDER = 2  # how an epoch orders its documents; a loader state saved under another order is refused
+ORDER_VERSION = 2  # how an epoch orders its documents; a loader state saved under another is refused
 _ROUNDS = 8
 _PERMUTE = np.uint64(0x5851F42D4C957F2D)  # keeps the order's keys apart from the masks' (same seed)
 
@@ -1001,6 +1002,22 @@ def _ranges(lo, hi):
     return np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
 
 
+def batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens=0, max_seqlen=None):
+    """Why a global batch cannot be split over world_size ranks, or None. Micro-batches of micro_batch_size
+    sequences must divide it exactly; micro-batches by tokens (micro_batch_tokens) fit any number of ranks."""
+    if micro_batch_tokens:
+        if max_seqlen and micro_batch_tokens < max_seqlen:
+            return f"micro_batch_tokens {micro_batch_tokens} is less than max_seqlen {max_seqlen}"
+        return None
+    if batch_size % (world_size * micro_batch_size) == 0:
+        return None
+    fits = [m for m in range(1, batch_size // world_size + 1) if batch_size % (world_size * m) == 0]
+    split = f"{world_size} processes x " if world_size > 1 else ""
+    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
+            + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
+               f"; batch_size must be a multiple of the {world_size} processes (or set micro_batch_tokens)"))
+
+
 class Loader:
     """MLM batches from a shard directory, the same global batches for any number of ranks.
 
@@ -1014,7 +1031,7 @@ class Loader:
     to the ranks by pack_by_tokens (every rank gets the same number; empty ones, {..., "empty": True}, a
     lone <CLS> <SEP> with nothing to predict, fill up, since every rank must join every sharded forward).
     Iterating yields, per optimizer step, the list of this rank's micro-batch dicts {input_ids, labels
-    (-100 = not masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of
+    (IGNORE_INDEX = not masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of
     a token is a function of (seed, epoch, sample, position) only: independent of world size, micro-batching
     and resume. With shuffle=False the documents are read in stored order, once, and iteration stops (the
     last batch may be short); for evaluation. prefetch() iterates the same batches, each built on a
@@ -1031,23 +1048,19 @@ class Loader:
                  tokenizer=None, micro_batch_tokens=0):
         if mode not in ("line_by_line", "packed"):
             raise ValueError(f"mode must be 'line_by_line' or 'packed', not {mode!r}")
-        if micro_batch_tokens and micro_batch_tokens < max_seqlen:
-            raise ValueError(f"micro_batch_tokens {micro_batch_tokens} is less than max_seqlen {max_seqlen}")
-        if not micro_batch_tokens and batch_size % (world_size * micro_batch_size):
-            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size} x "
-                             f"micro_batch_size {micro_batch_size}")
+        if problem := batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens, max_seqlen):
+            raise ValueError(problem)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if max_seqlen < 3:
             raise ValueError(f"max_seqlen {max_seqlen} leaves no room for a token between <CLS> and <SEP>")
         self.shards = Shards(data_dir, split, verify=verify, tokenizer=tokenizer)
-        self.manifest, self.tokenizer_info = self.shards.manifest, self.shards.tokenizer_info
+        self.tokenizer_info = self.shards.tokenizer_info
         info = self.tokenizer_info
         self.cls_id, self.sep_id = info["cls_id"], info["sep_id"]
         self.batch_size, self.micro_batch_size, self.max_seqlen = batch_size, micro_batch_size, max_seqlen
         self.rank, self.world_size, self.seed, self.mode, self.shuffle = rank, world_size, seed, mode, shuffle
         self.micro_batch_tokens = micro_batch_tokens
-        self.grad_accum = None if micro_batch_tokens else batch_size // (world_size * micro_batch_size)
         self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
         self.n_docs = len(self.shards)
@@ -1057,21 +1070,17 @@ class Loader:
         # position cursor[0] of the epoch's order, whose <CLS> is token cursor[1] of the epoch's stream
         self.epoch, self.position, self.cursor = 0, 0, (0, 0)
 
-    @property
-    def steps_per_epoch(self):
-        return self.samples_per_epoch / self.batch_size
-
     def state_dict(self):
-        state = {"order": ORDER, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+        state = {"order": ORDER_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
                  "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen}
         if self.mode == "packed":
             state["cursor"] = [self.epoch, self.position, *self.cursor]
         return state
 
     def load_state_dict(self, state):
-        if state.get("order") != ORDER:
+        if state.get("order") != ORDER_VERSION:
             raise Problem(f"cannot resume: the loader state was saved with document order "
-                            f"{state.get('order', 1)}, this data.py makes order {ORDER} (other batches); "
+                            f"{state.get('order', 1)}, this data.py makes order {ORDER_VERSION} (other batches); "
                             "start the run again in a new out_dir")
         for key in ("seed", "samples_per_epoch", "max_seqlen"):
             if state[key] != getattr(self, key):
@@ -1121,41 +1130,42 @@ class Loader:
         """This rank's micro-batches of the global batch at state = (epoch, position, cursor), and the state
         after it; None past the end (shuffle=False)."""
         epoch, position, cursor = state
-        spe, L, n = self.samples_per_epoch, self.max_seqlen, self.batch_size
+        per_epoch, seqlen, n_samples = self.samples_per_epoch, self.max_seqlen, self.batch_size
         if not self.shuffle:
             if epoch > 0:
                 return None
-            n = min(n, spe - position)
-        sample_epoch, sample_index, walks = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), []
-        q = 0
-        while q < n:  # the global batch, one epoch at a time
-            end = min(position + n - q, spe)
-            sample_epoch[q:q + end - position], sample_index[q:q + end - position] = epoch, np.arange(position, end)
+            n_samples = min(n_samples, per_epoch - position)
+        sample_epoch, sample_index = np.empty(n_samples, dtype=np.int64), np.empty(n_samples, dtype=np.int64)
+        walks, filled = [], 0
+        while filled < n_samples:  # the global batch, one epoch at a time
+            end = min(position + n_samples - filled, per_epoch)
+            here = slice(filled, filled + end - position)
+            sample_epoch[here], sample_index[here] = epoch, np.arange(position, end)
             if self.mode == "packed":
-                found, cursor = self._walk(epoch, cursor, min(end * L, self.stream_tokens))
-                walks.append((q, q + end - position, *found))
-            q += end - position
-            epoch, position, cursor = (epoch + 1, 0, (0, 0)) if end == spe else (epoch, end, cursor)
+                found, cursor = self._walk(epoch, cursor, min(end * seqlen, self.stream_tokens))
+                walks.append((filled, filled + end - position, *found))
+            filled += end - position
+            epoch, position, cursor = (epoch + 1, 0, (0, 0)) if end == per_epoch else (epoch, end, cursor)
         if self.mode == "line_by_line":
             docs = self._docs(sample_epoch, sample_index)
             spans = self.shards.spans(docs) if self.micro_batch_tokens else None
-            tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, L)
+            tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, seqlen)
         else:
-            tokens = np.minimum(L, self.stream_tokens - sample_index * L)
+            tokens = np.minimum(seqlen, self.stream_tokens - sample_index * seqlen)
         if self.micro_batch_tokens:
             groups = [np.array(g, dtype=np.int64) for g in pack_by_tokens(tokens, self.micro_batch_tokens,
                                                                           self.world_size)[self.rank]]
         else:
             per_rank = self.batch_size // self.world_size
-            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n)
+            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n_samples)
             groups = [np.arange(a, min(a + self.micro_batch_size, hi))
                       for a in range(lo, hi, self.micro_batch_size)]
         need = np.unique(np.concatenate(groups)) if groups else np.empty(0, dtype=np.int64)
         # the pieces of the samples this rank needs, in order: sample, document, the document's first token in
         # shards.tokens, its tokens kept, and the piece's range [a, b) of "<CLS> doc[:kept] <SEP>"
         if self.mode == "line_by_line":
-            start, stop = (spans[0][need], spans[1][need]) if spans is not None else self.shards.spans(docs[need])
-            kept = np.minimum(stop - start, L - 2)
+            start, end = (spans[0][need], spans[1][need]) if spans is not None else self.shards.spans(docs[need])
+            kept = np.minimum(end - start, seqlen - 2)
             pieces = (need, docs[need], start, kept, np.zeros_like(kept), kept + 2)
         else:
             pieces = tuple(np.concatenate(p) for p in zip(*(self._row_pieces(need[(need >= q0) & (need < q1)],
@@ -1214,7 +1224,7 @@ class Loader:
         return np.minimum(end - start + 2, self.max_seqlen)
 
     def empty_micro_batch(self):
-        return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([-100, -100]),
+        return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX]),
                 "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}
 
     def __iter__(self):
@@ -1234,20 +1244,20 @@ class _Prefetch:
     """Loader.prefetch's iterator: a thread builds batches from the loader's state at the start, one ahead of
     those handed out; a Problem there is raised here, on the next batch."""
 
-    running = set()  # (thread, stop event) of every builder thread alive, stopped at exit
+    running = set()  # (thread, cancel event) of every builder thread alive, stopped at exit
 
     def __init__(self, loader, pin_memory):
-        self.loader, self.queue, self.stop = loader, queue.Queue(maxsize=1), threading.Event()
+        self.loader, self.queue, self.cancel = loader, queue.Queue(maxsize=1), threading.Event()
         state = (loader.epoch, loader.position, loader.cursor)
-        thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.stop),
+        thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.cancel),
                                   daemon=True)
-        _Prefetch.running.add((thread, self.stop))
+        _Prefetch.running.add((thread, self.cancel))
         thread.start()
 
     @staticmethod
-    def _run(loader, state, pin_memory, out, stop):  # holds no reference to the iterator, so that it can be dropped
+    def _run(loader, state, pin_memory, out, cancel):  # holds no reference to the iterator, so that it can be dropped
         def put(item):  # False once stopped
-            while not stop.is_set():
+            while not cancel.is_set():
                 try:
                     out.put(item, timeout=0.1)
                     return True
@@ -1267,7 +1277,7 @@ class _Prefetch:
         except BaseException as e:
             put(e)
         finally:
-            _Prefetch.running.discard((threading.current_thread(), stop))
+            _Prefetch.running.discard((threading.current_thread(), cancel))
 
     def __iter__(self):
         return self
@@ -1284,7 +1294,7 @@ class _Prefetch:
         return micro
 
     def close(self):
-        self.stop.set()
+        self.cancel.set()
 
     __del__ = close
 
@@ -1292,8 +1302,8 @@ class _Prefetch:
 @atexit.register
 def _stop_prefetching():
     """A daemon thread still inside numpy or torch when the interpreter shuts down can crash the process."""
-    for thread, stop in list(_Prefetch.running):
-        stop.set()
+    for thread, cancel in list(_Prefetch.running):
+        cancel.set()
         thread.join()
 
 

@@ -25,6 +25,8 @@ ATTENTION = os.environ.get("MODERNBERT_ATTENTION", "auto")
 if ATTENTION not in ("auto", "reference", "kernels"):
     raise ValueError(f"MODERNBERT_ATTENTION must be auto, reference or kernels, got {ATTENTION!r}")
 IGNORE_INDEX = -100
+# bf16 dense peak FLOP/s per GPU, for MFU; other devices have none
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 # -----------------------------------------------------------------------------------------------------------
 # configuration
@@ -95,6 +97,12 @@ PRESETS = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, max_position_embeddings=8192),
 }
+
+
+def gpu_peak_flops(device):
+    """PEAK_FLOPS of a device's GPU, or None (a CPU, or a GPU not in the table)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def cpu_threads(local_world=1):
@@ -344,12 +352,6 @@ class _Base(nn.Module):
         indices, cu_seqlens, max_seqlen = unpad(attention_mask)
         return input_ids.flatten()[indices], Packing(cu_seqlens, max_seqlen, indices.numel()), indices
 
-    def hidden_states(self, input_ids, attention_mask=None, cu_seqlens=None, max_seqlen=None):
-        """Final-norm output: (B, S, H) for padded input (zeros at padding), (total_tokens, H) for packed."""
-        ids, packing, indices = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
-        h = self.model(ids, packing)
-        return h if indices is None else repad(h, indices, *input_ids.shape)
-
     @staticmethod
     def pool(h, packing, how):
         """(total_tokens, H) -> (n_seqs, H): first token ("cls") or mean over each sequence's tokens."""
@@ -463,7 +465,7 @@ class ModernBERT(_Base):
 
     def forward(self, input_ids, attention_mask=None, labels=None, cu_seqlens=None, max_seqlen=None):
         """Padded (B, S) [+ attention_mask] or packed (total,) + cu_seqlens. Returns (logits, loss):
-        with labels (-100 = ignore), logits only for the labelled positions (n_labelled, V) and their mean
+        with labels (IGNORE_INDEX = ignore), logits only for the labelled positions (n_labelled, V) and their mean
         cross-entropy; without, logits for every token ((B, S, V), zeros at padding, or (total, V))."""
         ids, packing, indices = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
         h = self.model(ids, packing)  # (total_tokens, hidden)
@@ -495,9 +497,13 @@ class ModernBERT(_Base):
             flops += 2 * 2 * H * keys  # q k^T and p v over every visible (query, key) pair
         return flops / max(tokens, 1)
 
-    def estimate_mfu(self, seqlens, n_predicted, seconds, peak_flops=989e12):
-        """Model FLOPs utilisation of one training step (forward + backward = 3x forward)."""
-        return 3 * self.flops_per_token(seqlens, n_predicted) * sum(seqlens) / seconds / peak_flops
+    def train_flops(self, seqlens, n_predicted):
+        """FLOPs of one training step on a packed batch: forward + backward = 3x forward."""
+        return 3 * self.flops_per_token(seqlens, n_predicted) * sum(seqlens)
+
+    def estimate_mfu(self, seqlens, n_predicted, seconds, peak_flops=PEAK_FLOPS["H100"]):
+        """Model FLOPs utilisation of one training step."""
+        return self.train_flops(seqlens, n_predicted) / seconds / peak_flops
 
 
 def visible_keys(seqlen, window):

@@ -53,7 +53,8 @@ import checkpoint
 import data
 import demo
 import ranks
-from model import PRESETS, ModernBERT, ModernBertConfig, by_budget, cpu_threads, embed, parallelize, recall_mrr
+from model import (IGNORE_INDEX, PRESETS, ModernBERT, ModernBertConfig, by_budget, cpu_threads, embed, gpu_peak_flops,
+                   parallelize, recall_mrr)
 from ranks import Problem
 
 REPO = Path(__file__).resolve().parent
@@ -106,8 +107,6 @@ class Config:
 CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16")}
 POSITIVE = ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size", "max_seqlen",
             "collective_timeout")
-# bf16 dense peak per GPU, for MFU; other devices report mfu as null
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DTYPES = {"auto": lambda device: torch.bfloat16 if device.type == "cuda" else torch.float32,
           "float32": lambda device: torch.float32, "bfloat16": lambda device: torch.bfloat16}
 EMPTY_WARNING = 0.25  # share of empty micro-batches above which the start of a run warns
@@ -205,7 +204,7 @@ def model_config(cfg, tokenizer):
 # inputs
 
 
-def missing_inputs(cfg, config_path):
+def missing_inputs(cfg):
     """Every input file or directory the config names that is not there, each with how to make it."""
     missing = []
     if not (cfg.demo_data and not Path(cfg.data_dir).exists()):  # otherwise the demo data is built below
@@ -232,30 +231,10 @@ def located(path):
     return path if Path(path).is_absolute() else f"{path} (= {Path(path).absolute()})"
 
 
-def batch_problem(cfg, world):
-    """Why the global batch cannot be split over `world` processes, or None. Micro-batches of micro_batch_size
-    sequences must divide it exactly; micro-batches by tokens (micro_batch_tokens) fit any number of processes."""
-    if cfg.micro_batch_tokens:
-        if cfg.micro_batch_tokens < cfg.max_seqlen:
-            return f"micro_batch_tokens {cfg.micro_batch_tokens} is less than max_seqlen {cfg.max_seqlen}"
-        return None
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        return divisibility(cfg.batch_size, world, cfg.micro_batch_size)
-    return None
-
-
-def divisibility(batch_size, world, micro_batch_size):
-    fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
-    split = f"{world} processes x " if world > 1 else ""
-    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
-            + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
-               f"; batch_size must be a multiple of the {world} processes (or set micro_batch_tokens)"))
-
-
 def check_inputs(cfg, config_path, world):
     """The first problem of these settings on `world` processes, or None: every missing input at once (each with how
     to make it), then what this machine lacks, then the batch split."""
-    missing = missing_inputs(cfg, config_path)
+    missing = missing_inputs(cfg)
     if len(missing) == 1:
         return f"{config_path}: input missing: {missing[0]}"
     if missing:
@@ -265,7 +244,8 @@ def check_inputs(cfg, config_path, world):
         return "MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU: TRITON_INTERPRET=1)"
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         return "config key wandb: True, but the wandb package is not installed (pip install wandb)"
-    return batch_problem(cfg, world)
+    return data.batch_split_problem(cfg.batch_size, cfg.micro_batch_size, world, cfg.micro_batch_tokens,
+                                    cfg.max_seqlen)
 
 
 def open_inputs(cfg, config_path, rank, world):
@@ -341,7 +321,7 @@ def evaluate_mlm(run, model, step):
             labels = mb["labels"].to(device)
             logits, loss = model(mb["input_ids"].to(device), labels=labels, cu_seqlens=mb["cu_seqlens"].to(device),
                                  max_seqlen=mb["max_seqlen"])
-            target = labels[labels != -100]
+            target = labels[labels != IGNORE_INDEX]
             totals += torch.stack([loss.double() * len(target), (logits.argmax(-1) == target).sum().double(),
                                    torch.tensor(len(target), dtype=torch.float64, device=device)])
     dist.all_reduce(totals)
@@ -622,8 +602,7 @@ def train(run, model, optimizer, step):
     """The loop: evaluation and checkpoint at the top of a step, then the micro-steps, clipping, the update and the
     log. -> the last step"""
     cfg, device, world, start = run.cfg, run.device, run.world, step
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    peak_flops = gpu_peak_flops(device)  # None: mfu is null
     batches = run.loader.prefetch(pin_memory=device.type == "cuda")  # the next step is built while this one runs
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not (run.master and sys.stdout.isatty()),
                     dynamic_ncols=True)
@@ -659,9 +638,9 @@ def train(run, model, optimizer, step):
         micro_batches = next(batches)
         assert cfg.micro_batch_tokens or len(micro_batches) == cfg.batch_size // (world * cfg.micro_batch_size)
         # by token budget, every rank gets as many micro-batches, some empty (nothing to predict, not counted)
-        n_masked = [int((mb["labels"] != -100).sum()) for mb in micro_batches]
+        n_masked = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches]
         seqlens = [l for mb in micro_batches if not mb.get("empty") for l in torch.diff(mb["cu_seqlens"]).tolist()]
-        flops = 3 * model.flops_per_token(seqlens, sum(n_masked)) * sum(seqlens)
+        flops = model.train_flops(seqlens, sum(n_masked))
         counts = torch.tensor([sum(n_masked), sum(seqlens), flops], dtype=torch.float64, device=device)
         dist.all_reduce(counts)  # over all ranks: masked tokens, real tokens, model FLOPs of this step
         total_masked = counts[0].clamp(min=1)  # stays on the device: the forward need not wait for the all-reduce

@@ -681,7 +681,7 @@ def test_state_of_an_older_order_is_refused(world):
     with pytest.raises(Problem) as e:
         loader.load_state_dict(old)
     assert str(e.value) == ("cannot resume: the loader state was saved with document order 1, this data.py makes "
-                            f"order {data.ORDER} (other batches); start the run again in a new out_dir")
+                            f"order {data.ORDER_VERSION} (other batches); start the run again in a new out_dir")
     loader.load_state_dict(state)
 
 
@@ -699,7 +699,7 @@ def test_resuming_a_run_of_an_older_order_stops_with_one_line(tiny, by_count, tm
     proc = train(tiny, out, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         "error: cannot resume: the loader state was saved with document order 1, this data.py makes order "
-        f"{data.ORDER} (other batches); start the run again in a new out_dir")
+        f"{data.ORDER_VERSION} (other batches); start the run again in a new out_dir")
 
 
 def same_steps(a, b):

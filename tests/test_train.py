@@ -993,8 +993,9 @@ def test_more_than_a_quarter_empty_is_a_warning_with_what_to_change():
 
 def test_stage2_batch_splits_over_128_processes_by_tokens(config):
     stage2, _ = train.load_config(["stage2"])
-    assert stage2.batch_size == 384 and stage2.micro_batch_tokens and train.batch_problem(stage2, 128) is None
-    assert train.batch_problem(train.Config(batch_size=384, micro_batch_size=2), 128) == (
+    assert stage2.batch_size == 384 and stage2.micro_batch_tokens and data.batch_split_problem(
+        stage2.batch_size, stage2.micro_batch_size, 128, stage2.micro_batch_tokens, stage2.max_seqlen) is None
+    assert data.batch_split_problem(384, 2, 128) == (
         "batch_size 384 is not a multiple of 128 processes x micro_batch_size 2; micro_batch_size can be 1, 3")
     # the same split on the demo shards, training and validation: every rank runs as many micro-steps
     cfg, _ = train.load_config([config, "--batch_size=384", "--micro_batch_tokens=96"])
