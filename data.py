@@ -913,6 +913,20 @@ def verify_in_background(data_dir, record_dir, rank=0, world_size=1):
 # masking
 
 
+MASKED, RANDOM = 0.8, 0.1  # of the selected tokens: shares made <MASK> and a random token; the rest are kept
+
+
+def masking_scheme(p):
+    """What a loader state records of the masks (a resume under another scheme would silently change them)."""
+    return {"rate": p, "mask": MASKED, "random": RANDOM, "keep": round(1 - MASKED - RANDOM, 6)}
+
+
+def _describe_masking(scheme):
+    share = lambda x: f"{x * 100:g}%"
+    return (f"{share(scheme['rate'])} of the tokens ({share(scheme['mask'])} <MASK>, {share(scheme['random'])} random, "
+            f"{share(scheme['keep'])} kept)")
+
+
 class _Masker:
     """BERT masking from 63 random bits per token (bits 0-31 pick the random token, 32-46 decide whether the
     token is selected, 47-61 which of <MASK> 80% / random 10% / kept 10%); special tokens are never selected
@@ -924,7 +938,7 @@ class _Masker:
         self.is_special[sorted(special_ids)] = True
         self.allowed = torch.nonzero(~self.is_special).flatten()
         self.select = round(p * (1 << 15))
-        self.to_mask, self.to_random = round(0.8 * (1 << 15)), round(0.9 * (1 << 15))
+        self.to_mask, self.to_random = round(MASKED * (1 << 15)), round((MASKED + RANDOM) * (1 << 15))
 
     def __call__(self, ids, bits):
         if self.is_special.device != ids.device:
@@ -1040,8 +1054,9 @@ class Loader:
     Nothing is kept per document: the order is computed where it is needed, and packed rows follow a cursor
     (the document holding the next row's first token, and where it starts in the epoch's stream) that
     every rank advances over the documents of every global batch. state_dict() is the position in the
-    sample stream with that cursor, the same on every rank; a run may resume with another world size,
-    micro_batch_size or micro_batch_tokens."""
+    sample stream with that cursor, the same on every rank, with the version of the document order and the
+    masking scheme (rate and split); a run may resume with another world size, micro_batch_size or
+    micro_batch_tokens, not with another order or masking."""
 
     def __init__(self, data_dir, split="train", batch_size=32, micro_batch_size=32, max_seqlen=1024, rank=0,
                  world_size=1, seed=0, mode="line_by_line", mlm_probability=0.3, shuffle=True, verify=True,
@@ -1063,6 +1078,7 @@ class Loader:
         self.micro_batch_tokens = micro_batch_tokens
         self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
+        self.masking = masking_scheme(mlm_probability)
         self.n_docs = len(self.shards)
         self.stream_tokens = self.shards.n_tokens + 2 * self.n_docs  # an epoch of "<CLS> doc <SEP>" (packed)
         self.samples_per_epoch = self.n_docs if mode == "line_by_line" else -(-self.stream_tokens // max_seqlen)
@@ -1072,7 +1088,8 @@ class Loader:
 
     def state_dict(self):
         state = {"order": ORDER_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                 "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen}
+                 "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen,
+                 "masking": dict(self.masking)}
         if self.mode == "packed":
             state["cursor"] = [self.epoch, self.position, *self.cursor]
         return state
@@ -1082,6 +1099,10 @@ class Loader:
             raise Problem(f"cannot resume: the loader state was saved with document order "
                             f"{state.get('order', 1)}, this data.py makes order {ORDER_VERSION} (other batches); "
                             "start the run again in a new out_dir")
+        if state.get("masking", self.masking) != self.masking:  # a state from before masking was recorded: as now
+            raise Problem(f"cannot resume: the loader state was saved masking {_describe_masking(state['masking'])}, "
+                          f"this loader masks {_describe_masking(self.masking)} (other masks); start the run again "
+                          "in a new out_dir")
         for key in ("seed", "samples_per_epoch", "max_seqlen"):
             if state[key] != getattr(self, key):
                 raise Problem(f"cannot resume: the loader state has {key}={state[key]}, "

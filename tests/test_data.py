@@ -685,6 +685,38 @@ def test_state_of_an_older_order_is_refused(world):
     loader.load_state_dict(state)
 
 
+def test_state_of_another_masking_is_refused(world):
+    """The loader state records the masking scheme, rate and split; another one stops the resume with one line."""
+    a = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed", mlm_probability=0.3)
+    next(iter(a))
+    state = a.state_dict()
+    assert state["masking"] == {"rate": 0.3, "mask": 0.8, "random": 0.1, "keep": 0.1}
+    other = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed", mlm_probability=0.15)
+    with pytest.raises(Problem) as e:
+        other.load_state_dict(state)
+    assert str(e.value) == ("cannot resume: the loader state was saved masking 30% of the tokens (80% <MASK>, 10% "
+                            "random, 10% kept), this loader masks 15% of the tokens (80% <MASK>, 10% random, 10% "
+                            "kept) (other masks); start the run again in a new out_dir")
+    split = {**state, "masking": {"rate": 0.3, "mask": 0.9, "random": 0.05, "keep": 0.05}}
+    same = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed", mlm_probability=0.3)
+    with pytest.raises(Problem, match=r"saved masking 30% of the tokens \(90% <MASK>, 5% random, 5% kept\)"):
+        same.load_state_dict(split)
+    same.load_state_dict(state)  # the same scheme: the same next batch
+    for x, y in zip(next(iter(same)), next(iter(a))):
+        assert all(torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "cu_seqlens"))
+
+
+def test_resuming_with_another_masking_rate_stops_with_one_line(tiny, by_count, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(by_count, out)
+    shutil.rmtree(out / "ckpt_8")
+    proc = train(tiny, out, "--mlm_probability=0.15", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: cannot resume: the loader state was saved masking 30% of the tokens (80% <MASK>, 10% random, 10% "
+        "kept), this loader masks 15% of the tokens (80% <MASK>, 10% random, 10% kept) (other masks); start the run "
+        "again in a new out_dir")
+
+
 def test_resuming_a_run_of_an_older_order_stops_with_one_line(tiny, by_count, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(by_count, out)
