@@ -34,6 +34,7 @@ import tempfile
 import textwrap
 import threading
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -617,10 +618,9 @@ PAPER_GPUS = 16  # the paper's stage-1 and stage-2 runs (Table 1)
 
 
 def stage_config(stage):
-    """The settings of configs/{stage}.py, as a dict."""
-    cfg = {}
-    exec((REPO / "configs" / f"{stage}.py").read_text(), cfg)
-    return cfg
+    """The settings of configs/{stage}.py as train.py reads them (defaults filled in, every key checked), a dict."""
+    import train
+    return asdict(train.load_config([stage])[0])
 
 
 def train_micro_batches(cfg, kind, generator, world=PAPER_GPUS):
@@ -1069,7 +1069,8 @@ def read_ahead():
 def bench_data(args):
     """prepare: tokens/s with N worker processes against sentencepiece's own single-process encode of the
     same text (target: ratio >= 0.85 x N). Loader: tokens/s of one process making masked batches (target
-    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: llm-jp's when present, else a demo one.
+    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: --tokenizer (the README's figures: llm-jp's),
+    else a demo one.
     With --budget: data_budget above; with --scale: data_scale."""
     if args.budget:
         return data_budget(args)
@@ -1087,8 +1088,9 @@ def bench_data(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = demo.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
-        real = Path(__file__).resolve().parent.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
-        tok = real if real.is_file() else data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
+        if args.tokenizer and not Path(args.tokenizer).is_file():
+            raise Problem(f"bench.py data: --tokenizer {args.tokenizer}: no such file")
+        tok = args.tokenizer or data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
         corpus = tmp / "corpus.jsonl"
         corpus.write_text(paths["corpus"].read_text(encoding="utf-8") * (1 if args.quick else 12), encoding="utf-8")
         texts = [record["text"] for _, record in data.read_jsonl(corpus)]
@@ -1142,6 +1144,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
     parser.add_argument("--scale", action="store_true", help="data: the loader on 1M-100M documents vs the old design")
+    parser.add_argument("--tokenizer", help="data: the sentencepiece model to measure with (default: a demo one "
+                                            "trained on the spot)")
     parser.add_argument("--flex", action="store_true", help="attention: against compiled FlexAttention instead")
     parser.add_argument("--stream", action="store_true", help="attention, train: also print each figure as a "
                                                               "JSON line the moment it is measured")
