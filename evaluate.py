@@ -313,7 +313,7 @@ def load_tokenizer(path, model, model_path, stated=None):
     return tok
 
 
-class Entry:
+class EvaluatedModel:
     """One model under evaluation: its name (the --model argument), the model and its tokenizer."""
 
     def __init__(self, name, model, tokenizer, tokenizer_path):
@@ -336,7 +336,7 @@ def not_applicable(task, name, why):
     return {"not_applicable": why}
 
 
-def cells(results, entries, fmt):
+def table_cells(results, entries, fmt):
     """One table cell per model: fmt(its results), or "n/a" for a model the task could not apply to."""
     return ["n/a" if "not_applicable" in results[e.name] else fmt(results[e.name]) for e in entries]
 
@@ -358,7 +358,7 @@ def load_entries(args):
             tok_path = where
         tok_path = tok_path or DEMO / "tokenizer.model"
         tok = load_tokenizer(tok_path, model, path, stated_special_ids(kind, where, model))
-        entries.append(Entry(path, model, tok, tok_path))
+        entries.append(EvaluatedModel(path, model, tok, tok_path))
     return entries
 
 
@@ -680,9 +680,9 @@ def task_mlm(args, entries):
                            "sequences": len(seqs), "max_len": max_len}
     settings = {"data": str(path), "mlm_probability": args.mlm_probability, "seed": args.seed,
                 "limit": args.limit, "masking": "data.mask_tokens (80/10/10), fixed seed, the tokenizer's ids"}
-    rows = [("loss", cells(results, entries, lambda r: f"{r['loss']:.4f}")),
-            ("accuracy", cells(results, entries, lambda r: f"{r['accuracy']:.4f}")),
-            ("masked tokens", cells(results, entries, lambda r: str(r["masked_tokens"])))]
+    rows = [("loss", table_cells(results, entries, lambda r: f"{r['loss']:.4f}")),
+            ("accuracy", table_cells(results, entries, lambda r: f"{r['accuracy']:.4f}")),
+            ("masked tokens", table_cells(results, entries, lambda r: str(r["masked_tokens"])))]
     return settings, results, rows
 
 
@@ -731,8 +731,8 @@ def task_ppl(args, entries):
                 "positions_limit": "a model scores only the bins whose upper edge fits in its positions"}
     rows = []
     for b in range(len(edges) - 1):
-        rows.append((bin_label(edges, b), cells(results, entries, lambda r: f"{r['bins'][b]['mean_ppl']:.3f} "
-                                                 f"(n={r['bins'][b]['n']})" if r["bins"][b]["n"] else "n/a")))
+        rows.append((bin_label(edges, b), table_cells(results, entries, lambda r: f"{r['bins'][b]['mean_ppl']:.3f} "
+                                                       f"(n={r['bins'][b]['n']})" if r["bins"][b]["n"] else "n/a")))
     rows.append(("skipped: nothing to mask", [str(sum(samples[e.tok.sha256][1]["per_bin"])) for e in entries]))
     return settings, results, rows
 
@@ -829,7 +829,7 @@ def task_fillmask(args, entries):
             if (ids == e.tok.mask_id).sum() != 1:
                 raise Problem(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
             if len(ids) > e.max_positions:
-                why = f"prompt {short(prompt)!r} is {len(ids)} tokens, over its {e.max_positions} positions"
+                why = f"prompt {abbreviated(prompt)!r} is {len(ids)} tokens, over its {e.max_positions} positions"
                 out.append({"prompt": prompt, **not_applicable("fillmask", e.name, why)})
                 continue
             labels = torch.where(ids == e.tok.mask_id, ids, IGNORE_INDEX)  # decode the masked position only
@@ -852,13 +852,13 @@ def task_fillmask(args, entries):
             return "-"
         r = results[e.name][i]
         return "n/a" if "not_applicable" in r else r["top"][0]["token"] or "∅"
-    rows = [(short(r["prompt"]), [top1(e, i) for e in entries]) for i, r in enumerate(prompts)]
+    rows = [(abbreviated(r["prompt"]), [top1(e, i) for e in entries]) for i, r in enumerate(prompts)]
     why = {"hf": "hf (Table 3's input)", "plain": "plain (running text)"}
     rows.append(("mask input (--mask_input)", [why[mask_input_of(args, e)] for e in entries]))
     return settings, results, rows
 
 
-def short(text, n=24):
+def abbreviated(text, n=24):
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
@@ -1057,14 +1057,15 @@ def task_jglue(args, entries):
     rows = []
     for t in tasks:
         for metric in (("pearson", "spearman") if t == "jsts" else ("accuracy", "mcc") if t == "jcola" else ("accuracy",)):
-            rows.append((f"{t.upper()} {metric}", cells(results, entries, lambda r: f"{r[t]['best'][metric]:.1f}")))
+            rows.append((f"{t.upper()} {metric}",
+                         table_cells(results, entries, lambda r: f"{r[t]['best'][metric]:.1f}")))
         if t != "jsts":
             rows.append((f"{t.upper()} majority-label accuracy",
-                         cells(results, entries, lambda r: f"{r[t]['majority_baseline']['accuracy']:.1f}")))
-        rows.append((f"{t.upper()} best lr/epochs", cells(results, entries, lambda r: f"{r[t]['best']['lr']:g}/"
-                                                                                      f"{r[t]['best']['epochs']}")))
+                         table_cells(results, entries, lambda r: f"{r[t]['majority_baseline']['accuracy']:.1f}")))
+        rows.append((f"{t.upper()} best lr/epochs",
+                     table_cells(results, entries, lambda r: f"{r[t]['best']['lr']:g}/{r[t]['best']['epochs']}")))
     if set(tasks) == set(JGLUE):
-        rows.append(("average", cells(results, entries, lambda r: f"{r['average']:.1f}")))
+        rows.append(("average", table_cells(results, entries, lambda r: f"{r['average']:.1f}")))
     return settings, results, rows
 
 

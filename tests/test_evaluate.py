@@ -340,7 +340,7 @@ def test_ppl_scores_the_bin_that_ends_at_the_models_positions(tmp_path):
     """A model of 64 positions scores every bin of --bins 0,16,64: documents of up to 64 tokens fit it."""
     chars = [5, 10, 30, 62]  # 7, 12, 32 and 64 tokens
     path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(c), "text": "字" * c} for c in chars])
-    entry = ev.Entry("m", tiny_model(CharTok.vocab_size, num_hidden_layers=2, max_position_embeddings=64),
+    entry = ev.EvaluatedModel("m", tiny_model(CharTok.vocab_size, num_hidden_layers=2, max_position_embeddings=64),
                      CharTok(), "chars")
     args = ev.argparse.Namespace(data=path, bins="0,16,64", docs_per_bin=2, positions=3, seed=0, limit=None,
                                  token_budget=1000)
