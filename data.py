@@ -451,18 +451,30 @@ class _ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _check_shard(out_dir, entry):
-    """None if the shard's files are as the record says, else a one-line reason."""
-    for key, size in (("bin", entry["bin_bytes"]), ("idx", (entry["docs"] + 1) * 8)):
-        path = Path(out_dir) / entry[key]
-        if not path.is_file():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return (f"{path}: {path.stat().st_size} bytes where the manifest says {size} "
-                    "(truncated or altered after writing)")
-        if sha256_file(path) != entry[f"{key}_sha256"]:
-            return f"{path}: sha256 differs from the manifest (altered after writing)"
+def _shard_files(data_dir, entry):
+    """[(path, size, sha256)] of a shard's .bin and .idx, as its manifest entry records them."""
+    return [(Path(data_dir) / entry[key], size, entry[f"{key}_sha256"])
+            for key, size in (("bin", entry["bin_bytes"]), ("idx", (entry["docs"] + 1) * 8))]
+
+
+def _file_problem(path, size, sha256=None, stat=None):
+    """None if a shard file has the recorded size (and, given sha256, hash), else a one-line reason."""
+    try:
+        stat = stat or path.stat()
+    except OSError:
+        return f"{path}: missing"
+    if stat.st_size != size:
+        return f"{path}: {stat.st_size} bytes where the manifest says {size} (truncated or altered)"
+    if sha256 and sha256_file(path) != sha256:
+        return f"{path}: sha256 differs from the manifest (altered)"
     return None
+
+
+def _check_shard(data_dir, entry, hashes=True):
+    """None if the shard's files are as its manifest entry says (sizes, and hashes unless told not to), else a
+    one-line reason."""
+    return next((problem for path, size, sha256 in _shard_files(data_dir, entry)
+                 if (problem := _file_problem(path, size, sha256 if hashes else None))), None)
 
 
 def _encode_arrays(sp, texts):
@@ -791,15 +803,7 @@ class Shards:
         if not entries:
             raise Problem(f"{self.data_dir}: split {split!r} has no documents")
         for entry in entries:
-            if verify:
-                problem = _check_shard(self.data_dir, entry)
-            else:
-                problem = None
-                for key, size in (("bin", entry["bin_bytes"]), ("idx", (entry["docs"] + 1) * 8)):
-                    p = self.data_dir / entry[key]
-                    if not p.is_file() or p.stat().st_size != size:
-                        problem = f"{p}: missing, or not the {size} bytes the manifest says (truncated or altered)"
-            if problem:
+            if problem := _check_shard(self.data_dir, entry, hashes=verify):
                 raise Problem(problem + "; rerun `python data.py prepare` to rebuild it")
         self.files = [self.data_dir / e["bin"] for e in entries]
         self.idx_files = [self.data_dir / e["idx"] for e in entries]
@@ -857,8 +861,7 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
     number of ranks, reads only new or changed files. Returns None, or a one-line problem naming the file."""
     data_dir, record_dir = Path(data_dir), Path(record_dir)
     manifest = load_manifest(data_dir)
-    files = [(data_dir / e[k], e["bin_bytes"] if k == "bin" else (e["docs"] + 1) * 8, e[f"{k}_sha256"])
-             for split in manifest["splits"].values() for e in split["shards"] for k in ("bin", "idx")]
+    files = [f for split in manifest["splits"].values() for e in split["shards"] for f in _shard_files(data_dir, e)]
     load = [0] * world_size
     mine = []
     for path, size, sha in sorted(files, key=lambda f: (-f[1], str(f[0]))):  # longest first, to the least loaded
@@ -883,12 +886,8 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
             key, value = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, sha]
             if known.get(key) == value:
                 continue
-            if stat.st_size != size:
-                return (f"{path}: {stat.st_size} bytes where the manifest says {size} (truncated or altered); "
-                        "rerun `python data.py prepare` to rebuild it")
-            if sha256_file(path) != sha:
-                return (f"{path}: sha256 differs from the manifest (altered); rerun `python data.py prepare` "
-                        "to rebuild it")
+            if problem := _file_problem(path, size, sha, stat):
+                return problem + "; rerun `python data.py prepare` to rebuild it"
             done[key] = value
             if time.monotonic() - saved > 10:  # progress survives a kill
                 record_dir.mkdir(parents=True, exist_ok=True)
