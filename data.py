@@ -1,6 +1,7 @@
 """
 Data for llm-jp-modernbert: tokenizer training, parallel sharding, and a memory-mapped MLM loader whose
-batches depend on the seed alone.
+batches depend on the seed alone; and the jsonl readers (records checked field by field, MIRACL's pairs) that
+evaluate.py and train.py share.
 
     python data.py tokenizer --input corpus.jsonl --vocab_size 8000 --out tokenizer.model
     python data.py prepare --input 'corpus/*.jsonl.gz' --tokenizer tokenizer.model --out shards --workers 8

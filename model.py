@@ -10,7 +10,8 @@ default), `reference` (the reference everywhere) or `kernels` (the kernels every
 TRITON_INTERPRET=1, which is how the tests run the model on them without a GPU).
 
 State-dict keys and config.json are Hugging Face's, so `from_pretrained` / `save_pretrained` interoperate
-with transformers without importing it.
+with transformers without importing it. At the end: texts in packed batches by a token budget, their embeddings
+and retrieval scored by them, which evaluate.py and train.py's in-training evaluation share.
 """
 import json
 import math

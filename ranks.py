@@ -175,7 +175,7 @@ class Watchdog:
         # keys of this attempt only (torchrun may keep its store over restarts): a name chosen by rank 0
         name = [secrets.token_hex(4)]
         dist.broadcast_object_list(name)
-        self.store = dist.PrefixStore(f"train.py/{name[0]}/", store)
+        self.store = dist.PrefixStore(f"watchdog/{name[0]}/", store)
         self.host, self.step, self.phase, self.moved = socket.gethostname(), 0, "setup", time.monotonic()
         self.patience = 0  # > 0 while in patient()
         self.log_file, self.done, self.lock = None, threading.Event(), threading.Lock()

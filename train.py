@@ -23,7 +23,8 @@ On several processes and nodes, `main` runs four phases: setup (every rank check
 then the ranks agree; out_dir must be one directory that every rank sees), resume, the loop, finish. A problem
 on any rank stops the whole job with one line from that rank, `error: rank R (HOST): ...`, which torchrun's
 summary repeats. A watchdog ends a job that stops making progress (a dead, stuck or unreachable rank) after
-`collective_timeout` seconds with a line naming the step and the ranks not heard from.
+`collective_timeout` seconds with a line naming the step and the ranks not heard from. That machinery lives in
+ranks.py; this file keeps the settings, the phases and the loop.
 """
 import ast
 import contextlib
