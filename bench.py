@@ -34,10 +34,13 @@ import tempfile
 import textwrap
 import threading
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+
+from ranks import Problem
 
 REPO = Path(__file__).resolve().parent
 
@@ -104,7 +107,7 @@ def bench_model(args):
     ours (unpadded, sparse prediction) vs transformers' ModernBertForMaskedLM, default and sparse_prediction."""
     import tempfile
     import transformers
-    from model import ModernBERT, ModernBertConfig
+    from model import IGNORE_INDEX, ModernBERT, ModernBertConfig
     layers, batch, max_len = (2, 4, 128) if args.quick else (6, 8, 512)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = ModernBertConfig.preset("llm-jp-modernbert-base", num_hidden_layers=layers)
@@ -113,7 +116,7 @@ def bench_model(args):
     lengths = document_lengths(batch, max_len)
     mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
     ids = torch.randint(8, config.vocab_size, (batch, max_len)).masked_fill(mask == 0, config.pad_token_id)
-    labels = torch.where((torch.rand(batch, max_len) < 0.3) & mask.bool(), ids, -100)
+    labels = torch.where((torch.rand(batch, max_len) < 0.3) & mask.bool(), ids, IGNORE_INDEX)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     with tempfile.TemporaryDirectory() as d:
         ours.save_pretrained(d)
@@ -275,7 +278,7 @@ def bench_attention(args):
     own. FLOPs count the keys inside the window only; fwd+bwd counts 3.5x the forward (5 matmuls backward, 2
     forward). With --stream, each figure is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
-        sys.exit("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
+        raise Problem("bench.py attention: needs a CUDA GPU (the Triton kernels run compiled only there)")
     import modernbert_kernels
     from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
@@ -591,11 +594,11 @@ def bench_gpu(args):
     (gpu_usage). A summary table is printed last. Exits 1 if any part failed. --quick passes on to
     attention (8k tokens instead of 64k: a smoke test, not a measurement)."""
     if not args.out:
-        sys.exit("bench.py gpu: --out DIR is required (the directory for gpu.jsonl and the part logs)")
+        raise Problem("bench.py gpu: --out DIR is required (the directory for gpu.jsonl and the part logs)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
-        sys.exit(f"bench.py gpu: --out {args.out} is a file; it must be a directory")
+        raise Problem(f"bench.py gpu: --out {args.out} is a file; it must be a directory")
     if not torch.cuda.is_available():
-        sys.exit("bench.py gpu: needs a CUDA GPU, and none is visible")
+        raise Problem("bench.py gpu: needs a CUDA GPU, and none is visible")
     out_dir, args.out = args.out, None  # the figures go to out_dir/gpu.jsonl, instead of main's one line
     import triton
     env = {**environment(), "triton": triton.__version__, "cuda": torch.version.cuda}
@@ -615,10 +618,9 @@ PAPER_GPUS = 16  # the paper's stage-1 and stage-2 runs (Table 1)
 
 
 def stage_config(stage):
-    """The settings of configs/{stage}.py, as a dict."""
-    cfg = {}
-    exec((REPO / "configs" / f"{stage}.py").read_text(), cfg)
-    return cfg
+    """The settings of configs/{stage}.py as train.py reads them (defaults filled in, every key checked), a dict."""
+    import train
+    return asdict(train.load_config([stage])[0])
 
 
 def train_micro_batches(cfg, kind, generator, world=PAPER_GPUS):
@@ -651,11 +653,11 @@ def bench_train(args):
     of an H100/H200. TORCHDYNAMO_DISABLE=1 runs without torch.compile (the rows say which ran). With --stream,
     each row is also printed as a JSON line (FIGURE) the moment it is measured."""
     if not torch.cuda.is_available():
-        sys.exit("bench.py train: needs a CUDA GPU, and none is visible")
+        raise Problem("bench.py train: needs a CUDA GPU, and none is visible")
     import torch.distributed as dist
     import torch.nn.functional as F
     from torch.distributed.device_mesh import init_device_mesh
-    from model import ModernBERT, ModernBertConfig, parallelize
+    from model import IGNORE_INDEX, ModernBERT, ModernBertConfig, parallelize
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh("cuda", (1,))
     warmup, steps = (1, 2) if args.quick else (2, 5)
@@ -676,7 +678,7 @@ def bench_train(args):
             def micro_batch(lengths):
                 lengths = torch.tensor(lengths)
                 ids = torch.randint(8, config.vocab_size, (int(lengths.sum()),), generator=g)
-                labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, -100)
+                labels = torch.where(torch.rand(len(ids), generator=g) < 0.3, ids, IGNORE_INDEX)
                 cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
                 return ids.cuda(), labels.cuda(), cu.cuda(), int(lengths.max()), lengths.tolist(), int((labels >= 0).sum())
 
@@ -992,7 +994,7 @@ def data_scale(args):
             proc = subprocess.run([sys.executable, "-c", run, json.dumps(spec)], cwd=REPO, capture_output=True,
                                   text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if proc.returncode:
-                raise SystemExit(f"loader probe {spec} failed:\n{proc.stderr[-3000:]}")
+                raise Problem(f"loader probe {spec} failed:\n{proc.stderr[-3000:]}")
             return json.loads(proc.stdout.splitlines()[-1])
 
         designs = {"ours": None, "baseline": str(baseline)} if baseline.is_dir() else {"ours": None}
@@ -1067,7 +1069,8 @@ def read_ahead():
 def bench_data(args):
     """prepare: tokens/s with N worker processes against sentencepiece's own single-process encode of the
     same text (target: ratio >= 0.85 x N). Loader: tokens/s of one process making masked batches (target
-    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: llm-jp's when present, else a demo one.
+    >= 5M). Text: the synthetic demo corpus, repeated; tokenizer: --tokenizer (the README's figures: llm-jp's),
+    else a demo one.
     With --budget: data_budget above; with --scale: data_scale."""
     if args.budget:
         return data_budget(args)
@@ -1085,8 +1088,9 @@ def bench_data(args):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = demo.write_demo(tmp / "demo", n_docs=1000 if args.quick else 3000)
-        real = Path(__file__).resolve().parent.parent / "shared" / "tokenizers" / "llm-jp-tokenizer-100k.ver3.0b1.model"
-        tok = real if real.is_file() else data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
+        if args.tokenizer and not Path(args.tokenizer).is_file():
+            raise Problem(f"bench.py data: --tokenizer {args.tokenizer}: no such file")
+        tok = args.tokenizer or data.train_tokenizer(paths["corpus"], 1500, tmp / "tokenizer.model")
         corpus = tmp / "corpus.jsonl"
         corpus.write_text(paths["corpus"].read_text(encoding="utf-8") * (1 if args.quick else 12), encoding="utf-8")
         texts = [record["text"] for _, record in data.read_jsonl(corpus)]
@@ -1140,13 +1144,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
     parser.add_argument("--scale", action="store_true", help="data: the loader on 1M-100M documents vs the old design")
+    parser.add_argument("--tokenizer", help="data: the sentencepiece model to measure with (default: a demo one "
+                                            "trained on the spot)")
     parser.add_argument("--flex", action="store_true", help="attention: against compiled FlexAttention instead")
     parser.add_argument("--stream", action="store_true", help="attention, train: also print each figure as a "
                                                               "JSON line the moment it is measured")
     args = parser.parse_args()
     env = environment()
     print(f"# {args.task} on {env['device']}, torch {env['torch']}, commit {env['commit']}, {env['date']}")
-    results = tasks[args.task](args)
+    try:
+        results = tasks[args.task](args)
+    except Problem as e:  # one line, named by the command (bench.py TASK: ...), and exit status 1
+        sys.exit(str(e))
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps({"task": args.task, **env, "results": results}) + "\n")

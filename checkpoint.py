@@ -34,15 +34,13 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 import data
+import ranks
 from data import _write_atomic
 from model import ModernBERT, ModernBertConfig
+from ranks import Problem
 
 META = "meta.json"
 NAME = re.compile(r"ckpt_(\d+)")
-
-
-class CheckpointError(Exception):
-    """A checkpoint or model directory that cannot be used; the message is one line for people."""
 
 
 def list_checkpoints(out_dir):
@@ -63,66 +61,37 @@ def crc32(path, chunk=16 << 20):
     return f"{crc:08x}"
 
 
-def _rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _from_rank0(obj):
-    """Rank 0's obj on every process: one decision for all, whatever each process's view of the filesystem."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box)
-    return box[0]
-
-
-def _share(names):
-    """This process's part of a list of files, so that hashing is spread over all processes."""
-    if dist.is_initialized():
-        return names[dist.get_rank()::dist.get_world_size()]
-    return names
-
-
-def _gather(part):
-    """Merge per-process dicts (or lists) on every process."""
-    if not dist.is_initialized():
-        return part
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, part)
-    return {k: v for p in parts for k, v in p.items()} if isinstance(part, dict) else [x for p in parts for x in p]
-
-
 def read_meta(path):
-    """meta.json of a checkpoint, or CheckpointError saying what is wrong with it."""
+    """meta.json of a checkpoint, or Problem saying what is wrong with it."""
     file = Path(path) / META
     if not file.is_file():
-        raise CheckpointError(f"{path}: no {META} (incomplete checkpoint)")
+        raise Problem(f"{path}: no {META} (incomplete checkpoint)")
     text = file.read_text(errors="replace")
     if not text.strip():
-        raise CheckpointError(f"{file}: empty")
+        raise Problem(f"{file}: empty")
     try:
         meta = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise Problem(f"{file}:{e.lineno}: invalid JSON ({e.msg})") from None
     missing = [k for k in ("step", "world_size", "config", "model_config", "files") if k not in meta] \
         if isinstance(meta, dict) else ["all keys"]
     if missing:
-        raise CheckpointError(f"{file}: lacks {', '.join(missing)}")
+        raise Problem(f"{file}: lacks {', '.join(missing)}")
     return meta
 
 
 def verify(path):
-    """meta.json of a checkpoint whose every file has the size and CRC-32 it records; otherwise CheckpointError
+    """meta.json of a checkpoint whose every file has the size and CRC-32 it records; otherwise Problem
     naming the first damaged file. Collective when a process group exists: rank 0 reads meta.json, each process
     checks a share of the files, and every process gets the same answer."""
     path = Path(path)
     try:
-        meta, problems = (read_meta(path) if _rank() == 0 else None), []
-    except CheckpointError as e:
+        meta, problems = (read_meta(path) if ranks.rank() == 0 else None), []
+    except Problem as e:
         meta, problems = None, [str(e)]
-    meta, problems = _from_rank0((meta, problems))
+    meta, problems = ranks.from_rank0((meta, problems))
     try:
-        for name in _share(sorted(meta["files"])) if meta else []:
+        for name in ranks.share(sorted(meta["files"])) if meta else []:
             want, file = meta["files"][name], path / name
             if not file.is_file():
                 problems.append(f"{file}: missing")
@@ -134,19 +103,19 @@ def verify(path):
         problems.append(f"{path / META}: malformed ({type(e).__name__}: {e})")
     except OSError as e:
         problems.append(f"{path}: {e}")
-    problems = sorted(set(_gather(problems)))
+    problems = sorted(set(ranks.gather(problems)))
     if problems:
-        raise CheckpointError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        raise Problem(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
     return meta
 
 
 def latest(out_dir, report=print):
     """(newest checkpoint of out_dir that verifies, its meta) or (None, None), the same on every process (rank 0
     lists them); each newer one that does not verify is reported in one line and left in place."""
-    for path in reversed(_from_rank0(list_checkpoints(out_dir))):
+    for path in reversed(ranks.from_rank0(list_checkpoints(out_dir))):
         try:
             return path, verify(path)
-        except CheckpointError as e:
+        except Problem as e:
             report(f"skipping checkpoint {e}")
     return None, None
 
@@ -237,7 +206,7 @@ def resolve(path):
     (meta.json). A run directory stands for its final export hf/, else its newest complete checkpoint."""
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"{path}: no such directory")
+        raise Problem(f"{path}: no such directory")
     if (p / "config.json").is_file():
         return "hf", p
     if (p / META).is_file() or NAME.fullmatch(p.name):
@@ -247,7 +216,7 @@ def resolve(path):
     complete = [c for c in list_checkpoints(p) if (c / META).is_file()]  # verified when loaded
     if complete:
         return "ckpt", complete[-1]
-    raise CheckpointError(f"{path}: neither a Hugging Face model directory (config.json), a checkpoint (meta.json) "
+    raise Problem(f"{path}: neither a Hugging Face model directory (config.json), a checkpoint (meta.json) "
                           f"nor a run directory (hf/ or ckpt_STEP/)")
 
 
@@ -259,7 +228,7 @@ def load_weights(model, path):
             warnings.simplefilter("ignore", UserWarning)
             dcp.load({"model": state}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     except (RuntimeError, ValueError, KeyError, dcp.api.CheckpointException) as e:
-        raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise Problem(f"{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     set_model_state_dict(model, state)
 
 
@@ -270,7 +239,7 @@ def load_model(path):
         try:
             return ModernBERT.from_pretrained(where), where / "tokenizer.model"
         except (ValueError, FileNotFoundError, KeyError) as e:
-            raise CheckpointError(str(e).splitlines()[0]) from None
+            raise Problem(str(e).splitlines()[0]) from None
     meta = verify(where)
     model = ModernBERT(ModernBertConfig(**meta["model_config"]))
     load_weights(model, where)

@@ -1,6 +1,7 @@
 """
 Data for llm-jp-modernbert: tokenizer training, parallel sharding, and a memory-mapped MLM loader whose
-batches depend on the seed alone.
+batches depend on the seed alone; and the jsonl readers (records checked field by field, MIRACL's pairs) that
+evaluate.py and train.py share.
 
     python data.py tokenizer --input corpus.jsonl --vocab_size 8000 --out tokenizer.model
     python data.py prepare --input 'corpus/*.jsonl.gz' --tokenizer tokenizer.model --out shards --workers 8
@@ -19,7 +20,7 @@ val_fraction * 2**32, so the split does not depend on file order, sharding or wo
 Bad inputs are one-line errors naming file:line. A rerun skips finished shards; an output directory holding
 another dataset is refused unless --replace. Before training, verify_shards checks every shard once against
 the manifest and remembers it (train.py runs it in the background). The synthetic demo corpus lives in
-demo.py (`python demo.py`, or `python data.py demo`).
+demo.py (`python demo.py`), which uses this file.
 """
 import argparse
 import atexit
@@ -42,7 +43,6 @@ import re
 import resource
 import secrets
 import struct
-import sys
 import tempfile
 import threading
 import time
@@ -56,12 +56,12 @@ import sentencepiece as spm
 import torch
 from tqdm import tqdm
 
+import ranks
+from model import IGNORE_INDEX
+from ranks import Problem
+
 FORMAT_VERSION = 1
 SPECIAL_NAMES = ("MASK", "PAD", "CLS", "SEP", "EOD")
-
-
-class DataError(Exception):
-    """A problem with the user's data or files; the message is one line saying what and where."""
 
 
 def sha256_file(path):
@@ -97,11 +97,11 @@ class Tokenizer:
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise DataError(f"{path}: tokenizer file not found")
+            raise Problem(f"{path}: tokenizer file not found")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as e:
-            raise DataError(f"{path}: not a sentencepiece model ({str(e).strip().splitlines()[0]})") from None
+            raise Problem(f"{path}: not a sentencepiece model ({str(e).strip().splitlines()[0]})") from None
         self.vocab_size = self.sp.get_piece_size()
         ids = {}
         for name in SPECIAL_NAMES:
@@ -111,7 +111,7 @@ class Tokenizer:
                     ids[name] = i
                     break
             else:
-                raise DataError(f"{path}: tokenizer has no <{name}> piece (needs the llm-jp special-piece layout)")
+                raise Problem(f"{path}: tokenizer has no <{name}> piece (needs the llm-jp special-piece layout)")
         self.mask_id, self.pad_id, self.cls_id, self.sep_id, self.eod_id = (ids[n] for n in SPECIAL_NAMES)
         self.unk_id = self.sp.unk_id()
         ids = list(range(self.vocab_size))  # one call per question for the whole vocabulary, not one per id
@@ -172,7 +172,7 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
             for path in files:
                 for _, text in iter_documents(path, text_field):
                     yield from (line for line in text.split("\n") if line.strip())
-        except DataError as e:  # raised inside the trainer it would come back as a RuntimeError
+        except Problem as e:  # raised inside the trainer it would come back as a RuntimeError
             failure.append(e)
 
     model = io.BytesIO()
@@ -189,7 +189,7 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
         if failure:
             raise failure[0] from None
         reason = str(e).strip().splitlines()[-1].split("] ")[-1]
-        raise DataError(f"training a tokenizer on {', '.join(map(str, files))}: {reason}") from None
+        raise Problem(f"training a tokenizer on {', '.join(map(str, files))}: {reason}") from None
     if failure:
         raise failure[0]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def hf_tokenizer(tok, max_length):
     the mask) and the text after one starts a word, as at the start of a text."""
     spec = read_sentencepiece(tok)
     if not spec["unigram"]:
-        raise DataError(f"{tok.path}: only unigram sentencepiece models can be exported to a Hugging Face tokenizer")
+        raise Problem(f"{tok.path}: only unigram sentencepiece models can be exported to a Hugging Face tokenizer")
     pieces = spec["pieces"]
     max_score = max([s for _, s, kind in pieces if kind == NORMAL] + [1.1754944e-38])  # C++ starts at FLT_MIN
     vocab = [[p, len(p) * max_score + 1.0 if kind == USER_DEFINED else s] for p, s, kind in pieces]
@@ -342,7 +342,7 @@ def _read_lines(path, start=0, end=None):
                 yield pos, line
                 pos += len(line)
         except (OSError, EOFError, zlib.error) as e:  # unreadable, or a damaged .gz
-            raise DataError(f"{path}: cannot read ({e})") from None
+            raise Problem(f"{path}: cannot read ({e})") from None
 
 
 def _parse_line(path, pos, line, kind, text_field):
@@ -350,7 +350,7 @@ def _parse_line(path, pos, line, kind, text_field):
     try:
         s = line.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{_line_number(path, pos)}: not valid UTF-8 (byte {e.start} of the line)") from None
+        raise Problem(f"{path}:{_line_number(path, pos)}: not valid UTF-8 (byte {e.start} of the line)") from None
     if pos == 0:
         s = s.removeprefix("\ufeff")
     if kind == "txt":
@@ -364,24 +364,24 @@ def _parse_line(path, pos, line, kind, text_field):
             record = json.loads(s)
         except json.JSONDecodeError as e:
             reason = f"{e.msg.removesuffix(' at')} (column {e.colno})"
-            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {reason}") from None
+            raise Problem(f"{path}:{_line_number(path, pos)}: malformed JSON: {reason}") from None
         except ValueError as e:  # an integer beyond Python's digit limit for int()
-            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: {str(e).split(':')[0]}") from None
+            raise Problem(f"{path}:{_line_number(path, pos)}: malformed JSON: {str(e).split(':')[0]}") from None
         except RecursionError:
-            raise DataError(f"{path}:{_line_number(path, pos)}: malformed JSON: nested too deeply") from None
+            raise Problem(f"{path}:{_line_number(path, pos)}: malformed JSON: nested too deeply") from None
         if text_field is None:
             return record
         if not isinstance(record, dict) or text_field not in record:
-            raise DataError(f"{path}:{_line_number(path, pos)}: record has no {text_field!r} field")
+            raise Problem(f"{path}:{_line_number(path, pos)}: record has no {text_field!r} field")
         text = record[text_field]
         if not isinstance(text, str):
             kind = type(text).__name__
-            raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
+            raise Problem(f"{path}:{_line_number(path, pos)}: field {text_field!r} is {kind}, not a string")
     if "\\u" in s:  # only a JSON escape can make a lone surrogate, which is no text (nor tokenizable)
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise DataError(f"{path}:{_line_number(path, pos)}: field {text_field!r} holds a lone surrogate "
+            raise Problem(f"{path}:{_line_number(path, pos)}: field {text_field!r} holds a lone surrogate "
                             f"\\u{ord(text[e.start]):04x} (character {e.start + 1}), not text") from None
     return text
 
@@ -419,21 +419,64 @@ def _input_kind(path):
         return "jsonl"
     if name.endswith(".txt"):
         return "txt"
-    raise DataError(f"{path}: unsupported file type (expected .jsonl, .json or .txt, optionally .gz)")
+    raise Problem(f"{path}: unsupported file type (expected .jsonl, .json or .txt, optionally .gz)")
 
 
 def read_jsonl(path, text_field=None):
     """Yield (line number, record) for the JSON lines in path (.gz allowed), skipping blank lines; with
     text_field, yield (line number, record[text_field]) and require it to be a string. Bad lines raise
-    DataError naming file:line."""
+    Problem naming file:line."""
     if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+        raise Problem(f"{path}: no such file")
     n = 0
     for pos, line in _read_lines(path):
         n += 1
         item = _parse_line(path, pos, line, "jsonl", text_field)
         if item is not None:
             yield n, item
+
+
+def jsonl_records(path, limit=None):
+    """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line,
+    and so does a file without records."""
+    if not Path(path).is_file():
+        raise Problem(f"{path}: no such file")
+    n = 0
+    for lineno, record in read_jsonl(path):
+        if limit is not None and n >= limit:
+            return
+        n += 1
+        yield lineno, record
+    if n == 0:
+        raise Problem(f"{path}: no records (an empty file)")
+
+
+def record_field(record, key, path, lineno, kind=str):
+    """record[key], which must be of `kind`; otherwise one line naming file:line."""
+    if not isinstance(record, dict) or key not in record:
+        raise Problem(f"{path}:{lineno}: record has no field {key!r}")
+    value = record[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+        raise Problem(f"{path}:{lineno}: field {key!r} is {type(value).__name__}, expected "
+                   + " or ".join(k.__name__ for k in kinds))
+    return value
+
+
+def read_miracl_pairs(path, limit=None):
+    """(query, passage) pairs of a MIRACL-layout jsonl, as the paper's Table 4: every item with >= 2 positive
+    passages gives query = positive_passages[0].text, passage = positive_passages[1].text. `limit` counts items
+    read."""
+    pairs = []
+    for lineno, item in jsonl_records(path, limit):
+        positives = record_field(item, "positive_passages", path, lineno, list)
+        if len(positives) >= 2:
+            for p in positives[:2]:
+                record_field(p, "text", path, lineno)
+            pairs.append((positives[0]["text"], positives[1]["text"]))
+    if not pairs:
+        raise Problem(f"{path}: no item with two or more positive_passages")
+    return pairs
 
 
 def iter_documents(path, text_field="text"):
@@ -456,20 +499,20 @@ def expand_inputs(inputs):
         if glob.has_magic(pattern):
             matches = sorted(glob.glob(pattern, recursive=True))
             if not matches:
-                raise DataError(f"{pattern}: no files match")
+                raise Problem(f"{pattern}: no files match")
         else:
             matches = [pattern]
         for path in matches:
             if not os.path.exists(path):
-                raise DataError(f"{path}: no such file")
+                raise Problem(f"{path}: no such file")
             if not os.path.isfile(path):
-                raise DataError(f"{path}: not a file")
+                raise Problem(f"{path}: not a file")
             _input_kind(path)
             if os.path.getsize(path) == 0:
-                raise DataError(f"{path}: empty file")
+                raise Problem(f"{path}: empty file")
             files.append(path)
     if not files:
-        raise DataError("no input files given")
+        raise Problem("no input files given")
     return files
 
 # ---------------------------------------------------------------------------------------------------------
@@ -520,18 +563,30 @@ class _ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _check_shard(out_dir, entry):
-    """None if the shard's files are as the record says, else a one-line reason."""
-    for key, size in (("bin", entry["bin_bytes"]), ("idx", (entry["docs"] + 1) * 8)):
-        path = Path(out_dir) / entry[key]
-        if not path.is_file():
-            return f"{path}: missing"
-        if path.stat().st_size != size:
-            return (f"{path}: {path.stat().st_size} bytes where the manifest says {size} "
-                    "(truncated or altered after writing)")
-        if sha256_file(path) != entry[f"{key}_sha256"]:
-            return f"{path}: sha256 differs from the manifest (altered after writing)"
+def _shard_files(data_dir, entry):
+    """[(path, size, sha256)] of a shard's .bin and .idx, as its manifest entry records them."""
+    return [(Path(data_dir) / entry[key], size, entry[f"{key}_sha256"])
+            for key, size in (("bin", entry["bin_bytes"]), ("idx", (entry["docs"] + 1) * 8))]
+
+
+def _file_problem(path, size, sha256=None, stat=None):
+    """None if a shard file has the recorded size (and, given sha256, hash), else a one-line reason."""
+    try:
+        stat = stat or path.stat()
+    except OSError:
+        return f"{path}: missing"
+    if stat.st_size != size:
+        return f"{path}: {stat.st_size} bytes where the manifest says {size} (truncated or altered)"
+    if sha256 and sha256_file(path) != sha256:
+        return f"{path}: sha256 differs from the manifest (altered)"
     return None
+
+
+def _check_shard(data_dir, entry, hashes=True):
+    """None if the shard's files are as its manifest entry says (sizes, and hashes unless told not to), else a
+    one-line reason."""
+    return next((problem for path, size, sha256 in _shard_files(data_dir, entry)
+                 if (problem := _file_problem(path, size, sha256 if hashes else None))), None)
 
 
 def _encode_arrays(sp, texts):
@@ -605,15 +660,15 @@ def _run_task(task):
                 flush()
                 chars = 0
                 if _worker_stop is not None and _worker_stop.is_set():
-                    raise DataError("stopped: another shard failed")
+                    raise Problem("stopped: another shard failed")
         flush()
         record = {"spec": spec, "train": writers["train"].finish(), "val": writers["val"].finish(), "empty": empty}
         _write_atomic(record_path, json.dumps(record, indent=1))
     except BaseException as e:
         for w in writers.values():
             w.abort()
-        if isinstance(e, OSError):  # reading errors are DataErrors already: this one is writing
-            raise DataError(f"{out_dir}: cannot write shards ({e.strerror or e})") from None
+        if isinstance(e, OSError):  # reading errors are Problems already: this one is writing
+            raise Problem(f"{out_dir}: cannot write shards ({e.strerror or e})") from None
         raise
     return {**record, "skipped": False}
 
@@ -633,12 +688,12 @@ def prepare(inputs, tokenizer_path, out_dir, workers=1, text_field="text", val_f
         tempfile.TemporaryFile(dir=out_dir).close()
         lock = os.open(out_dir, os.O_RDONLY)
     except OSError as e:
-        raise DataError(f"{out_dir}: cannot write there ({e.strerror or e})") from None
+        raise Problem(f"{out_dir}: cannot write there ({e.strerror or e})") from None
     try:
         try:  # on the directory: held by this process and its workers, released by the kernel however they end
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"{out_dir}: another prepare is writing there") from None
+            raise Problem(f"{out_dir}: another prepare is writing there") from None
         return _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes, replace)
     finally:
         os.close(lock)
@@ -700,7 +755,7 @@ def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes
 
     for path in files:
         if not any(r[s] for r, t in zip(records, tasks) if t["path"] == path for s in ("train", "val")):
-            raise DataError(f"{path}: no documents (only blank lines or empty {text_field!r} fields)")
+            raise Problem(f"{path}: no documents (only blank lines or empty {text_field!r} fields)")
     splits = {}
     for s in ("train", "val"):
         shards = [r[s] for r in records if r[s]]
@@ -712,7 +767,7 @@ def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes
     try:
         _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     except OSError as e:
-        raise DataError(f"{out_dir}: cannot write manifest.json ({e.strerror or e})") from None
+        raise Problem(f"{out_dir}: cannot write manifest.json ({e.strerror or e})") from None
     if replace:  # the replaced dataset's shards and records
         keep = {e[k] for s in splits.values() for e in s["shards"] for k in ("bin", "idx")}
         keep |= {f"{t['name']}.json" for t in tasks}
@@ -738,7 +793,7 @@ def _check_same_dataset(out_dir, tok, files, sizes, text_field, val_fraction):
                               [(os.path.realpath(p), n) for p, n in zip(files, sizes)]):
         first = old["inputs"][0]["path"] if old["inputs"] else "?"
         more = f" and {len(old['inputs']) - 1} more" if len(old["inputs"]) > 1 else ""
-        raise DataError(f"{out_dir} holds another dataset (made from {first}{more}, with other inputs or "
+        raise Problem(f"{out_dir} holds another dataset (made from {first}{more}, with other inputs or "
                         "settings); use a new output directory, or --replace to replace it")
 
 
@@ -753,7 +808,7 @@ def _check_tokenizer_matches(out_dir, tok):
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             continue  # not one of ours
         if sha != tok.sha256:
-            raise DataError(f"{out_dir} holds shards made with another tokenizer (sha256 {sha[:12]}, not "
+            raise Problem(f"{out_dir} holds shards made with another tokenizer (sha256 {sha[:12]}, not "
                             f"{tok.sha256[:12]} of {tok.path}); use a new output directory")
 
 
@@ -761,16 +816,16 @@ def load_manifest(data_dir, tokenizer=None):
     """Read data_dir/manifest.json; with tokenizer (path or Tokenizer), check that it made the shards."""
     path = Path(data_dir) / "manifest.json"
     if not path.is_file():
-        raise DataError(f"{path}: not found (make shards with `python data.py prepare`)")
+        raise Problem(f"{path}: not found (make shards with `python data.py prepare`)")
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+        raise Problem(f"{path}: not valid JSON ({e})") from None
     if tokenizer is not None:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
         want = manifest["tokenizer"]
         if tok.sha256 != want["sha256"]:
-            raise DataError(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) does not match the one {data_dir} "
+            raise Problem(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) does not match the one {data_dir} "
                             f"was prepared with ({want['file']}, sha256 {want['sha256'][:12]})")
     return manifest
 
@@ -800,7 +855,7 @@ def _map_files(paths, sizes, dtype):
     failed = ctypes.c_void_p(-1).value
     base = _libc.mmap(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve the range
     if base == failed:
-        raise DataError(f"{Path(paths[0]).parent}: cannot reserve {total:,} bytes of address space for its shards "
+        raise Problem(f"{Path(paths[0]).parent}: cannot reserve {total:,} bytes of address space for its shards "
                         f"({os.strerror(ctypes.get_errno())})")
     buffer = (ctypes.c_char * total).from_address(base)
     # unmapped with the last view; not at exit, where a thread may still be reading (the process ends anyway)
@@ -811,7 +866,7 @@ def _map_files(paths, sizes, dtype):
         fd = os.open(path, os.O_RDONLY)
         try:
             if os.fstat(fd).st_size != size:  # replaced since it was checked: a map past its end would crash
-                raise DataError(f"{path}: changed while it was being opened (now {os.fstat(fd).st_size} bytes, "
+                raise Problem(f"{path}: changed while it was being opened (now {os.fstat(fd).st_size} bytes, "
                                 f"{size} expected); rerun `python data.py prepare` to rebuild it")
             address = _libc.mmap(base + offset, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
             err = ctypes.get_errno()
@@ -820,7 +875,7 @@ def _map_files(paths, sizes, dtype):
         if address == failed:
             why = (f"the {_max_map_count()} maps a process may hold (vm.max_map_count) are in use; raise it with "
                    "sysctl, or merge shards" if err == errno.ENOMEM else os.strerror(err))
-            raise DataError(f"{path}: cannot map ({why})")
+            raise Problem(f"{path}: cannot map ({why})")
         _libc.madvise(address, size, mmap.MADV_RANDOM)
     array = np.frombuffer(buffer, dtype=dtype, count=int(offsets[-1]) // itemsize)  # no unmapped page inside
     array.flags.writeable = False
@@ -848,28 +903,20 @@ class Shards:
         except OSError as e:  # e.g. a process at its limit of open files, which the maps themselves do not use
             limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
             why = f"the {limit} open files allowed (ulimit -n) are in use" if e.errno == errno.EMFILE else e.strerror
-            raise DataError(f"{e.filename or data_dir}: cannot read ({why})") from None
+            raise Problem(f"{e.filename or data_dir}: cannot read ({why})") from None
 
     def _open(self, data_dir, split, verify, tokenizer):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(data_dir, tokenizer)
         self.tokenizer_info = self.manifest["tokenizer"]
         if split not in self.manifest["splits"]:
-            raise DataError(f"{self.data_dir}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
+            raise Problem(f"{self.data_dir}: no split {split!r} (have {', '.join(self.manifest['splits'])})")
         entries = self.manifest["splits"][split]["shards"]
         if not entries:
-            raise DataError(f"{self.data_dir}: split {split!r} has no documents")
+            raise Problem(f"{self.data_dir}: split {split!r} has no documents")
         for entry in entries:
-            if verify:
-                problem = _check_shard(self.data_dir, entry)
-            else:
-                problem = None
-                for key, size in (("bin", entry["bin_bytes"]), ("idx", (entry["docs"] + 1) * 8)):
-                    p = self.data_dir / entry[key]
-                    if not p.is_file() or p.stat().st_size != size:
-                        problem = f"{p}: missing, or not the {size} bytes the manifest says (truncated or altered)"
-            if problem:
-                raise DataError(problem + "; rerun `python data.py prepare` to rebuild it")
+            if problem := _check_shard(self.data_dir, entry, hashes=verify):
+                raise Problem(problem + "; rerun `python data.py prepare` to rebuild it")
         self.files = [self.data_dir / e["bin"] for e in entries]
         self.idx_files = [self.data_dir / e["idx"] for e in entries]
         self.tokens, self.token_start = _map_files(self.files, [e["bin_bytes"] for e in entries],
@@ -880,12 +927,12 @@ class Shards:
         self.shard_tokens = np.array([e["bin_bytes"] for e in entries]) // self.tokens.itemsize
         first, last = self.offsets[self.offset_start], self.offsets[self.offset_start + np.diff(self.first_doc)]
         for s in np.flatnonzero((first != 0) | (last != self.shard_tokens))[:1]:  # cheap, unlike a hash
-            raise DataError(f"{self.idx_files[s]}: document offsets are damaged (they run from {first[s]} to "
+            raise Problem(f"{self.idx_files[s]}: document offsets are damaged (they run from {first[s]} to "
                             f"{last[s]}, the .bin holds {self.shard_tokens[s]} tokens); rerun `python data.py "
                             "prepare` to rebuild it")
         self.n_tokens = int(self.shard_tokens.sum())
         if self.n_tokens == 0:
-            raise DataError(f"{self.data_dir}: split {split!r} holds no tokens")
+            raise Problem(f"{self.data_dir}: split {split!r} holds no tokens")
 
     def __len__(self):
         return int(self.first_doc[-1])
@@ -897,7 +944,7 @@ class Shards:
         j = docs - self.first_doc[s]
         a, b = self.offsets[self.offset_start[s] + j], self.offsets[self.offset_start[s] + j + 1]
         for k in np.flatnonzero((a < 0) | (b < a) | (b > self.shard_tokens[s]))[:1]:
-            raise DataError(f"{self.idx_files[s[k]]}: the offsets of document {j[k]} are damaged ({a[k]} to "
+            raise Problem(f"{self.idx_files[s[k]]}: the offsets of document {j[k]} are damaged ({a[k]} to "
                             f"{b[k]}, the .bin holds {self.shard_tokens[s[k]]} tokens); rerun `python data.py "
                             "prepare` to rebuild it")
         return self.token_start[s] + a, self.token_start[s] + b
@@ -909,12 +956,12 @@ class Shards:
         return self.tokens[a:b].astype(np.int64)
 
     def check_ids(self, docs, vocab_size):
-        """Raise a DataError naming the shard and document of the first of docs holding an id >= vocab_size."""
+        """Raise a Problem naming the shard and document of the first of docs holding an id >= vocab_size."""
         for i in docs:
             ids = self[i]
             if len(ids) and ids.max() >= vocab_size:
                 s = int(np.searchsorted(self.first_doc, i, side="right")) - 1
-                raise DataError(f"{self.files[s]}: document {i - int(self.first_doc[s])} holds token id {ids.max()}, "
+                raise Problem(f"{self.files[s]}: document {i - int(self.first_doc[s])} holds token id {ids.max()}, "
                                 f"outside the vocabulary of {vocab_size} (the shard was altered); rerun "
                                 "`python data.py prepare` to rebuild it")
 
@@ -926,8 +973,7 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
     number of ranks, reads only new or changed files. Returns None, or a one-line problem naming the file."""
     data_dir, record_dir = Path(data_dir), Path(record_dir)
     manifest = load_manifest(data_dir)
-    files = [(data_dir / e[k], e["bin_bytes"] if k == "bin" else (e["docs"] + 1) * 8, e[f"{k}_sha256"])
-             for split in manifest["splits"].values() for e in split["shards"] for k in ("bin", "idx")]
+    files = [f for split in manifest["splits"].values() for e in split["shards"] for f in _shard_files(data_dir, e)]
     load = [0] * world_size
     mine = []
     for path, size, sha in sorted(files, key=lambda f: (-f[1], str(f[0]))):  # longest first, to the least loaded
@@ -952,12 +998,8 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
             key, value = str(path.resolve()), [stat.st_size, stat.st_mtime_ns, sha]
             if known.get(key) == value:
                 continue
-            if stat.st_size != size:
-                return (f"{path}: {stat.st_size} bytes where the manifest says {size} (truncated or altered); "
-                        "rerun `python data.py prepare` to rebuild it")
-            if sha256_file(path) != sha:
-                return (f"{path}: sha256 differs from the manifest (altered); rerun `python data.py prepare` "
-                        "to rebuild it")
+            if problem := _file_problem(path, size, sha, stat):
+                return problem + "; rerun `python data.py prepare` to rebuild it"
             done[key] = value
             if time.monotonic() - saved > 10:  # progress survives a kill
                 record_dir.mkdir(parents=True, exist_ok=True)
@@ -982,6 +1024,20 @@ def verify_in_background(data_dir, record_dir, rank=0, world_size=1):
 # masking
 
 
+MASKED, RANDOM = 0.8, 0.1  # of the selected tokens: shares made <MASK> and a random token; the rest are kept
+
+
+def masking_scheme(p):
+    """What a loader state records of the masks (a resume under another scheme would silently change them)."""
+    return {"rate": p, "mask": MASKED, "random": RANDOM, "keep": round(1 - MASKED - RANDOM, 6)}
+
+
+def _describe_masking(scheme):
+    share = lambda x: f"{x * 100:g}%"
+    return (f"{share(scheme['rate'])} of the tokens ({share(scheme['mask'])} <MASK>, {share(scheme['random'])} random, "
+            f"{share(scheme['keep'])} kept)")
+
+
 class _Masker:
     """BERT masking from 63 random bits per token (bits 0-31 pick the random token, 32-46 decide whether the
     token is selected, 47-61 which of <MASK> 80% / random 10% / kept 10%); special tokens are never selected
@@ -993,7 +1049,7 @@ class _Masker:
         self.is_special[sorted(special_ids)] = True
         self.allowed = torch.nonzero(~self.is_special).flatten()
         self.select = round(p * (1 << 15))
-        self.to_mask, self.to_random = round(0.8 * (1 << 15)), round(0.9 * (1 << 15))
+        self.to_mask, self.to_random = round(MASKED * (1 << 15)), round((MASKED + RANDOM) * (1 << 15))
 
     def __call__(self, ids, bits):
         if self.is_special.device != ids.device:
@@ -1003,14 +1059,14 @@ class _Masker:
         out = torch.where(selected & (kind < self.to_mask), self.mask_id, ids)
         swap = torch.nonzero(selected & (kind >= self.to_mask) & (kind < self.to_random)).flatten()  # ~3%
         out[swap] = self.allowed.index_select(0, ((bits[swap] & 0xFFFFFFFF) * len(self.allowed)) >> 32)
-        labels = torch.where(selected, ids, -100)
+        labels = torch.where(selected, ids, IGNORE_INDEX)
         return out, labels
 
 
 def mask_tokens(ids, special_ids, mask_id, vocab_size, generator=None, p=0.3):
     """MLM masking as in the paper's recipe (Table 1): select each non-special token with probability p; of
     those 80% become <MASK>, 10% a random non-special token, 10% stay. Returns (input_ids, labels) with labels
-    -100 where unselected."""
+    IGNORE_INDEX where unselected."""
     bits = torch.empty(ids.shape, dtype=torch.int64, device=ids.device).random_(generator=generator)
     return _masker(tuple(sorted(special_ids)), mask_id, vocab_size, p)(ids, bits)
 
@@ -1035,7 +1091,7 @@ def _mix64(x):
 # ---------------------------------------------------------------------------------------------------------
 # loader
 
-ORDER = 2  # how an epoch orders its documents; a loader state saved under another order is refused
+ORDER_VERSION = 2  # how an epoch orders its documents; a loader state saved under another is refused
 _ROUNDS = 8
 _PERMUTE = np.uint64(0x5851F42D4C957F2D)  # keeps the order's keys apart from the masks' (same seed)
 
@@ -1071,6 +1127,22 @@ def _ranges(lo, hi):
     return np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
 
 
+def batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens=0, max_seqlen=None):
+    """Why a global batch cannot be split over world_size ranks, or None. Micro-batches of micro_batch_size
+    sequences must divide it exactly; micro-batches by tokens (micro_batch_tokens) fit any number of ranks."""
+    if micro_batch_tokens:
+        if max_seqlen and micro_batch_tokens < max_seqlen:
+            return f"micro_batch_tokens {micro_batch_tokens} is less than max_seqlen {max_seqlen}"
+        return None
+    if batch_size % (world_size * micro_batch_size) == 0:
+        return None
+    fits = [m for m in range(1, batch_size // world_size + 1) if batch_size % (world_size * m) == 0]
+    split = f"{world_size} processes x " if world_size > 1 else ""
+    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
+            + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
+               f"; batch_size must be a multiple of the {world_size} processes (or set micro_batch_tokens)"))
+
+
 class Loader:
     """MLM batches from a shard directory, the same global batches for any number of ranks.
 
@@ -1084,7 +1156,7 @@ class Loader:
     to the ranks by pack_by_tokens (every rank gets the same number; empty ones, {..., "empty": True}, a
     lone <CLS> <SEP> with nothing to predict, fill up, since every rank must join every sharded forward).
     Iterating yields, per optimizer step, the list of this rank's micro-batch dicts {input_ids, labels
-    (-100 = not masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of
+    (IGNORE_INDEX = not masked), cu_seqlens, max_seqlen}, one sequence per document piece, no padding. The mask of
     a token is a function of (seed, epoch, sample, position) only: independent of world size, micro-batching
     and resume. With shuffle=False the documents are read in stored order, once, and iteration stops (the
     last batch may be short); for evaluation. prefetch() iterates the same batches, each built on a
@@ -1093,33 +1165,31 @@ class Loader:
     Nothing is kept per document: the order is computed where it is needed, and packed rows follow a cursor
     (the document holding the next row's first token, and where it starts in the epoch's stream) that
     every rank advances over the documents of every global batch. state_dict() is the position in the
-    sample stream with that cursor, the same on every rank; a run may resume with another world size,
-    micro_batch_size or micro_batch_tokens."""
+    sample stream with that cursor, the same on every rank, with the version of the document order and the
+    masking scheme (rate and split); a run may resume with another world size, micro_batch_size or
+    micro_batch_tokens, not with another order or masking."""
 
     def __init__(self, data_dir, split="train", batch_size=32, micro_batch_size=32, max_seqlen=1024, rank=0,
                  world_size=1, seed=0, mode="line_by_line", mlm_probability=0.3, shuffle=True, verify=True,
                  tokenizer=None, micro_batch_tokens=0):
         if mode not in ("line_by_line", "packed"):
             raise ValueError(f"mode must be 'line_by_line' or 'packed', not {mode!r}")
-        if micro_batch_tokens and micro_batch_tokens < max_seqlen:
-            raise ValueError(f"micro_batch_tokens {micro_batch_tokens} is less than max_seqlen {max_seqlen}")
-        if not micro_batch_tokens and batch_size % (world_size * micro_batch_size):
-            raise ValueError(f"batch_size {batch_size} is not a multiple of world_size {world_size} x "
-                             f"micro_batch_size {micro_batch_size}")
+        if problem := batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens, max_seqlen):
+            raise ValueError(problem)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if max_seqlen < 3:
             raise ValueError(f"max_seqlen {max_seqlen} leaves no room for a token between <CLS> and <SEP>")
         self.shards = Shards(data_dir, split, verify=verify, tokenizer=tokenizer)
-        self.manifest, self.tokenizer_info = self.shards.manifest, self.shards.tokenizer_info
+        self.tokenizer_info = self.shards.tokenizer_info
         info = self.tokenizer_info
         self.cls_id, self.sep_id = info["cls_id"], info["sep_id"]
         self.batch_size, self.micro_batch_size, self.max_seqlen = batch_size, micro_batch_size, max_seqlen
         self.rank, self.world_size, self.seed, self.mode, self.shuffle = rank, world_size, seed, mode, shuffle
         self.micro_batch_tokens = micro_batch_tokens
-        self.grad_accum = None if micro_batch_tokens else batch_size // (world_size * micro_batch_size)
         self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
+        self.masking = masking_scheme(mlm_probability)
         self.n_docs = len(self.shards)
         self.stream_tokens = self.shards.n_tokens + 2 * self.n_docs  # an epoch of "<CLS> doc <SEP>" (packed)
         self.samples_per_epoch = self.n_docs if mode == "line_by_line" else -(-self.stream_tokens // max_seqlen)
@@ -1127,25 +1197,26 @@ class Loader:
         # position cursor[0] of the epoch's order, whose <CLS> is token cursor[1] of the epoch's stream
         self.epoch, self.position, self.cursor = 0, 0, (0, 0)
 
-    @property
-    def steps_per_epoch(self):
-        return self.samples_per_epoch / self.batch_size
-
     def state_dict(self):
-        state = {"order": ORDER, "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                 "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen}
+        state = {"order": ORDER_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
+                 "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen,
+                 "masking": dict(self.masking)}
         if self.mode == "packed":
             state["cursor"] = [self.epoch, self.position, *self.cursor]
         return state
 
     def load_state_dict(self, state):
-        if state.get("order") != ORDER:
-            raise DataError(f"cannot resume: the loader state was saved with document order "
-                            f"{state.get('order', 1)}, this data.py makes order {ORDER} (other batches); "
+        if state.get("order") != ORDER_VERSION:
+            raise Problem(f"cannot resume: the loader state was saved with document order "
+                            f"{state.get('order', 1)}, this data.py makes order {ORDER_VERSION} (other batches); "
                             "start the run again in a new out_dir")
+        if state.get("masking", self.masking) != self.masking:  # a state from before masking was recorded: as now
+            raise Problem(f"cannot resume: the loader state was saved masking {_describe_masking(state['masking'])}, "
+                          f"this loader masks {_describe_masking(self.masking)} (other masks); start the run again "
+                          "in a new out_dir")
         for key in ("seed", "samples_per_epoch", "max_seqlen"):
             if state[key] != getattr(self, key):
-                raise DataError(f"cannot resume: the loader state has {key}={state[key]}, "
+                raise Problem(f"cannot resume: the loader state has {key}={state[key]}, "
                                 f"this loader {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
         if self.mode == "packed":
@@ -1191,41 +1262,42 @@ class Loader:
         """This rank's micro-batches of the global batch at state = (epoch, position, cursor), and the state
         after it; None past the end (shuffle=False)."""
         epoch, position, cursor = state
-        spe, L, n = self.samples_per_epoch, self.max_seqlen, self.batch_size
+        per_epoch, seqlen, n_samples = self.samples_per_epoch, self.max_seqlen, self.batch_size
         if not self.shuffle:
             if epoch > 0:
                 return None
-            n = min(n, spe - position)
-        sample_epoch, sample_index, walks = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), []
-        q = 0
-        while q < n:  # the global batch, one epoch at a time
-            end = min(position + n - q, spe)
-            sample_epoch[q:q + end - position], sample_index[q:q + end - position] = epoch, np.arange(position, end)
+            n_samples = min(n_samples, per_epoch - position)
+        sample_epoch, sample_index = np.empty(n_samples, dtype=np.int64), np.empty(n_samples, dtype=np.int64)
+        walks, filled = [], 0
+        while filled < n_samples:  # the global batch, one epoch at a time
+            end = min(position + n_samples - filled, per_epoch)
+            here = slice(filled, filled + end - position)
+            sample_epoch[here], sample_index[here] = epoch, np.arange(position, end)
             if self.mode == "packed":
-                found, cursor = self._walk(epoch, cursor, min(end * L, self.stream_tokens))
-                walks.append((q, q + end - position, *found))
-            q += end - position
-            epoch, position, cursor = (epoch + 1, 0, (0, 0)) if end == spe else (epoch, end, cursor)
+                found, cursor = self._walk(epoch, cursor, min(end * seqlen, self.stream_tokens))
+                walks.append((filled, filled + end - position, *found))
+            filled += end - position
+            epoch, position, cursor = (epoch + 1, 0, (0, 0)) if end == per_epoch else (epoch, end, cursor)
         if self.mode == "line_by_line":
             docs = self._docs(sample_epoch, sample_index)
             spans = self.shards.spans(docs) if self.micro_batch_tokens else None
-            tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, L)
+            tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, seqlen)
         else:
-            tokens = np.minimum(L, self.stream_tokens - sample_index * L)
+            tokens = np.minimum(seqlen, self.stream_tokens - sample_index * seqlen)
         if self.micro_batch_tokens:
             groups = [np.array(g, dtype=np.int64) for g in pack_by_tokens(tokens, self.micro_batch_tokens,
                                                                           self.world_size)[self.rank]]
         else:
             per_rank = self.batch_size // self.world_size
-            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n)
+            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n_samples)
             groups = [np.arange(a, min(a + self.micro_batch_size, hi))
                       for a in range(lo, hi, self.micro_batch_size)]
         need = np.unique(np.concatenate(groups)) if groups else np.empty(0, dtype=np.int64)
         # the pieces of the samples this rank needs, in order: sample, document, the document's first token in
         # shards.tokens, its tokens kept, and the piece's range [a, b) of "<CLS> doc[:kept] <SEP>"
         if self.mode == "line_by_line":
-            start, stop = (spans[0][need], spans[1][need]) if spans is not None else self.shards.spans(docs[need])
-            kept = np.minimum(stop - start, L - 2)
+            start, end = (spans[0][need], spans[1][need]) if spans is not None else self.shards.spans(docs[need])
+            kept = np.minimum(end - start, seqlen - 2)
             pieces = (need, docs[need], start, kept, np.zeros_like(kept), kept + 2)
         else:
             pieces = tuple(np.concatenate(p) for p in zip(*(self._row_pieces(need[(need >= q0) & (need < q1)],
@@ -1284,7 +1356,7 @@ class Loader:
         return np.minimum(end - start + 2, self.max_seqlen)
 
     def empty_micro_batch(self):
-        return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([-100, -100]),
+        return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX]),
                 "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}
 
     def __iter__(self):
@@ -1302,22 +1374,22 @@ class Loader:
 
 class _Prefetch:
     """Loader.prefetch's iterator: a thread builds batches from the loader's state at the start, one ahead of
-    those handed out; a DataError there is raised here, on the next batch."""
+    those handed out; a Problem there is raised here, on the next batch."""
 
-    running = set()  # (thread, stop event) of every builder thread alive, stopped at exit
+    running = set()  # (thread, cancel event) of every builder thread alive, stopped at exit
 
     def __init__(self, loader, pin_memory):
-        self.loader, self.queue, self.stop = loader, queue.Queue(maxsize=1), threading.Event()
+        self.loader, self.queue, self.cancel = loader, queue.Queue(maxsize=1), threading.Event()
         state = (loader.epoch, loader.position, loader.cursor)
-        thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.stop),
+        thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.cancel),
                                   daemon=True)
-        _Prefetch.running.add((thread, self.stop))
+        _Prefetch.running.add((thread, self.cancel))
         thread.start()
 
     @staticmethod
-    def _run(loader, state, pin_memory, out, stop):  # holds no reference to the iterator, so that it can be dropped
+    def _run(loader, state, pin_memory, out, cancel):  # holds no reference to the iterator, so that it can be dropped
         def put(item):  # False once stopped
-            while not stop.is_set():
+            while not cancel.is_set():
                 try:
                     out.put(item, timeout=0.1)
                     return True
@@ -1337,7 +1409,7 @@ class _Prefetch:
         except BaseException as e:
             put(e)
         finally:
-            _Prefetch.running.discard((threading.current_thread(), stop))
+            _Prefetch.running.discard((threading.current_thread(), cancel))
 
     def __iter__(self):
         return self
@@ -1354,7 +1426,7 @@ class _Prefetch:
         return micro
 
     def close(self):
-        self.stop.set()
+        self.cancel.set()
 
     __del__ = close
 
@@ -1362,8 +1434,8 @@ class _Prefetch:
 @atexit.register
 def _stop_prefetching():
     """A daemon thread still inside numpy or torch when the interpreter shuts down can crash the process."""
-    for thread, stop in list(_Prefetch.running):
-        stop.set()
+    for thread, cancel in list(_Prefetch.running):
+        cancel.set()
         thread.join()
 
 
@@ -1416,13 +1488,8 @@ def summary(manifest):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["demo"]:  # the demo corpus has its own file
-        import demo
-        return demo.main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="= python demo.py: the synthetic demo corpus and eval sets, a tokenizer, shards")
     p = sub.add_parser("tokenizer", help="train a sentencepiece unigram tokenizer with the llm-jp special pieces")
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns")
     p.add_argument("--vocab_size", type=int, required=True)
@@ -1446,9 +1513,8 @@ def main(argv=None):
         else:
             print(summary(prepare(args.input, args.tokenizer, args.out, args.workers, args.text_field,
                                   args.val_fraction, replace=args.replace)))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Problem as e:
+        ranks.exit_with(str(e))
 
 
 if __name__ == "__main__":

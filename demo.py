@@ -1,7 +1,7 @@
 """
 The synthetic Japanese demo corpus and its evaluation sets, and the demo data build.
 
-    python demo.py              # corpus + eval sets, a tokenizer and shards, all in data/demo (= python data.py demo)
+    python demo.py              # corpus + eval sets, a tokenizer and shards, all in data/demo
     python demo.py --out DIR --vocab_size 1500 --workers 4
 
 The corpus is synthetic: sentences generated from the templates and entity tables below (mountains,
@@ -15,12 +15,13 @@ import json
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import DataError, _write_atomic, prepare, summary, train_tokenizer
+import ranks
+from data import _write_atomic, prepare, summary, train_tokenizer
+from ranks import Problem
 
 # entity tables: (name, height m, where)
 MOUNTAINS = [
@@ -302,6 +303,9 @@ def _corrupt(rng, sentence):
     return sentence[:i + 1] + extra + sentence[i + 1:]
 
 
+WORKERS = min(4, os.cpu_count() or 1)  # processes that tokenize the demo corpus into shards
+
+
 def write_demo(out_dir="data/demo", n_docs=3000, seed=0):
     """Write the synthetic demo corpus and evaluation sets (layouts as the real data sets; see the module
     docstring) to out_dir; deterministic. Returns {name: path}."""
@@ -413,7 +417,7 @@ def write_demo(out_dir="data/demo", n_docs=3000, seed=0):
     return paths
 
 
-def build(out_dir="data/demo", vocab_size=1500, workers=1):
+def build(out_dir="data/demo", vocab_size=1500, workers=WORKERS):
     """write_demo, then a tokenizer trained on the corpus and its shards (5% held out) in out_dir/shards.
     Returns prepare's manifest."""
     paths = write_demo(out_dir)
@@ -427,13 +431,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="data/demo")
     parser.add_argument("--vocab_size", type=int, default=1500, help="the demo text allows at most ~1700")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=int, default=WORKERS)
     args = parser.parse_args(argv)
     try:
         print(summary(build(args.out, args.vocab_size, args.workers)))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except Problem as e:
+        ranks.exit_with(str(e))
 
 
 if __name__ == "__main__":

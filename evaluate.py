@@ -46,8 +46,10 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
-from data import DataError, Shards, Tokenizer, load_manifest, mask_tokens, read_jsonl
-from model import IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, cpu_threads
+from data import Shards, Tokenizer, jsonl_records, load_manifest, mask_tokens, read_miracl_pairs, record_field
+from model import (IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, by_budget, cpu_threads, embed, pack,
+                   recall_mrr)
+from ranks import Problem
 
 DEMO = Path("data/demo")
 DEFAULT_MODEL = "out/demo/hf"
@@ -62,11 +64,6 @@ PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られ、世界
                  "{}は、歴史上の重要な出来事であり、多くの人々の生活や社会のあり方に大きな影響を与えました。",
                  "最も長い川は{}です。その流域には多くの都市や村が広がり、豊かな自然や文化が育まれています。",
                  "1年は{}ヶ月です。", "英語で「ありがとう」は{}と言います。", "1年はおよそ{}日です。"]
-
-
-def fail(message):
-    """Stop with one line for people and a non-zero exit."""
-    raise SystemExit(f"error: {message}")
 
 
 class Progress:
@@ -116,9 +113,9 @@ def find_weights(path):
     training checkpoints (meta.json). A run directory stands for its final export hf/, else its newest ckpt_STEP."""
     try:
         return checkpoint.resolve(path)
-    except checkpoint.CheckpointError as e:
-        fail(f"--model {e}" + (" (run `python train.py configs/demo.py` first to make the demo model)"
-                               if str(path) == str(DEFAULT_MODEL) else ""))
+    except Problem as e:
+        raise Problem(f"--model {e}" + (" (run `python train.py configs/demo.py` first to make the demo model)"
+                                     if str(path) == str(DEFAULT_MODEL) else ""))
 
 
 def model_type(where):
@@ -127,9 +124,9 @@ def model_type(where):
     try:
         config = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(f"{file}: not valid JSON ({e})")
+        raise Problem(f"{file}: not valid JSON ({e})")
     if not isinstance(config, dict):
-        fail(f"{file}: not a JSON object")
+        raise Problem(f"{file}: not a JSON object")
     return config.get("model_type")
 
 
@@ -141,8 +138,8 @@ def load_model(path, device):
         return load_transformers_model(where, device), None
     try:
         model, tokenizer = checkpoint.load_model(path)
-    except checkpoint.CheckpointError as e:
-        fail(f"--model {path}: {e}")
+    except Problem as e:
+        raise Problem(f"--model {path}: {e}")
     return model.to(device).eval(), (tokenizer if tokenizer.is_file() else None)
 
 
@@ -150,7 +147,7 @@ def import_transformers(why):
     try:
         import transformers
     except ImportError:
-        fail(f"{why} needs transformers (pip install transformers)")
+        raise Problem(f"{why} needs transformers (pip install transformers)")
     transformers.logging.set_verbosity_error()  # "some weights were newly initialised": the classifier, as intended
     transformers.logging.disable_progress_bar()  # a bar per model loaded; ours say what runs
     return transformers
@@ -226,7 +223,7 @@ def load_transformers_model(where, device):
     try:
         hf = transformers.AutoModelForMaskedLM.from_pretrained(where)
     except (ValueError, OSError, KeyError) as e:
-        fail(f"--model {where}: transformers cannot load it ({str(e).splitlines()[0]})")
+        raise Problem(f"--model {where}: transformers cannot load it ({str(e).splitlines()[0]})")
     return TransformersMLM(hf, where).to(device).eval()
 
 
@@ -247,14 +244,14 @@ class TransformersTokenizer:
         try:
             self.hf = transformers.AutoTokenizer.from_pretrained(path)
         except (ValueError, OSError, KeyError) as e:
-            fail(f"{path}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})")
+            raise Problem(f"{path}: transformers cannot load its tokenizer ({str(e).splitlines()[0]})")
         self.hf.model_max_length = 10 ** 9  # documents are measured whole; callers truncate
         t = self.hf
         self.cls_id = t.cls_token_id if t.cls_token_id is not None else t.bos_token_id
         self.sep_id = t.sep_token_id if t.sep_token_id is not None else t.eos_token_id
         self.mask_id, self.pad_id = t.mask_token_id, t.pad_token_id
         if None in (self.cls_id, self.sep_id, self.mask_id):
-            fail(f"{path}: the tokenizer lacks a cls/bos, sep/eos or mask token, which an encoder needs")
+            raise Problem(f"{path}: the tokenizer lacks a cls/bos, sep/eos or mask token, which an encoder needs")
         self.special_ids = set(t.all_special_ids)
         self.vocab_size = len(t)
         h = hashlib.sha256()
@@ -307,18 +304,18 @@ def load_tokenizer(path, model, model_path, stated=None):
     elif p.is_file():
         tok = Tokenizer(str(p))
     else:
-        fail(f"tokenizer {path}: no such file (give --tokenizer X.model)")
+        raise Problem(f"tokenizer {path}: no such file (give --tokenizer X.model)")
     if tok.vocab_size > model.config.vocab_size:
-        fail(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only "
-             f"{model.config.vocab_size} embeddings")
+        raise Problem(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only "
+                   f"{model.config.vocab_size} embeddings")
     for name, theirs in (stated or {}).items():
         if getattr(tok, f"{name}_id") != theirs:
-            fail(f"tokenizer {path} has {name} id {getattr(tok, f'{name}_id')} but model {model_path} expects "
-                 f"{theirs}: wrong tokenizer?")
+            raise Problem(f"tokenizer {path} has {name} id {getattr(tok, f'{name}_id')} but model {model_path} expects "
+                       f"{theirs}: wrong tokenizer?")
     return tok
 
 
-class Entry:
+class EvaluatedModel:
     """One model under evaluation: its name (the --model argument), the model and its tokenizer."""
 
     def __init__(self, name, model, tokenizer, tokenizer_path):
@@ -341,7 +338,7 @@ def not_applicable(task, name, why):
     return {"not_applicable": why}
 
 
-def cells(results, entries, fmt):
+def table_cells(results, entries, fmt):
     """One table cell per model: fmt(its results), or "n/a" for a model the task could not apply to."""
     return ["n/a" if "not_applicable" in results[e.name] else fmt(results[e.name]) for e in entries]
 
@@ -350,7 +347,8 @@ def load_entries(args):
     paths = args.model or [DEFAULT_MODEL]
     toks = args.tokenizer or [None]
     if len(toks) not in (1, len(paths)):
-        fail(f"--tokenizer: give one tokenizer for all models or one per model ({len(paths)}), not {len(toks)}")
+        raise Problem(f"--tokenizer: give one tokenizer for all models or one per model ({len(paths)}), "
+                      f"not {len(toks)}")
     entries = []
     for i, path in enumerate(paths):
         model, own = load_model(path, args.device)
@@ -362,7 +360,7 @@ def load_entries(args):
             tok_path = where
         tok_path = tok_path or DEMO / "tokenizer.model"
         tok = load_tokenizer(tok_path, model, path, stated_special_ids(kind, where, model))
-        entries.append(Entry(path, model, tok, tok_path))
+        entries.append(EvaluatedModel(path, model, tok, tok_path))
     return entries
 
 
@@ -370,76 +368,13 @@ def device_of(model):
     return next(model.parameters()).device
 
 
-def by_budget(lengths, token_budget):
-    """Consecutive groups of item indices, each at most token_budget tokens (a longer item goes alone)."""
-    batch, tokens = [], 0
-    for i, n in enumerate(lengths):
-        if batch and tokens + n > token_budget:
-            yield batch
-            batch, tokens = [], 0
-        batch.append(i)
-        tokens += n
-    if batch:
-        yield batch
-
-
-def pack(seqs, device):
-    """List of 1-D id tensors -> (input_ids (total,), cu_seqlens int32 (n+1,), max_seqlen) on device."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-    return torch.cat([torch.as_tensor(s) for s in seqs]).to(device), cu, int(lengths.max())
-
-
 # -----------------------------------------------------------------------------------------------------------
 # data sets in their published layouts
 
 
-def records(path, limit=None):
-    """(line number, record) of a jsonl file, at most `limit` records; malformed lines stop with file:line,
-    and so does a file without records."""
-    if not Path(path).is_file():
-        fail(f"{path}: no such file")
-    n = 0
-    for lineno, record in read_jsonl(path):
-        if limit is not None and n >= limit:
-            return
-        n += 1
-        yield lineno, record
-    if n == 0:
-        fail(f"{path}: no records (an empty file)")
-
-
-def field(record, key, path, lineno, kind=str):
-    """record[key], which must be of `kind`; otherwise one line naming file:line."""
-    if not isinstance(record, dict) or key not in record:
-        fail(f"{path}:{lineno}: record has no field {key!r}")
-    value = record[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
-        fail(f"{path}:{lineno}: field {key!r} is {type(value).__name__}, expected "
-             + " or ".join(k.__name__ for k in kinds))
-    return value
-
-
-def read_miracl_pairs(path, limit=None):
-    """(query, passage) pairs of a MIRACL-layout jsonl, as the paper's Table 4: every item with >= 2 positive
-    passages gives query = positive_passages[0].text, passage = positive_passages[1].text. `limit` counts items
-    read."""
-    pairs = []
-    for lineno, item in records(path, limit):
-        positives = field(item, "positive_passages", path, lineno, list)
-        if len(positives) >= 2:
-            for p in positives[:2]:
-                field(p, "text", path, lineno)
-            pairs.append((positives[0]["text"], positives[1]["text"]))
-    if not pairs:
-        fail(f"{path}: no item with two or more positive_passages")
-    return pairs
-
-
 def read_texts(path, limit=None):
     """[(id, text)] of a Wikipedia-style jsonl ({"text", optional "id"})."""
-    texts = [(lineno, r, field(r, "text", path, lineno)) for lineno, r in records(path, limit)]
+    texts = [(lineno, r, record_field(r, "text", path, lineno)) for lineno, r in jsonl_records(path, limit)]
     return [(str(r.get("id", f"line {lineno}")), text) for lineno, r, text in texts]
 
 
@@ -453,8 +388,8 @@ def sample_by_length(tok, path, edges, per_bin, seed, limit=None):
     rng = random.Random(seed)
     bins, seen = [[] for _ in edges[:-1]], [0] * (len(edges) - 1)
     unmaskable = {"per_bin": [0] * (len(edges) - 1), "ids": []}
-    for lineno, r in progress(records(path, limit), f"tokenizing {Path(path).name}"):
-        text = tok.encode(field(r, "text", path, lineno))
+    for lineno, r in progress(jsonl_records(path, limit), f"tokenizing {Path(path).name}"):
+        text = tok.encode(record_field(r, "text", path, lineno))
         ids = [tok.cls_id] + text + [tok.sep_id]
         b = bisect.bisect_left(edges, len(ids)) - 1
         if not 0 <= b < len(bins):
@@ -480,25 +415,13 @@ def parse_edges(text):
     except ValueError:
         edges = []
     if len(edges) < 2 or edges != sorted(set(edges)) or edges[0] < 0:
-        fail(f"--bins {text}: expected increasing token counts separated by commas, e.g. 0,1024,2048,4096,8192")
+        raise Problem(f"--bins {text}: expected increasing token counts separated by commas, "
+                      f"e.g. 0,1024,2048,4096,8192")
     return edges
 
 
 # -----------------------------------------------------------------------------------------------------------
 # metrics (each checked against an independent computation in tests/test_evaluate.py)
-
-
-def ranks_of_gold(scores):
-    """scores (n_queries, n_corpus), query i's own entry is corpus i -> its 1-based rank. Ties count against
-    the query (rank = 1 + entries scoring >= its own, itself excluded), so constant scores earn nothing."""
-    return (scores >= scores.diagonal()[:, None]).sum(1)  # counts the own entry itself: the + 1
-
-
-def recall_mrr(scores, k=10):
-    """Recall@k (share of queries whose own entry is in the top k) and MRR@k (mean 1/rank, 0 outside the top k)."""
-    rank = ranks_of_gold(scores).double()
-    hit = rank <= k
-    return hit.double().mean().item(), torch.where(hit, 1.0 / rank, 0.0).mean().item()
 
 
 def pearson(x, y):
@@ -646,27 +569,16 @@ UNITS = {"char": lambda texts: texts, "word": as_word_strings}
 # model computations
 
 
-@torch.no_grad()
-def embed(model, tok, texts, max_len, token_budget=16384):
-    """L2-normalised mean-pooled embeddings (n, H) of "<CLS> text <SEP>" truncated to max_len tokens. Texts
-    are embedded longest first in packed batches of at most token_budget tokens."""
-    device = device_of(model)
-    seqs = [torch.tensor(tok.encode_pair(t, max_len=max_len)) for t in texts]
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    out = torch.empty(len(seqs), model.config.hidden_size)
-    for group in progress(list(by_budget([len(seqs[i]) for i in order], token_budget)), "embedding"):
-        idx = [order[i] for i in group]
-        ids, cu, m = pack([seqs[i] for i in idx], device)
-        out[idx] = F.normalize(model.encode(ids, cu_seqlens=cu, max_seqlen=m).float(), dim=-1).cpu()
-    return out
+def embedding_progress(batches):
+    return progress(batches, "embedding")
 
 
 def retrieval_scores(model, tokenizer, path, limit=None, max_len=8192, token_budget=16384):
     """Zero-shot MIRACL-style retrieval (Table 4): Recall@10 and MRR@10 of each query's own passage among all
     passages, by dot product of normalised mean-pooled embeddings."""
     pairs = read_miracl_pairs(path, limit)
-    q = embed(model, tokenizer, [a for a, _ in pairs], max_len, token_budget)
-    c = embed(model, tokenizer, [b for _, b in pairs], max_len, token_budget)
+    q = embed(model, tokenizer, [a for a, _ in pairs], max_len, token_budget, embedding_progress)
+    c = embed(model, tokenizer, [b for _, b in pairs], max_len, token_budget, embedding_progress)
     recall, mrr = recall_mrr(q @ c.T)
     return {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
 
@@ -679,7 +591,7 @@ def draw_positions(docs, special_ids, n, seed):
     for i, ids in enumerate(docs):
         candidates = torch.nonzero(~torch.isin(ids, specials)).flatten()
         if len(candidates) == 0:
-            fail(f"document {i} has no token to mask")
+            raise Problem(f"document {i} has no token to mask")
         out.append(candidates[torch.randint(len(candidates), (n,), generator=g)])
     return out
 
@@ -727,7 +639,7 @@ def val_sequences(path, e, max_len, limit, shards):
                "transformers tokenizer (give --data a jsonl of {\"text\"})"
     try:
         load_manifest(path, e.tok)
-    except DataError as err:
+    except Problem as err:
         return f"{err} (give --data a jsonl of {{\"text\"}})"
     if e.tok.sha256 not in shards:
         shards[e.tok.sha256] = Shards(path, "val", tokenizer=e.tok)
@@ -765,14 +677,14 @@ def task_mlm(args, entries):
             correct += (logits.argmax(-1) == target).sum().item()
             count += len(target)
         if count == 0:
-            fail(f"{path}: no tokens to mask")
+            raise Problem(f"{path}: no tokens to mask")
         results[e.name] = {"loss": loss_sum / count, "accuracy": correct / count, "masked_tokens": count,
                            "sequences": len(seqs), "max_len": max_len}
     settings = {"data": str(path), "mlm_probability": args.mlm_probability, "seed": args.seed,
                 "limit": args.limit, "masking": "data.mask_tokens (80/10/10), fixed seed, the tokenizer's ids"}
-    rows = [("loss", cells(results, entries, lambda r: f"{r['loss']:.4f}")),
-            ("accuracy", cells(results, entries, lambda r: f"{r['accuracy']:.4f}")),
-            ("masked tokens", cells(results, entries, lambda r: str(r["masked_tokens"])))]
+    rows = [("loss", table_cells(results, entries, lambda r: f"{r['loss']:.4f}")),
+            ("accuracy", table_cells(results, entries, lambda r: f"{r['accuracy']:.4f}")),
+            ("masked tokens", table_cells(results, entries, lambda r: str(r["masked_tokens"])))]
     return settings, results, rows
 
 
@@ -790,8 +702,8 @@ def task_ppl(args, entries):
         for b, items in enumerate(bins):
             if fits[e.name][b] and not items:
                 why = f", {unmaskable['per_bin'][b]} with nothing to mask" if unmaskable["per_bin"][b] else ""
-                fail(f"{path}: no document of {bin_label(edges, b)} tokens to score (tokenizer {e.tok_path}{why}); "
-                     f"give other --bins or read more records (--limit)")
+                raise Problem(f"{path}: no document of {bin_label(edges, b)} tokens to score (tokenizer {e.tok_path}"
+                              f"{why}); give other --bins or read more records (--limit)")
     results = {}
     for e in entries:
         bins, unmaskable = samples[e.tok.sha256]
@@ -821,8 +733,8 @@ def task_ppl(args, entries):
                 "positions_limit": "a model scores only the bins whose upper edge fits in its positions"}
     rows = []
     for b in range(len(edges) - 1):
-        rows.append((bin_label(edges, b), cells(results, entries, lambda r: f"{r['bins'][b]['mean_ppl']:.3f} "
-                                                 f"(n={r['bins'][b]['n']})" if r["bins"][b]["n"] else "n/a")))
+        rows.append((bin_label(edges, b), table_cells(results, entries, lambda r: f"{r['bins'][b]['mean_ppl']:.3f} "
+                                                       f"(n={r['bins'][b]['n']})" if r["bins"][b]["n"] else "n/a")))
     rows.append(("skipped: nothing to mask", [str(sum(samples[e.tok.sha256][1]["per_bin"])) for e in entries]))
     return settings, results, rows
 
@@ -840,17 +752,17 @@ def bin_summary(edges, b, values):
 def read_prompts(path):
     prompts = []
     if not Path(path).is_file():
-        fail(f"{path}: no such file")
+        raise Problem(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\n")
             if not line.strip():
                 continue
             if line.count("{}") != 1:
-                fail(f"{path}:{lineno}: a prompt needs exactly one {{}} where the mask goes")
+                raise Problem(f"{path}:{lineno}: a prompt needs exactly one {{}} where the mask goes")
             prompts.append(line)
     if not prompts:
-        fail(f"{path}: no prompts")
+        raise Problem(f"{path}: no prompts")
     return prompts
 
 
@@ -882,7 +794,7 @@ def prompt_ids(tok, prompt, mask_input="hf"):
         for i in range(len(ids) - len(m) + 1):
             if ids[i:i + len(m)] == m:
                 return [tok.cls_id] + ids[:i] + [tok.mask_id] + ids[i + len(m):] + [tok.sep_id]
-    fail(f"prompt {prompt!r}: cannot place the mask (the tokenizer merged the placeholder)")
+    raise Problem(f"prompt {prompt!r}: cannot place the mask (the tokenizer merged the placeholder)")
 
 
 def mask_input_of(args, e):
@@ -917,9 +829,9 @@ def task_fillmask(args, entries):
         for prompt in fillmask_prompts(args, e):
             ids = torch.tensor(prompt_ids(e.tok, prompt, args.mask_input))
             if (ids == e.tok.mask_id).sum() != 1:
-                fail(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
+                raise Problem(f"prompt {prompt!r}: the tokenizer of {e.name} does not give exactly one mask token")
             if len(ids) > e.max_positions:
-                why = f"prompt {short(prompt)!r} is {len(ids)} tokens, over its {e.max_positions} positions"
+                why = f"prompt {abbreviated(prompt)!r} is {len(ids)} tokens, over its {e.max_positions} positions"
                 out.append({"prompt": prompt, **not_applicable("fillmask", e.name, why)})
                 continue
             labels = torch.where(ids == e.tok.mask_id, ids, IGNORE_INDEX)  # decode the masked position only
@@ -942,13 +854,13 @@ def task_fillmask(args, entries):
             return "-"
         r = results[e.name][i]
         return "n/a" if "not_applicable" in r else r["top"][0]["token"] or "∅"
-    rows = [(short(r["prompt"]), [top1(e, i) for e in entries]) for i, r in enumerate(prompts)]
+    rows = [(abbreviated(r["prompt"]), [top1(e, i) for e in entries]) for i, r in enumerate(prompts)]
     why = {"hf": "hf (Table 3's input)", "plain": "plain (running text)"}
     rows.append(("mask input (--mask_input)", [why[mask_input_of(args, e)] for e in entries]))
     return settings, results, rows
 
 
-def short(text, n=24):
+def abbreviated(text, n=24):
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
@@ -1007,14 +919,15 @@ def jglue_files(task, jglue_root, jcola_root, version=None):
         if version is not None:
             versions = [d for d in versions if d.name == f"{task}-{version}"]
         if not versions:
-            fail(f"{root}: no datasets/{task}-{version or 'v1.*'}/ directory (expected a JGLUE checkout as --data)")
+            raise Problem(f"{root}: no datasets/{task}-{version or 'v1.*'}/ directory "
+                          f"(expected a JGLUE checkout as --data)")
         d = versions[-1]
         version = d.name.split("-")[-1]
         files = [d / f"{s}-{version}.json" for s in ("train", "valid")]
         where = "a JGLUE checkout (--data)"
     for f in files:
         if not f.is_file():
-            fail(f"{f}: missing (expected {where})")
+            raise Problem(f"{f}: missing (expected {where})")
     return files[0], files[1], version
 
 
@@ -1022,18 +935,18 @@ def read_jglue(path, task, tok, max_len, limit):
     """[(ids, label)] of a JGLUE / JCoLA file: "<CLS> s1 <SEP> [s2 <SEP>]" truncated to max_len."""
     keys, labels = JGLUE[task]
     out = []
-    for lineno, r in records(path, limit):
-        texts = [field(r, k, path, lineno) for k in keys]
-        label = field(r, "label", path, lineno, (int, float, str))
+    for lineno, r in jsonl_records(path, limit):
+        texts = [record_field(r, k, path, lineno) for k in keys]
+        label = record_field(r, "label", path, lineno, (int, float, str))
         if labels is None:
             try:
                 label = float(label)
             except ValueError:
-                fail(f"{path}:{lineno}: field 'label' is {label!r}, not a number")
+                raise Problem(f"{path}:{lineno}: field 'label' is {label!r}, not a number")
             if not math.isfinite(label):
-                fail(f"{path}:{lineno}: field 'label' is {label}, not a finite number")
+                raise Problem(f"{path}:{lineno}: field 'label' is {label}, not a finite number")
         elif label not in labels:
-            fail(f"{path}:{lineno}: field 'label' is {label!r}, not one of {', '.join(map(repr, labels))}")
+            raise Problem(f"{path}:{lineno}: field 'label' is {label!r}, not one of {', '.join(map(repr, labels))}")
         else:
             label = labels.index(label)
         out.append((torch.tensor(tok.encode_pair(*texts, max_len=max_len)), label))
@@ -1125,7 +1038,7 @@ def task_jglue(args, entries):
     tasks = [t.strip().lower() for t in args.tasks.split(",")]
     for t in tasks:
         if t not in JGLUE:
-            fail(f"--tasks {args.tasks}: unknown task {t!r}; known: {', '.join(JGLUE)}")
+            raise Problem(f"--tasks {args.tasks}: unknown task {t!r}; known: {', '.join(JGLUE)}")
     files = {t: jglue_files(t, args.data or DEMO / "JGLUE", args.jcola_data or DEMO / "JCoLA", args.jglue_version)
              for t in tasks}
     results = {}
@@ -1146,14 +1059,15 @@ def task_jglue(args, entries):
     rows = []
     for t in tasks:
         for metric in (("pearson", "spearman") if t == "jsts" else ("accuracy", "mcc") if t == "jcola" else ("accuracy",)):
-            rows.append((f"{t.upper()} {metric}", cells(results, entries, lambda r: f"{r[t]['best'][metric]:.1f}")))
+            rows.append((f"{t.upper()} {metric}",
+                         table_cells(results, entries, lambda r: f"{r[t]['best'][metric]:.1f}")))
         if t != "jsts":
             rows.append((f"{t.upper()} majority-label accuracy",
-                         cells(results, entries, lambda r: f"{r[t]['majority_baseline']['accuracy']:.1f}")))
-        rows.append((f"{t.upper()} best lr/epochs", cells(results, entries, lambda r: f"{r[t]['best']['lr']:g}/"
-                                                                                      f"{r[t]['best']['epochs']}")))
+                         table_cells(results, entries, lambda r: f"{r[t]['majority_baseline']['accuracy']:.1f}")))
+        rows.append((f"{t.upper()} best lr/epochs",
+                     table_cells(results, entries, lambda r: f"{r[t]['best']['lr']:g}/{r[t]['best']['epochs']}")))
     if set(tasks) == set(JGLUE):
-        rows.append(("average", cells(results, entries, lambda r: f"{r['average']:.1f}")))
+        rows.append(("average", table_cells(results, entries, lambda r: f"{r['average']:.1f}")))
     return settings, results, rows
 
 
@@ -1192,7 +1106,7 @@ def pair_texts(args):
             j = rng.choice([j for j in range(len(every)) if j != i])
             randoms.append((every[i][0], every[j][1]))
     if n == 0:
-        fail(f"{args.wiki or path}: fewer than two texts for random pairs")
+        raise Problem(f"{args.wiki or path}: fewer than two texts for random pairs")
     return every[:args.pairs], randoms
 
 
@@ -1216,8 +1130,8 @@ def random_pairs_row(pairs, entries):
 
 
 def pair_embeddings(e, pairs, args):
-    a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget)
-    b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget)
+    a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget, embedding_progress)
+    b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget, embedding_progress)
     return a, b
 
 
@@ -1319,7 +1233,7 @@ def metric_files(args):
         files = [Path(r) / "metrics.jsonl" if Path(r).is_dir() else Path(r) for r in args.run]
         for r, f in zip(args.run, files):
             if not f.is_file():
-                fail(f"--run {r}: no metrics.jsonl (give the training run directories)")
+                raise Problem(f"--run {r}: no metrics.jsonl (give the training run directories)")
         return files, {}
     files, missing = [], {}
     for model, run in zip(args.model or [DEFAULT_MODEL], run_dirs(args)):
@@ -1329,7 +1243,7 @@ def metric_files(args):
         elif f not in files:
             files.append(f)
     if not files:
-        fail("--model: none of the models is a training run with a metrics.jsonl (give the runs with --run)")
+        raise Problem("--model: none of the models is a training run with a metrics.jsonl (give the runs with --run)")
     return files, missing
 
 
@@ -1340,8 +1254,8 @@ def task_curves(args, entries):
     files, missing = metric_files(args)
     points, starts, offset = {k: [] for k in CURVES}, [], 0
     for f in files:
-        lines = list(records(f))
-        rows, steps = [r for _, r in lines], [field(r, "step", f, lineno, int) for lineno, r in lines]
+        lines = list(jsonl_records(f))
+        rows, steps = [r for _, r in lines], [record_field(r, "step", f, lineno, int) for lineno, r in lines]
         shift = offset if steps and min(steps) <= offset else 0
         starts.append(shift + (min(steps) if steps else 0))
         for r, s in zip(rows, steps):
@@ -1492,7 +1406,7 @@ def provenance(name):
         config = meta["config"]
         return {"step": meta["step"], "stage": 2 if config["max_seqlen"] > 1024 else 1,
                 "demo": Path(config["data_dir"]).parts[-3:-1] == ("data", "demo") or config.get("demo_data", False)}
-    except (checkpoint.CheckpointError, OSError, ValueError, KeyError, TypeError):
+    except (Problem, OSError, ValueError, KeyError, TypeError):
         return {}
 
 
@@ -1691,6 +1605,15 @@ def settings_line(args):
 
 
 def main(argv=None):
+    """The command line: a Problem anywhere ends it with one line, `error: ...`, and exit status 1."""
+    try:
+        run_tasks(parse_args(argv))
+    except Problem as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def parse_args(argv):
+    """The options, checked, with the settings of the profile (the paper's or the small one) filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}, all")
     p.add_argument("--model", nargs="+", help=f"model directories, checkpoints or run directories (default {DEFAULT_MODEL})")
@@ -1740,9 +1663,9 @@ def main(argv=None):
     p.add_argument("--jglue_batch_size", type=int, default=32)
     args = p.parse_args(argv)
     if args.task not in tuple(TASKS) + ("all",):
-        fail(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
+        raise Problem(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
     if args.full and args.quick:
-        fail("--full and --quick: choose one")
+        raise Problem("--full and --quick: choose one")
     args.profile = "paper" if args.full or (args.device.startswith("cuda") and not args.quick) else "small"
     for key, value in (PAPER if args.profile == "paper" else SMALL).items():
         if getattr(args, key) is None:
@@ -1751,11 +1674,16 @@ def main(argv=None):
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.baselines = [] if args.baselines == "none" else [u.strip() for u in args.baselines.split(",")]
     if not set(args.baselines) <= set(UNITS):
-        fail(f"--baselines: expected char, word, both separated by a comma, or none")
+        raise Problem(f"--baselines: expected char, word, both separated by a comma, or none")
     if args.task == "all" and args.data:
-        fail("--data names one task's data set; with --task all every task reads its demo set")
+        raise Problem("--data names one task's data set; with --task all every task reads its demo set")
     if min(args.epochs) < 1 or args.limit is not None and args.limit < 1:
-        fail("--epochs and --limit must be positive")
+        raise Problem("--epochs and --limit must be positive")
+    return args
+
+
+def run_tasks(args):
+    """Every task asked for, each printing its table and writing OUT/TASK.json; with --task all, the summary."""
     if args.device == "cpu":
         cpu_threads()
     tasks = list(TASKS) if args.task == "all" else [args.task]
@@ -1767,17 +1695,14 @@ def main(argv=None):
             args.plot = False
     print(settings_line(args) + "\n", flush=True)
     tables = {}
-    try:
-        entries = [] if tasks == ["curves"] else load_entries(args)
-        for task in tasks:
-            if task == "curves" and args.task == "all" and not args.run and not any(
-                    (f / "metrics.jsonl").is_file() for f in run_dirs(args)):
-                print("curves: no metrics.jsonl beside the models (give the training runs with --run); skipped\n")
-                continue
-            with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
-                tables[task] = run_task(task, args, entries)
-    except DataError as e:
-        fail(str(e))
+    entries = [] if tasks == ["curves"] else load_entries(args)
+    for task in tasks:
+        if task == "curves" and args.task == "all" and not args.run and not any(
+                (f / "metrics.jsonl").is_file() for f in run_dirs(args)):
+            print("curves: no metrics.jsonl beside the models (give the training runs with --run); skipped\n")
+            continue
+        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            tables[task] = run_task(task, args, entries)
     if args.task == "all" or args.report:
         summarize(args, entries, tables)
 

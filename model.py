@@ -10,7 +10,8 @@ default), `reference` (the reference everywhere) or `kernels` (the kernels every
 TRITON_INTERPRET=1, which is how the tests run the model on them without a GPU).
 
 State-dict keys and config.json are Hugging Face's, so `from_pretrained` / `save_pretrained` interoperate
-with transformers without importing it.
+with transformers without importing it. At the end: texts in packed batches by a token budget, their embeddings
+and retrieval scored by them, which evaluate.py and train.py's in-training evaluation share.
 """
 import json
 import math
@@ -25,6 +26,8 @@ ATTENTION = os.environ.get("MODERNBERT_ATTENTION", "auto")
 if ATTENTION not in ("auto", "reference", "kernels"):
     raise ValueError(f"MODERNBERT_ATTENTION must be auto, reference or kernels, got {ATTENTION!r}")
 IGNORE_INDEX = -100
+# bf16 dense peak FLOP/s per GPU, for MFU; other devices have none
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 # -----------------------------------------------------------------------------------------------------------
 # configuration
@@ -95,6 +98,12 @@ PRESETS = {
     "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                  num_attention_heads=4, max_position_embeddings=8192),
 }
+
+
+def gpu_peak_flops(device):
+    """PEAK_FLOPS of a device's GPU, or None (a CPU, or a GPU not in the table)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def cpu_threads(local_world=1):
@@ -344,12 +353,6 @@ class _Base(nn.Module):
         indices, cu_seqlens, max_seqlen = unpad(attention_mask)
         return input_ids.flatten()[indices], Packing(cu_seqlens, max_seqlen, indices.numel()), indices
 
-    def hidden_states(self, input_ids, attention_mask=None, cu_seqlens=None, max_seqlen=None):
-        """Final-norm output: (B, S, H) for padded input (zeros at padding), (total_tokens, H) for packed."""
-        ids, packing, indices = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
-        h = self.model(ids, packing)
-        return h if indices is None else repad(h, indices, *input_ids.shape)
-
     @staticmethod
     def pool(h, packing, how):
         """(total_tokens, H) -> (n_seqs, H): first token ("cls") or mean over each sequence's tokens."""
@@ -463,7 +466,7 @@ class ModernBERT(_Base):
 
     def forward(self, input_ids, attention_mask=None, labels=None, cu_seqlens=None, max_seqlen=None):
         """Padded (B, S) [+ attention_mask] or packed (total,) + cu_seqlens. Returns (logits, loss):
-        with labels (-100 = ignore), logits only for the labelled positions (n_labelled, V) and their mean
+        with labels (IGNORE_INDEX = ignore), logits only for the labelled positions (n_labelled, V) and their mean
         cross-entropy; without, logits for every token ((B, S, V), zeros at padding, or (total, V))."""
         ids, packing, indices = self._packed(input_ids, attention_mask, cu_seqlens, max_seqlen)
         h = self.model(ids, packing)  # (total_tokens, hidden)
@@ -495,9 +498,13 @@ class ModernBERT(_Base):
             flops += 2 * 2 * H * keys  # q k^T and p v over every visible (query, key) pair
         return flops / max(tokens, 1)
 
-    def estimate_mfu(self, seqlens, n_predicted, seconds, peak_flops=989e12):
-        """Model FLOPs utilisation of one training step (forward + backward = 3x forward)."""
-        return 3 * self.flops_per_token(seqlens, n_predicted) * sum(seqlens) / seconds / peak_flops
+    def train_flops(self, seqlens, n_predicted):
+        """FLOPs of one training step on a packed batch: forward + backward = 3x forward."""
+        return 3 * self.flops_per_token(seqlens, n_predicted) * sum(seqlens)
+
+    def estimate_mfu(self, seqlens, n_predicted, seconds, peak_flops=PEAK_FLOPS["H100"]):
+        """Model FLOPs utilisation of one training step."""
+        return self.train_flops(seqlens, n_predicted) / seconds / peak_flops
 
 
 def visible_keys(seqlen, window):
@@ -679,3 +686,56 @@ def parallelize(model, mesh, dtype=torch.float32, compile=False, activation_chec
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
     return model
+
+
+# -----------------------------------------------------------------------------------------------------------
+# texts: packed batches by a token budget, embeddings, retrieval by them (evaluate.py and train.py)
+
+
+def by_budget(lengths, token_budget):
+    """Consecutive groups of item indices, each at most token_budget tokens (a longer item goes alone)."""
+    batch, tokens = [], 0
+    for i, n in enumerate(lengths):
+        if batch and tokens + n > token_budget:
+            yield batch
+            batch, tokens = [], 0
+        batch.append(i)
+        tokens += n
+    if batch:
+        yield batch
+
+
+def pack(seqs, device):
+    """List of 1-D id tensors -> (input_ids (total,), cu_seqlens int32 (n+1,), max_seqlen) on device."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    cu = F.pad(lengths.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+    return torch.cat([torch.as_tensor(s) for s in seqs]).to(device), cu, int(lengths.max())
+
+
+def ranks_of_gold(scores):
+    """scores (n_queries, n_corpus), query i's own entry is corpus i -> its 1-based rank. Ties count against
+    the query (rank = 1 + entries scoring >= its own, itself excluded), so constant scores earn nothing."""
+    return (scores >= scores.diagonal()[:, None]).sum(1)  # counts the own entry itself: the + 1
+
+
+def recall_mrr(scores, k=10):
+    """Recall@k (share of queries whose own entry is in the top k) and MRR@k (mean 1/rank, 0 outside the top k)."""
+    rank = ranks_of_gold(scores).double()
+    hit = rank <= k
+    return hit.double().mean().item(), torch.where(hit, 1.0 / rank, 0.0).mean().item()
+
+
+@torch.no_grad()
+def embed(model, tok, texts, max_len, token_budget=16384, progress=lambda batches: batches):
+    """L2-normalised mean-pooled embeddings (n, H) of "<CLS> text <SEP>" (tok.encode_pair) truncated to max_len
+    tokens. Texts are embedded longest first in packed batches of at most token_budget tokens; `progress` wraps
+    the list of batches (evaluate.py's progress bar)."""
+    device = next(model.parameters()).device
+    seqs = [torch.tensor(tok.encode_pair(t, max_len=max_len)) for t in texts]
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = torch.empty(len(seqs), model.config.hidden_size)
+    for group in progress(list(by_budget([len(seqs[i]) for i in order], token_budget))):
+        idx = [order[i] for i in group]
+        ids, cu, m = pack([seqs[i] for i in idx], device)
+        out[idx] = F.normalize(model.encode(ids, cu_seqlens=cu, max_seqlen=m).float(), dim=-1).cpu()
+    return out

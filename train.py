@@ -25,28 +25,24 @@ On several processes and nodes, `main` runs four phases: setup (every rank check
 then the ranks agree; out_dir must be one directory that every rank sees), resume, the loop, finish. A problem
 on any rank stops the whole job with one line from that rank, `error: rank R (HOST): ...`, which torchrun's
 summary repeats. A watchdog ends a job that stops making progress (a dead, stuck or unreachable rank) after
-`collective_timeout` seconds with a line naming the step and the ranks not heard from.
+`collective_timeout` seconds with a line naming the step and the ranks not heard from. That machinery lives in
+ranks.py; this file keeps the settings, the phases and the loop.
 """
 import ast
 import contextlib
 import importlib.util
 import inspect
-import io
 import json
 import math
 import os
 import platform
 import re
 import resource
-import secrets
-import socket
 import subprocess
 import sys
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -58,8 +54,11 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from evaluate import by_budget, embed, read_miracl_pairs, recall_mrr
-from model import PRESETS, ModernBERT, ModernBertConfig, cpu_threads, parallelize
+import demo
+import ranks
+from model import (IGNORE_INDEX, PRESETS, ModernBERT, ModernBertConfig, by_budget, cpu_threads, embed, gpu_peak_flops,
+                   parallelize, recall_mrr)
+from ranks import Problem
 
 REPO = Path(__file__).resolve().parent
 
@@ -111,167 +110,10 @@ class Config:
 CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16")}
 POSITIVE = ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size", "max_seqlen",
             "collective_timeout")
-# bf16 dense peak per GPU, for MFU; other devices report mfu as null
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DTYPES = {"auto": lambda device: torch.bfloat16 if device.type == "cuda" else torch.float32,
           "float32": lambda device: torch.float32, "bfloat16": lambda device: torch.bfloat16}
 EMPTY_WARNING = 0.25  # share of empty micro-batches above which the start of a run warns
 PLANNED = 8           # global batches whose micro-batches are planned at start to estimate that share
-
-
-# -----------------------------------------------------------------------------------------------------------
-# errors: one line for people, from the rank that found the problem
-
-
-class Stop(Exception):
-    """A problem for people: the run ends with exit code 1 and this one line (none when the message is empty: another
-    rank prints the reason)."""
-
-
-def where():
-    """`rank R (HOST): ` under torchrun, so that a line says which process of which node wrote it."""
-    return f"rank {os.environ['RANK']} ({socket.gethostname()}): " if "RANK" in os.environ else ""
-
-
-def stop(message, log_file=None, now=False):
-    """Print `error: ...`, hand the line to torchrun (its summary names this rank and shows it instead of `error_file:
-    <N/A>`) and exit 1; `now` (the watchdog's thread, broken collectives) skips Python's teardown, which could wait."""
-    if message:
-        line = f"error: {where()}{message}"
-        print(line, file=sys.stderr, flush=True)
-        if log_file:
-            log_file.write(line + "\n")
-            log_file.flush()
-        if error_file := os.environ.get("TORCHELASTIC_ERROR_FILE"):  # a plain "message" is shown as it is
-            Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
-    if now or "RANK" in os.environ:  # under torchrun: leave at once, so that it ends the job
-        os._exit(1)
-    sys.exit(1)
-
-
-def agree(problem):
-    """Every rank's problem (a string, or None) is gathered; if any rank has one, that rank prints it (the lowest
-    rank with it on each host), rank 0 also names the rank that stops the job, and every rank stops. Collective: the
-    first one after the process group starts, so a rank missing an input stops all of them in seconds."""
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, (socket.gethostname(), problem))
-    if not any(p for _, p in found):
-        return
-    rank = dist.get_rank()
-    if problem and found.index(found[rank]) == rank:
-        raise Stop(problem)
-    if rank == 0 and not problem:
-        first = next(r for r, (_, p) in enumerate(found) if p)
-        raise Stop(f"stopped by rank {first} ({found[first][0]}): {found[first][1].splitlines()[0]}")
-    raise Stop("")
-
-
-# -----------------------------------------------------------------------------------------------------------
-# processes: the watchdog
-
-
-class Watchdog:
-    """Every rank's heartbeat and place (step, phase) in the job's c10d store (MASTER_ADDR:MASTER_PORT), and a
-    monitor: a rank whose own work has not moved for `limit` seconds (it waits in a collective for a rank that is
-    dead, stuck or unreachable) prints one line naming its step and the ranks not heard from, and exits, so that
-    torchrun ends the job. The limit is a little under the process group's timeout, which on NCCL aborts the
-    process without a word."""
-
-    def __init__(self, rank, world, timeout):
-        self.rank, self.world = rank, world
-        self.limit = timeout - min(10.0, timeout / 10)
-        self.beat = min(10.0, timeout / 10)  # seconds between heartbeats
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timedelta(seconds=max(self.beat, 5)))
-        # keys of this attempt only (torchrun may keep its store over restarts): a name chosen by rank 0
-        name = [secrets.token_hex(4)]
-        dist.broadcast_object_list(name)
-        self.store = dist.PrefixStore(f"train.py/{name[0]}/", store)
-        self.host, self.step, self.phase, self.moved = socket.gethostname(), 0, "setup", time.monotonic()
-        self.patience = 0  # > 0 while in patient()
-        self.log_file, self.done, self.lock = None, threading.Event(), threading.Lock()
-        self.send()
-        self.thread = threading.Thread(target=self.watch, daemon=True)
-        self.thread.start()
-
-    def at(self, step, phase):
-        """This rank's work moved: now at `step`, doing `phase`."""
-        self.step, self.phase, self.moved = step, phase, time.monotonic()
-
-    @contextlib.contextmanager
-    def patient(self, phase):
-        """Long local work (hashing the shards, building the demo data), during which no stall is reported."""
-        self.at(self.step, phase)
-        self.patience += 1
-        try:
-            yield
-        finally:
-            self.patience -= 1
-            self.at(self.step, phase)
-
-    def send(self):
-        self.store.set(f"beat/{self.rank}", json.dumps({"host": self.host, "step": self.step, "phase": self.phase,
-                                                        "time": time.time()}))
-
-    def watch(self):
-        sent = time.monotonic()
-        while not self.done.wait(min(1.0, self.beat)):
-            if time.monotonic() - sent >= self.beat:
-                sent = time.monotonic()
-                try:
-                    self.send()
-                except Exception:  # the store's node is gone: torchrun is ending the job; keep watching this rank
-                    pass
-            if not self.patience and time.monotonic() - self.moved > self.limit:
-                self.fail(f"no progress for {time.monotonic() - self.moved:.0f} s")
-
-    def silent(self, older_than):
-        """[(rank, description)] of the other ranks last heard from more than `older_than` seconds ago."""
-        found = []
-        for r in range(self.world):
-            if r == self.rank:
-                continue
-            if not self.store.check([f"beat/{r}"]):
-                found.append((r, f"rank {r} (never heard from)"))
-                continue
-            beat = json.loads(self.store.get(f"beat/{r}"))
-            if time.time() - beat["time"] > older_than:
-                found.append((r, f"rank {r} ({beat['host']}, last heard {time.time() - beat['time']:.0f} s ago, at "
-                                 f"step {beat['step']}, {beat['phase']})"))
-        return found
-
-    def fail(self, what, stalled=True):
-        """Print this rank's step and the ranks not heard from, and exit 1. From any thread: the first call ends the
-        process, a second one waits for that."""
-        self.lock.acquire()
-        try:
-            silent = [d for _, d in self.silent(older_than=min(self.limit / 2, 3 * self.beat))]
-            others = (f"; not heard from: {', '.join(silent[:8])}" + (f" and {len(silent) - 8} more" if len(silent) > 8
-                      else "")) if silent else "; every other rank is still heard from" if stalled else ""
-        except Exception as e:  # the store itself does not answer
-            others = f"; the c10d store at {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is silent ({e})"
-        stop(f"step {self.step} ({self.phase}): {what}{others}", self.log_file, now=True)
-
-    def barrier(self, name, most=24 * 3600):
-        """Wait for every rank to reach this point, through the store rather than a collective, for waits that may
-        take hours (the first verification of a corpus): as long as each rank not there yet is still heard from,
-        and at most `most` seconds."""
-        self.store.set(f"{name}/{self.rank}", "1")
-        keys, start = [f"{name}/{r}" for r in range(self.world)], time.monotonic()
-        with self.patient(f"waiting for every rank: {name}"):
-            while not self.store.check(keys):
-                if any(not self.store.check([keys[r]]) for r, _ in self.silent(older_than=self.limit)):
-                    self.fail(f"a rank stopped before {name}")
-                if time.monotonic() - start > most:
-                    late = [r for r in range(self.world) if not self.store.check([keys[r]])]
-                    self.fail(f"ranks {', '.join(map(str, late[:8]))} not done after {most / 3600:.0f} h")
-                time.sleep(min(1.0, self.beat))
-
-    def close(self):
-        """Stop the monitor and wait for it: a daemon thread still inside a store call when the interpreter exits
-        aborts the process ("terminate called without an active exception")."""
-        self.done.set()
-        self.thread.join()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -285,22 +127,22 @@ def find_config(arg):
     for name in (path.name, path.name + ".py"):
         if (REPO / "configs" / name).is_file():
             return REPO / "configs" / name
-    raise Stop(f"config {arg}: no such file, nor configs/{path.name}")
+    raise Problem(f"config {arg}: no such file, nor configs/{path.name}")
 
 
 def set_key(cfg, key, value, where):
     types = {f.name: f.type for f in fields(Config)}
     if key not in types:
-        raise Stop(f"{where}: unknown config key {key!r}")
+        raise Problem(f"{where}: unknown config key {key!r}")
     want = types[key]
     if want is float and type(value) is int:
         value = float(value)
     if type(value) is not want:
-        raise Stop(f"{where}: config key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}")
+        raise Problem(f"{where}: config key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise Stop(f"{where}: config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        raise Problem(f"{where}: config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in POSITIVE and value < 1:
-        raise Stop(f"{where}: config key {key!r} must be at least 1, got {value}")
+        raise Problem(f"{where}: config key {key!r} must be at least 1, got {value}")
     setattr(cfg, key, value)
 
 
@@ -315,18 +157,18 @@ def load_config(args):
         namespace = {}
         exec(compile(source, str(path), "exec"), namespace)
     except SyntaxError as e:
-        raise Stop(f"{path}:{e.lineno}: {e.msg}")
+        raise Problem(f"{path}:{e.lineno}: {e.msg}")
     except Exception as e:
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
                      if f.filename == str(path)), "?")
-        raise Stop(f"{path}:{line}: {type(e).__name__}: {e}")
+        raise Problem(f"{path}:{line}: {type(e).__name__}: {e}")
     for key, value in namespace.items():
         if not key.startswith("__"):
             set_key(cfg, key, value, f"{path}:{lines.get(key, '?')}")
     for arg in args[1:]:
         match = re.fullmatch(r"--(\w+)=(.*)", arg, re.S)
         if not match:
-            raise Stop(f"command line: {arg!r} is not --key=value")
+            raise Problem(f"command line: {arg!r} is not --key=value")
         key, raw = match.groups()
         want = {f.name: f.type for f in fields(Config)}.get(key)
         try:
@@ -339,15 +181,15 @@ def load_config(args):
     known = {f.name for f in fields(ModernBertConfig)}
     for key in cfg.model_args:
         if key not in known:
-            raise Stop(f"config key model_args: {key!r} is not a ModernBertConfig field")
+            raise Problem(f"config key model_args: {key!r} is not a ModernBertConfig field")
         if key in FROM_TOKENIZER:
-            raise Stop(f"config key model_args: {key!r} comes from the tokenizer, not the config")
+            raise Problem(f"config key model_args: {key!r} comes from the tokenizer, not the config")
     if cfg.model not in PRESETS:
-        raise Stop(f"config key model: unknown preset {cfg.model!r} (known: {', '.join(PRESETS)})")
+        raise Problem(f"config key model: unknown preset {cfg.model!r} (known: {', '.join(PRESETS)})")
     try:
         ModernBertConfig.preset(cfg.model, **cfg.model_args)
     except (ValueError, TypeError, AssertionError) as e:
-        raise Stop(f"config key model_args: {e}")
+        raise Problem(f"config key model_args: {e}")
     return cfg, path
 
 
@@ -365,7 +207,7 @@ def model_config(cfg, tokenizer):
 # inputs
 
 
-def missing_inputs(cfg, config_path):
+def missing_inputs(cfg):
     """Every input file or directory the config names that is not there, each with how to make it."""
     missing = []
     if not (cfg.demo_data and not Path(cfg.data_dir).exists()):  # otherwise the demo data is built below
@@ -392,30 +234,10 @@ def located(path):
     return path if Path(path).is_absolute() else f"{path} (= {Path(path).absolute()})"
 
 
-def batch_problem(cfg, world):
-    """Why the global batch cannot be split over `world` processes, or None. Micro-batches of micro_batch_size
-    sequences must divide it exactly; micro-batches by tokens (micro_batch_tokens) fit any number of processes."""
-    if cfg.micro_batch_tokens:
-        if cfg.micro_batch_tokens < cfg.max_seqlen:
-            return f"micro_batch_tokens {cfg.micro_batch_tokens} is less than max_seqlen {cfg.max_seqlen}"
-        return None
-    if cfg.batch_size % (world * cfg.micro_batch_size):
-        return divisibility(cfg.batch_size, world, cfg.micro_batch_size)
-    return None
-
-
-def divisibility(batch_size, world, micro_batch_size):
-    fits = [m for m in range(1, batch_size // world + 1) if batch_size % (world * m) == 0]
-    split = f"{world} processes x " if world > 1 else ""
-    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
-            + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
-               f"; batch_size must be a multiple of the {world} processes (or set micro_batch_tokens)"))
-
-
 def check_inputs(cfg, config_path, world):
     """The first problem of these settings on `world` processes, or None: every missing input at once (each with how
     to make it), then what this machine lacks, then the batch split."""
-    missing = missing_inputs(cfg, config_path)
+    missing = missing_inputs(cfg)
     if len(missing) == 1:
         return f"{config_path}: input missing: {missing[0]}"
     if missing:
@@ -425,64 +247,22 @@ def check_inputs(cfg, config_path, world):
         return "MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU: TRITON_INTERPRET=1)"
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         return "config key wandb: True, but the wandb package is not installed (pip install wandb)"
-    return batch_problem(cfg, world)
+    return data.batch_split_problem(cfg.batch_size, cfg.micro_batch_size, world, cfg.micro_batch_tokens,
+                                    cfg.max_seqlen)
 
 
 def open_inputs(cfg, config_path, rank, world):
-    """This rank's tokenizer, training and validation loaders and retrieval pairs; Stop naming the first problem."""
+    """This rank's tokenizer, training and validation loaders and retrieval pairs; Problem naming the first one."""
     if problem := check_inputs(replace(cfg, demo_data=False), config_path, world):  # the demo data is built now
-        raise Stop(problem)
-    try:
-        tokenizer = data.Tokenizer(cfg.tokenizer)
-        loaders = [data.Loader(cfg.data_dir, split=split, batch_size=cfg.batch_size,
-                               micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
-                               world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
-                               shuffle=split == "train", verify=False, tokenizer=tokenizer,
-                               micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
-        pairs = read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
-    except data.DataError as e:
-        raise Stop(str(e)) from None
-    except SystemExit as e:  # evaluate.py's one-line errors (a malformed retrieval file)
-        raise Stop(str(e.code).removeprefix("error: ")) from None
+        raise Problem(problem)
+    tokenizer = data.Tokenizer(cfg.tokenizer)
+    loaders = [data.Loader(cfg.data_dir, split=split, batch_size=cfg.batch_size,
+                           micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
+                           world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
+                           shuffle=split == "train", verify=False, tokenizer=tokenizer,
+                           micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
+    pairs = data.read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
-
-
-def prove_shared(out_dir, rank):
-    """Rank 0 creates out_dir and writes a file of a new random name there, which every rank must read back (a name
-    never looked up before cannot come from a stale cache of a network filesystem). -> this rank's problem, or None.
-    Collective. Nothing stays behind: the file is removed, and out_dir too if rank 0 made it and a rank did not see
-    it."""
-    token, problem, made = secrets.token_hex(8), None, []
-    if rank == 0:
-        try:
-            made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / f".shared-{token}").write_text(socket.gethostname())
-        except OSError as e:
-            problem = f"out_dir {out_dir}: {e.strerror or e}"
-    box = [(token, problem)]
-    dist.broadcast_object_list(box)
-    (token, problem0), probe = box[0], out_dir / f".shared-{box[0][0]}"
-    if rank and not problem0:
-        for _ in range(20):  # a few seconds for a network filesystem to show a new file
-            try:
-                probe.read_text()
-                break
-            except OSError:
-                time.sleep(0.25)
-        else:
-            problem = (f"out_dir {out_dir} ({out_dir.resolve()}) is not the directory rank 0 writes to: the file "
-                       f"rank 0 just wrote there ({probe.name}) is not here; every node must see out_dir at the same "
-                       f"path on a shared filesystem")
-    seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, problem is None and problem0 is None)
-    if rank == 0:
-        probe.unlink(missing_ok=True)
-        if not all(seen):
-            for path in made:  # deepest first
-                with contextlib.suppress(OSError):
-                    path.rmdir()
-    return problem
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -544,7 +324,7 @@ def evaluate_mlm(run, model, step):
             labels = mb["labels"].to(device)
             logits, loss = model(mb["input_ids"].to(device), labels=labels, cu_seqlens=mb["cu_seqlens"].to(device),
                                  max_seqlen=mb["max_seqlen"])
-            target = labels[labels != -100]
+            target = labels[labels != IGNORE_INDEX]
             totals += torch.stack([loss.double() * len(target), (logits.argmax(-1) == target).sum().double(),
                                    torch.tensor(len(target), dtype=torch.float64, device=device)])
     dist.all_reduce(totals)
@@ -553,8 +333,8 @@ def evaluate_mlm(run, model, step):
 
 @torch.no_grad()
 def evaluate_retrieval(run, model, step):
-    """Zero-shot Recall@10 and MRR@10 as evaluate.retrieval_scores computes them, with the texts shared over the
-    ranks: batches of at most a micro-batch's tokens, planned alike on every rank (longest texts first), dealt
+    """Zero-shot Recall@10 and MRR@10 as evaluate.retrieval_scores computes them (model.embed, model.recall_mrr),
+    with the texts shared over the ranks: batches of at most a micro-batch's tokens, planned alike on every rank (longest texts first), dealt
     round-robin, as many to each rank (an empty text fills up: every rank takes part in every sharded forward);
     rank 0 gathers the embeddings and scores. -> the scores on rank 0, None elsewhere."""
     cfg, rank, world = run.cfg, run.rank, run.world
@@ -565,11 +345,10 @@ def evaluate_retrieval(run, model, step):
     batches = [[order[i] for i in group] for group in by_budget([lengths[i] for i in order], budget)]
     mine = batches[rank::world]
     part = {}
-    with contextlib.redirect_stdout(io.StringIO()):  # evaluate.py's progress lines are for its command line
-        for group in mine + [[]] * (-(-len(batches) // world) - len(mine)):
-            run.at(step, "evaluation")
-            part.update(zip(group, embed(model, run.tokenizer, [texts[i] for i in group] or [""],
-                                         cfg.retrieval_max_len, budget)))
+    for group in mine + [[]] * (-(-len(batches) // world) - len(mine)):
+        run.at(step, "evaluation")
+        part.update(zip(group, embed(model, run.tokenizer, [texts[i] for i in group] or [""], cfg.retrieval_max_len,
+                                     budget)))
     parts = [None] * world if rank == 0 else None
     dist.gather_object(part, parts)
     if rank:
@@ -613,7 +392,7 @@ def export(args):
     unnormalized = "--unnormalized" in args
     args = [a for a in args if a != "--unnormalized"]
     if not 1 <= len(args) <= 2 or any(a.startswith("--") for a in args):
-        raise Stop("usage: python train.py --export CKPT_DIR [OUT_DIR] [--unnormalized]")
+        raise Problem("usage: python train.py --export CKPT_DIR [OUT_DIR] [--unnormalized]")
     ckpt = Path(args[0])
     meta = checkpoint.verify(ckpt)
     model = ModernBERT(ModernBertConfig(**meta["model_config"]))
@@ -666,7 +445,7 @@ class Run:
     rank: int
     world: int
     device: torch.device
-    watchdog: Watchdog | None
+    watchdog: ranks.Watchdog | None
     out_dir: Path
     tokenizer: data.Tokenizer = None
     loader: data.Loader = None      # training batches
@@ -711,44 +490,35 @@ class Run:
 def setup(args):
     """The settings and inputs, checked on every rank and agreed before anything else; the process group and the
     watchdog; out_dir proven shared; the demo data built if asked; the log opened. -> Run"""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = ranks.torchrun_place()
     try:
         cfg, config_path = load_config(args)
         problem = check_inputs(cfg, config_path, world)
-    except Stop as e:  # agreed on below: every rank stops, not only those that see it
+    except Problem as e:  # agreed on below: every rank stops, not only those that see it
         cfg, config_path, problem = Config(), None, str(e)
-    if problem and "RANK" not in os.environ:  # one process: nobody to tell
-        raise Stop(problem)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
+    if problem and not ranks.under_torchrun():  # one process: nobody to tell
+        raise Problem(problem)
+    device = ranks.start(cfg.collective_timeout)
+    if device.type == "cpu":
         cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    timeout = timedelta(seconds=cfg.collective_timeout)
-    if "RANK" in os.environ:  # torchrun
-        dist.init_process_group(backend, timeout=timeout)
-        agree(problem)
-    else:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-    watchdog = Watchdog(rank, world, cfg.collective_timeout) if world > 1 else None
+    ranks.stop_if_any(problem)
+    watchdog = ranks.Watchdog(rank, world, cfg.collective_timeout) if world > 1 else None
     run = Run(cfg, config_path, rank, world, device, watchdog, Path(cfg.out_dir))
     run.at(0, "checking out_dir")
-    agree(prove_shared(run.out_dir, rank))
+    ranks.stop_if_any(ranks.prove_shared(run.out_dir, rank))
 
-    if run.master and cfg.demo_data and not Path(cfg.data_dir).exists():  # = python data.py demo --out DIR
+    if run.master and cfg.demo_data and not Path(cfg.data_dir).exists():  # = python demo.py --out DIR
         print(f"{cfg.data_dir} is missing: building the demo data in {Path(cfg.data_dir).parent}", flush=True)
         with run.patient("building the demo data"):
-            data.main(["demo", "--out", str(Path(cfg.data_dir).parent)])
+            print(data.summary(demo.build(Path(cfg.data_dir).parent)), flush=True)
     run.barrier("demo data")
     run.at(0, "opening the inputs")
     try:
         run.tokenizer, run.loader, run.val_loader, run.pairs = open_inputs(cfg, config_path, rank, world)
         problem = None
-    except Stop as e:
+    except Problem as e:
         problem = str(e)
-    agree(problem)
+    ranks.stop_if_any(problem)
     run.val_start, run.mconf, run.commit = run.val_loader.state_dict(), model_config(cfg, run.tokenizer), git_commit()
 
     if run.master:
@@ -758,13 +528,11 @@ def setup(args):
             run.watchdog.log_file = run.log_file
     run.log(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} python train.py {' '.join(args)}")
     run.log(f"# commit {run.commit}; python {platform.python_version()}, torch {torch.__version__}; {world} x "
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {backend}")
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, {dist.get_backend()}")
     run.log("# config (" + str(config_path) + "):\n" + "\n".join(f"{k} = {v!r}" for k, v in asdict(cfg).items()))
     run.log("# model: " + ", ".join(f"{k}={v}" for k, v in asdict(run.mconf).items()))
-    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        run.log("warning: with --max-restarts, torchrun's store shared with the workers can give a restarted worker a "
-                "peer's address from before the restart (it then fails to connect); run torchrun with "
-                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    if warning := ranks.restart_warning():
+        run.log(warning)
     if cfg.warmup_steps >= cfg.max_steps:
         run.log(f"warning: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate never "
                 f"reaches lr {cfg.lr} nor decays")
@@ -785,7 +553,7 @@ def resume(run):
     run.at(0, "choosing a checkpoint")
     ckpt, meta = checkpoint.latest(run.out_dir, report=run.log)
     changed = ckpt and checkpoint.config_differences(meta["model_config"], asdict(run.mconf))
-    agree(f"{ckpt}: the model differs from this run's: " + ", ".join(
+    ranks.stop_if_any(f"{ckpt}: the model differs from this run's: " + ", ".join(
         f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()) if changed else None)
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, then sharded
@@ -799,9 +567,9 @@ def resume(run):
                     f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
             else:
                 model.load_state_dict(source.state_dict())
-        except checkpoint.CheckpointError as e:
+        except Problem as e:
             problem = f"init_from {e}"
-    agree(problem)
+    ranks.stop_if_any(problem)
     run.log(f"parameters: {model.num_params():,} ({model.num_params(embeddings=False):,} without the embedding)")
     parallelize(model.to(device), init_device_mesh(device.type, (world,)), DTYPES[cfg.dtype](device), cfg.compile,
                 cfg.activation_checkpointing)
@@ -834,7 +602,7 @@ def resume(run):
     with run.patient("verifying the shards"):  # ranks may finish hours apart on a first run
         problem = verifying.result()
     run.barrier("shards verified")
-    agree(problem)
+    ranks.stop_if_any(problem)
     return model, optimizer, step
 
 
@@ -842,8 +610,7 @@ def train(run, model, optimizer, step):
     """The loop: evaluation and checkpoint at the top of a step, then the micro-steps, clipping, the update and the
     log. -> the last step"""
     cfg, device, world, start = run.cfg, run.device, run.world, step
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    peak_flops = gpu_peak_flops(device)  # None: mfu is null
     batches = run.loader.prefetch(pin_memory=device.type == "cuda")  # the next step is built while this one runs
     progress = tqdm(total=cfg.max_steps, initial=step, disable=not (run.master and sys.stdout.isatty()),
                     dynamic_ncols=True)
@@ -879,9 +646,9 @@ def train(run, model, optimizer, step):
         micro_batches = next(batches)
         assert cfg.micro_batch_tokens or len(micro_batches) == cfg.batch_size // (world * cfg.micro_batch_size)
         # by token budget, every rank gets as many micro-batches, some empty (nothing to predict, not counted)
-        n_masked = [int((mb["labels"] != -100).sum()) for mb in micro_batches]
+        n_masked = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches]
         seqlens = [l for mb in micro_batches if not mb.get("empty") for l in torch.diff(mb["cu_seqlens"]).tolist()]
-        flops = 3 * model.flops_per_token(seqlens, sum(n_masked)) * sum(seqlens)
+        flops = model.train_flops(seqlens, sum(n_masked))
         counts = torch.tensor([sum(n_masked), sum(seqlens), flops], dtype=torch.float64, device=device)
         dist.all_reduce(counts)  # over all ranks: masked tokens, real tokens, model FLOPs of this step
         total_masked = counts[0].clamp(min=1)  # stays on the device: the forward need not wait for the all-reduce
@@ -902,7 +669,7 @@ def train(run, model, optimizer, step):
             last = checkpoint.list_checkpoints(run.out_dir)
             message = (f"step {step + 1}: loss {loss}, grad norm {grad_norm}; stopped before the update (last "
                        f"checkpoint: {last[-1] if last else 'none'})")
-            raise Stop(message if os.environ.get("LOCAL_RANK", "0") == "0" else "")
+            raise Problem(message if os.environ.get("LOCAL_RANK", "0") == "0" else "")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -952,21 +719,20 @@ def main():
         if args[:1] in (["--help"], ["-h"]):
             return usage()
         if not args or args[0].startswith("--"):
-            raise Stop("usage: python train.py CONFIG [--key=value ...]  |  python train.py --export CKPT_DIR "
-                       "[OUT_DIR] [--unnormalized]  |  python train.py --help")
+            raise Problem("usage: python train.py CONFIG [--key=value ...]  |  python train.py --export CKPT_DIR "
+                          "[OUT_DIR] [--unnormalized]  |  python train.py --help")
         run = setup(args)
         model, optimizer, step = resume(run)
         step = train(run, model, optimizer, step)
         finish(run, model, step)
-    except (Stop, data.DataError, checkpoint.CheckpointError) as e:
-        stop(str(e), run and run.log_file)
-    except RuntimeError as e:  # gloo reports a lost rank or a timed-out collective as a plain RuntimeError
-        if "RANK" not in os.environ or not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+    except Problem as e:
+        ranks.exit_with(str(e), run and run.log_file)
+    except RuntimeError as e:
+        if not (what := ranks.collective_failure(e)):
             raise
-        what = "a collective failed: " + re.sub(r"^\[[^]]*\] ", "", str(e).splitlines()[0]).split(". ")[0]
         if run and run.watchdog:
             run.watchdog.fail(what, stalled=False)
-        stop(what, run and run.log_file)
+        ranks.exit_with(what, run and run.log_file)
     finally:  # a bug's traceback: the monitor thread must not be inside a store call as the interpreter exits
         if run and run.watchdog:
             run.watchdog.close()

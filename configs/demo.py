@@ -1,5 +1,5 @@
 # A tiny ModernBERT on the built-in synthetic demo corpus, in about 5 minutes on a 2-core CPU.
-# The first run builds data/demo (= python data.py demo): the corpus, its evaluation sets, a 1,500-piece
+# The first run builds data/demo (= python demo.py): the corpus, its evaluation sets, a 1,500-piece
 # tokenizer and the shards. Then: python evaluate.py --task fillmask (or ppl, retrieval, ...) on out/demo/hf.
 out_dir = "out/demo"
 demo_data = True

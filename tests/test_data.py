@@ -29,7 +29,8 @@ import checkpoint  # noqa: E402
 from conftest import write_jsonl  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
-from data import DataError, Loader, Shards, Tokenizer  # noqa: E402
+from data import Loader, Shards, Tokenizer  # noqa: E402
+from ranks import Problem  # noqa: E402
 
 
 ODD_TEXTS = [" 先頭と末尾に空白 ", "改行を\n含む\n\n文書", "emoji 🗻 と記号 ∮ と珍しい漢字 鬱", "ASCII only, 123.", "タブ\tと　全角空白"]
@@ -104,7 +105,7 @@ def test_tokenizer_finds_llm_jp_style_names(tmp_path):
 def test_tokenizer_without_special_pieces(tmp_path):
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["あいうえお かきくけこ"] * 20), model_prefix=str(tmp_path / "m"),
                                    vocab_size=40, hard_vocab_limit=False, logstream=open(os.devnull, "w"))
-    with pytest.raises(DataError, match="no <MASK> piece"):
+    with pytest.raises(Problem, match="no <MASK> piece"):
         Tokenizer(tmp_path / "m.model")
 
 
@@ -128,18 +129,18 @@ def test_encode_pair(world):
 def test_tokenizer_bad_inputs(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "一つ目の文書です。"}\n{"text": "閉じていない\n')
-    with pytest.raises(DataError, match=re.escape(f"{bad}:2: malformed JSON")):
+    with pytest.raises(Problem, match=re.escape(f"{bad}:2: malformed JSON")):
         data.train_tokenizer(bad, 300, tmp_path / "t.model")
     assert not (tmp_path / "t.model").exists()
     notmodel = tmp_path / "x.model"
     notmodel.write_text("not a model")
-    with pytest.raises(DataError, match="not a sentencepiece model"):
+    with pytest.raises(Problem, match="not a sentencepiece model"):
         Tokenizer(notmodel)
     assert f"{bad}:2: malformed JSON" in run_cli(capsys, "tokenizer", "--input", bad, "--vocab_size", 300, "--out", tmp_path / "t.model")
 
 
 def test_tokenizer_vocab_too_large(world, tmp_path):
-    with pytest.raises(DataError, match="Vocabulary size too high") as e:
+    with pytest.raises(Problem, match="Vocabulary size too high") as e:
         data.train_tokenizer(world["inputs"][2], 50_000, tmp_path / "big.model")
     assert "\n" not in str(e.value) and not (tmp_path / "big.model").exists()
 
@@ -280,7 +281,7 @@ def test_text_field_fast_path_agrees_with_json_loads():
     assert data._plain_text('{"text": "a",}', "text") is None
 
 # ----------------------------------------------------------------------------------------------------------
-# bad input: one line naming what and where, DataError for library users, `error: ...` and exit 1 on the command line
+# bad input: one line naming what and where, ranks.Problem for library users, `error: ...` and exit 1 on the command line
 
 
 def run_cli(capsys, *argv):
@@ -347,7 +348,7 @@ def test_malformed_lines_name_file_and_line(world, tmp_path, capsys, prior, work
     for name, (bad, what) in cases.items():
         p = tmp_path / name
         p.write_bytes(("\n".join(good[:300]) + "\n").encode() + bad + ("\n" + "\n".join(good[300:]) + "\n").encode())
-        with pytest.raises(DataError, match=re.escape(f"{p}:301: {what}")):
+        with pytest.raises(Problem, match=re.escape(f"{p}:301: {what}")):
             data.prepare(p, world["tok"], out, workers=workers, chunk_bytes=20_000, replace=True)
         assert f"{p}:301: {what}" in prepare_cli(capsys, [p], world["tok"], out, workers)
     txt = tmp_path / "bad.txt"
@@ -362,22 +363,22 @@ def test_damaged_shards_and_foreign_tokenizer(world, tmp_path, capsys, prior):
     other = data.train_tokenizer(world["inputs"][1], 900, tmp_path / "other.model")
     err = prepare_cli(capsys, world["inputs"], other, out, replace=False)
     assert "another tokenizer" in err
-    with pytest.raises(DataError, match="does not match"):
+    with pytest.raises(Problem, match="does not match"):
         Loader(out, batch_size=4, micro_batch_size=4, tokenizer=other)
     Loader(out, batch_size=4, micro_batch_size=4, tokenizer=world["tok"])
     assert intact(out, before)
     entry = world["manifest"]["splits"]["train"]["shards"][0]
     victim = out / entry["bin"]
     victim.write_bytes(before[entry["bin"]][:-10])
-    with pytest.raises(DataError, match=re.escape(str(victim)) + r".*truncated"):
+    with pytest.raises(Problem, match=re.escape(str(victim)) + r".*truncated"):
         Shards(out, "train")
     victim.write_bytes(before[entry["bin"]][:-2] + b"\x01\x00")
-    with pytest.raises(DataError, match=re.escape(str(victim)) + r": sha256 differs.*altered") as e:
+    with pytest.raises(Problem, match=re.escape(str(victim)) + r": sha256 differs.*altered") as e:
         Loader(out, batch_size=4, micro_batch_size=4)
     assert "\n" not in str(e.value)
     Shards(out, "val")  # the other split is untouched
     (out / "manifest.json").unlink()
-    with pytest.raises(DataError, match="manifest.json: not found"):
+    with pytest.raises(Problem, match="manifest.json: not found"):
         Shards(out)
 
 
@@ -410,7 +411,7 @@ def test_one_prepare_at_a_time(world, tmp_path):
     held = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a running prepare (or its workers) holds it
-        with pytest.raises(DataError, match=re.escape(f"{out}: another prepare is writing there")):
+        with pytest.raises(Problem, match=re.escape(f"{out}: another prepare is writing there")):
             data.prepare(world["inputs"][2], world["tok"], out)
     finally:
         os.close(held)
@@ -599,7 +600,7 @@ def test_resume_state_checks(world):
     a = Loader(world["shards"], batch_size=8, micro_batch_size=8, seed=0)
     for key, other in (("seed", dict(seed=1)), ("max_seqlen", dict(max_seqlen=64)),  # line_by_line: a cut
                        ("samples_per_epoch", dict(split="val"))):  # another dataset
-        with pytest.raises(DataError, match=f"the loader state has {key}="):
+        with pytest.raises(Problem, match=f"the loader state has {key}="):
             Loader(world["shards"], **{"batch_size": 8, "micro_batch_size": 8, "seed": 0, **other}).load_state_dict(
                 a.state_dict())
     with pytest.raises(ValueError, match="not a multiple"):
@@ -677,11 +678,43 @@ def test_state_of_an_older_order_is_refused(world):
     loader = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed")
     state = loader.state_dict()
     old = {k: v for k, v in state.items() if k not in ("order", "cursor")}  # what data.py saved before
-    with pytest.raises(DataError) as e:
+    with pytest.raises(Problem) as e:
         loader.load_state_dict(old)
     assert str(e.value) == ("cannot resume: the loader state was saved with document order 1, this data.py makes "
-                            f"order {data.ORDER} (other batches); start the run again in a new out_dir")
+                            f"order {data.ORDER_VERSION} (other batches); start the run again in a new out_dir")
     loader.load_state_dict(state)
+
+
+def test_state_of_another_masking_is_refused(world):
+    """The loader state records the masking scheme, rate and split; another one stops the resume with one line."""
+    a = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed", mlm_probability=0.3)
+    next(iter(a))
+    state = a.state_dict()
+    assert state["masking"] == {"rate": 0.3, "mask": 0.8, "random": 0.1, "keep": 0.1}
+    other = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed", mlm_probability=0.15)
+    with pytest.raises(Problem) as e:
+        other.load_state_dict(state)
+    assert str(e.value) == ("cannot resume: the loader state was saved masking 30% of the tokens (80% <MASK>, 10% "
+                            "random, 10% kept), this loader masks 15% of the tokens (80% <MASK>, 10% random, 10% "
+                            "kept) (other masks); start the run again in a new out_dir")
+    split = {**state, "masking": {"rate": 0.3, "mask": 0.9, "random": 0.05, "keep": 0.05}}
+    same = Loader(world["shards"], batch_size=8, micro_batch_size=8, mode="packed", mlm_probability=0.3)
+    with pytest.raises(Problem, match=r"saved masking 30% of the tokens \(90% <MASK>, 5% random, 5% kept\)"):
+        same.load_state_dict(split)
+    same.load_state_dict(state)  # the same scheme: the same next batch
+    for x, y in zip(next(iter(same)), next(iter(a))):
+        assert all(torch.equal(x[k], y[k]) for k in ("input_ids", "labels", "cu_seqlens"))
+
+
+def test_resuming_with_another_masking_rate_stops_with_one_line(tiny, by_count, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(by_count, out)
+    shutil.rmtree(out / "ckpt_8")
+    proc = train(tiny, out, "--mlm_probability=0.15", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: cannot resume: the loader state was saved masking 30% of the tokens (80% <MASK>, 10% random, 10% "
+        "kept), this loader masks 15% of the tokens (80% <MASK>, 10% random, 10% kept) (other masks); start the run "
+        "again in a new out_dir")
 
 
 def test_resuming_a_run_of_an_older_order_stops_with_one_line(tiny, by_count, tmp_path):
@@ -698,7 +731,7 @@ def test_resuming_a_run_of_an_older_order_stops_with_one_line(tiny, by_count, tm
     proc = train(tiny, out, check=False)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
         "error: cannot resume: the loader state was saved with document order 1, this data.py makes order "
-        f"{data.ORDER} (other batches); start the run again in a new out_dir")
+        f"{data.ORDER_VERSION} (other batches); start the run again in a new out_dir")
 
 
 def same_steps(a, b):
@@ -771,17 +804,17 @@ def test_damaged_offsets_are_named_where_read(world, tmp_path):
         loader = make()
         message = (f"{idx}: the offsets of document {doc} are damaged ({bad[doc]} to {bad[doc + 1]}, the .bin "
                    f"holds {tokens} tokens); rerun `python data.py prepare` to rebuild it")
-        with pytest.raises(DataError) as e:
+        with pytest.raises(Problem) as e:
             list(loader)
         assert str(e.value) == message
-        with pytest.raises(DataError) as e:
+        with pytest.raises(Problem) as e:
             list(make().prefetch())
         assert str(e.value) == message
     for where, what in ((0, 1), (-1, tokens - 1)):
         bad = good.copy()
         bad[where] = what
         bad.tofile(idx)
-        with pytest.raises(DataError, match=re.escape(f"{idx}: document offsets are damaged")):
+        with pytest.raises(Problem, match=re.escape(f"{idx}: document offsets are damaged")):
             make()
 
 
@@ -797,7 +830,7 @@ def test_map_limit_is_named(world, monkeypatch):
             ctypes.set_errno(errno.ENOMEM)
             return ctypes.c_void_p(-1).value
     monkeypatch.setattr(data, "_libc", Libc())
-    with pytest.raises(DataError, match=r"\.bin: cannot map \(the \d+ maps a process may hold \(vm\.max_map_count\) "
+    with pytest.raises(Problem, match=r"\.bin: cannot map \(the \d+ maps a process may hold \(vm\.max_map_count\) "
                                         r"are in use; raise it with sysctl, or merge shards\)$"):
         Shards(world["shards"], verify=False)
 
@@ -825,7 +858,7 @@ except OSError:
     pass
 try:
     data.Loader({str(many)!r}, batch_size=64, micro_batch_size=16, verify=False)
-except data.DataError as e:
+except data.Problem as e:
     print(e)
 """
     proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True, timeout=300,
@@ -979,7 +1012,7 @@ def test_demo_corpus(world, tmp_path):
 
 def test_demo_command(tmp_path, capsys):
     """The whole demo path: synthetic text, tokenizer, shards; the Wikipedia-like set fills every length bin."""
-    data.main(["demo", "--out", str(tmp_path), "--workers", "2"])
+    demo.main(["--out", str(tmp_path), "--workers", "2"])
     assert "shards: train" in capsys.readouterr().out
     loader = Loader(tmp_path / "shards", batch_size=8, micro_batch_size=8, tokenizer=tmp_path / "tokenizer.model")
     assert loader.tokenizer_info["vocab_size"] == 1500 and len(Shards(tmp_path / "shards", "val")) > 50
@@ -1038,7 +1071,7 @@ def test_token_outside_the_vocabulary_names_shard_and_document(world, tmp_path):
     tokens[offsets[doc] + 1] = 60_000  # past the 1,000 pieces
     tokens.tofile(shards / entry["bin"])
     loader = Loader(shards, batch_size=32, micro_batch_size=8, max_seqlen=10_000, verify=False, shuffle=False)
-    with pytest.raises(DataError) as e:
+    with pytest.raises(Problem) as e:
         list(loader)
     assert str(e.value).startswith(f"{shards / entry['bin']}: document {doc} holds token id 60000, outside the "
                                    "vocabulary of 1000")

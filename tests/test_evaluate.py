@@ -23,6 +23,7 @@ from conftest import write_jsonl
 from demo import write_demo
 import evaluate as ev
 from model import ModernBERT, ModernBertConfig
+from ranks import Problem
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,7 +340,7 @@ def test_ppl_scores_the_bin_that_ends_at_the_models_positions(tmp_path):
     """A model of 64 positions scores every bin of --bins 0,16,64: documents of up to 64 tokens fit it."""
     chars = [5, 10, 30, 62]  # 7, 12, 32 and 64 tokens
     path = write_jsonl(tmp_path / "wiki.jsonl", [{"id": str(c), "text": "字" * c} for c in chars])
-    entry = ev.Entry("m", tiny_model(CharTok.vocab_size, num_hidden_layers=2, max_position_embeddings=64),
+    entry = ev.EvaluatedModel("m", tiny_model(CharTok.vocab_size, num_hidden_layers=2, max_position_embeddings=64),
                      CharTok(), "chars")
     args = ev.argparse.Namespace(data=path, bins="0,16,64", docs_per_bin=2, positions=3, seed=0, limit=None,
                                  token_budget=1000)
@@ -423,7 +424,7 @@ def test_jglue_and_jcola_layouts(tmp_path):
     assert jsts[0][0].tolist() == FakeTok().encode_pair("犬が走る", "猫が歩く")
     assert [y for _, y in ev.read_jglue(files["jnli"][1], "jnli", FakeTok(), 512, None)] == [0, 2, 2, 0]
     assert [y for _, y in ev.read_jglue(files["jcola"][0], "jcola", FakeTok(), 512, 3)] == [0, 1, 0]
-    with pytest.raises(SystemExit, match=r"jsts-v1\.3/train-v1\.3\.json: missing"):
+    with pytest.raises(Problem, match=r"jsts-v1\.3/train-v1\.3\.json: missing"):
         (tmp_path / "JGLUE/datasets/jsts-v1.3/train-v1.3.json").unlink()
         ev.jglue_files("jsts", tmp_path / "JGLUE", tmp_path / "JCoLA")
 
@@ -433,7 +434,7 @@ def test_jglue_and_jcola_layouts(tmp_path):
 def test_bad_jglue_label_names_file_and_line(tmp_path, bad, where):
     write_jglue(tmp_path, **bad)
     task = "jnli" if "jnli" in where else "jsts"
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(Problem) as e:
         ev.read_jglue(ev.jglue_files(task, tmp_path / "JGLUE", None)[0], task, FakeTok(), 512, None)
     assert where in str(e.value) and "\n" not in str(e.value)
 
@@ -446,7 +447,7 @@ def test_malformed_record_is_one_line_with_file_and_line(tmp_path, demo):
     assert r.returncode != 0
     assert r.stderr.strip().splitlines() == [r.stderr.strip()]
     assert "miracl.jsonl:3: malformed JSON" in r.stderr
-    with pytest.raises(SystemExit, match=r"miracl\.jsonl:2: record has no field 'positive_passages'"):
+    with pytest.raises(Problem, match=r"miracl\.jsonl:2: record has no field 'positive_passages'"):
         ev.read_miracl_pairs(write_jsonl(tmp_path / "miracl.jsonl", [good, {"query": "q"}]))
 
 
@@ -458,7 +459,7 @@ def test_missing_model_and_bad_task_are_one_line(tmp_path):
     assert "out/demo/hf" in r.stderr and "python train.py configs/demo.py" in r.stderr
     with pytest.raises(SystemExit, match=r"^error: --task perplexity: unknown task"):
         ev.main(["--task", "perplexity"])
-    with pytest.raises(SystemExit, match=r"^error: --model nowhere: no such directory$"):
+    with pytest.raises(Problem, match=r"^--model nowhere: no such directory$"):
         ev.find_weights("nowhere")
 
 
@@ -830,7 +831,7 @@ def test_embedding_tasks_cut_at_the_models_length_against_transformers(tmp_path,
                                             ("high", "field 'label' is 'high', not a number")])
 def test_bad_jsts_labels(tmp_path, label, message):
     write_jglue(tmp_path, jsts_label=label)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(Problem) as e:
         ev.read_jglue(ev.jglue_files("jsts", tmp_path / "JGLUE", None)[0], "jsts", FakeTok(), 512, None)
     assert f"jsts-v1.3/train-v1.3.json:2: {message}" in str(e.value) and "\n" not in str(e.value)
 
@@ -838,7 +839,7 @@ def test_bad_jsts_labels(tmp_path, label, message):
 def test_empty_data_file(tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [])
     for read in (ev.read_miracl_pairs, ev.read_texts):
-        with pytest.raises(SystemExit, match=r"empty\.jsonl: no records"):
+        with pytest.raises(Problem, match=r"empty\.jsonl: no records"):
             read(empty)
 
 
@@ -1268,5 +1269,5 @@ def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "bert").mkdir()
     (tmp_path / "bert/config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
-    with pytest.raises(SystemExit, match=r"^error: --model .*bert \(bert\) needs transformers \(pip install transformers\)$"):
+    with pytest.raises(Problem, match=r"^--model .*bert \(bert\) needs transformers \(pip install transformers\)$"):
         ev.load_model(str(tmp_path / "bert"), "cpu")

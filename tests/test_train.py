@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
+import ranks  # noqa: E402
 import train  # noqa: E402
 from evaluate import read_miracl_pairs, retrieval_scores  # noqa: E402
 from model import ModernBERT, ModernBertConfig, parallelize  # noqa: E402
@@ -477,12 +478,12 @@ def test_every_damage_is_counted_and_a_meta_json_lacking_a_key_is_named(referenc
     shutil.copytree(reference / "ckpt_9", ckpt)
     damage(ckpt, "truncated")
     (ckpt / "rank0.pt").unlink()
-    with pytest.raises(checkpoint.CheckpointError, match=r"\(and 1 more problems\)$"):
+    with pytest.raises(ranks.Problem, match=r"\(and 1 more problems\)$"):
         checkpoint.verify(ckpt)
     meta = json.loads((ckpt / "meta.json").read_text())
     for key in ("step", "world_size", "config", "model_config", "files"):  # what resuming and loading read
         (ckpt / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != key}))
-        with pytest.raises(checkpoint.CheckpointError) as e:
+        with pytest.raises(ranks.Problem) as e:
             checkpoint.verify(ckpt)
         assert str(e.value) == f"{ckpt / 'meta.json'}: lacks {key}"
 
@@ -493,7 +494,7 @@ def test_damage_is_found_and_named(reference, tmp_path, how):
     shutil.copytree(reference / "ckpt_9", ckpt)
     assert checkpoint.verify(ckpt)["step"] == 9
     expected = damage(ckpt, how)
-    with pytest.raises(checkpoint.CheckpointError) as e:
+    with pytest.raises(ranks.Problem) as e:
         checkpoint.verify(ckpt)
     assert str(e.value).startswith(expected) and "\n" not in str(e.value)
 
@@ -604,7 +605,7 @@ def test_export_matches_final_weights(reference, tmp_path):
 
 
 def config_error(capsys, *args):
-    with pytest.raises(train.Stop) as e:
+    with pytest.raises(ranks.Problem) as e:
         train.load_config([str(a) for a in args])
     assert len(str(e.value).splitlines()) == 1
     return f"error: {e.value}"
@@ -998,8 +999,9 @@ def test_more_than_a_quarter_empty_is_a_warning_with_what_to_change():
 
 def test_stage2_batch_splits_over_128_processes_by_tokens(config):
     stage2, _ = train.load_config(["stage2"])
-    assert stage2.batch_size == 384 and stage2.micro_batch_tokens and train.batch_problem(stage2, 128) is None
-    assert train.batch_problem(train.Config(batch_size=384, micro_batch_size=2), 128) == (
+    assert stage2.batch_size == 384 and stage2.micro_batch_tokens and data.batch_split_problem(
+        stage2.batch_size, stage2.micro_batch_size, 128, stage2.micro_batch_tokens, stage2.max_seqlen) is None
+    assert data.batch_split_problem(384, 2, 128) == (
         "batch_size 384 is not a multiple of 128 processes x micro_batch_size 2; micro_batch_size can be 1, 3")
     # the same split on the demo shards, training and validation: every rank runs as many micro-steps
     cfg, _ = train.load_config([config, "--batch_size=384", "--micro_batch_tokens=96"])
