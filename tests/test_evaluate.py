@@ -878,6 +878,43 @@ def test_finetune_follows_the_released_recipe(monkeypatch, task):
         assert groups == [(pytest.approx(2e-4 * (1 - s / total), rel=1e-12), 0.0, (0.9, 0.999), 1e-8)] * len(groups)
 
 
+def test_finetune_shuffles_afresh_every_epoch(monkeypatch):
+    """The fine-tuning order recorded over two epochs, from the texts each training forward sees: every epoch
+    visits each example once, shuffled, and the second epoch is a fresh shuffle (other batches, not the first
+    epoch's again); the same seed gives the same orders."""
+    n, batch_size = 38, 4
+    examples = [(doc([8 + i % 50, 8 + i // 50, 7]), i % 3) for i in range(n)]  # example i: its own first tokens
+    index = {tuple(x.tolist()): i for i, (x, _) in enumerate(examples)}
+    seen, make = [], ev.classifier
+
+    def record(clf, args, kwargs):
+        if clf.training:
+            ids, cu = args[0].tolist(), kwargs["cu_seqlens"].tolist()
+            seen.append([index[tuple(ids[a:b])] for a, b in zip(cu, cu[1:])])
+
+    def recorded(*args, **kwargs):
+        clf = make(*args, **kwargs)
+        clf.register_forward_pre_hook(record, with_kwargs=True)
+        return clf
+    monkeypatch.setattr(ev, "classifier", recorded)
+    mlm = tiny_model(60, num_hidden_layers=1)
+    orders = []
+    for _ in range(2):
+        seen.clear()
+        ev.finetune(mlm, "jnli", examples, examples[:4], lr=1e-4, epochs=2, score_at={2}, batch_size=batch_size,
+                    seed=0, desc="test")
+        per_epoch = math.ceil(n / batch_size)
+        assert len(seen) == 2 * per_epoch
+        epochs = [seen[:per_epoch], seen[per_epoch:]]
+        for batches in epochs:
+            order = [i for b in batches for i in b]
+            assert sorted(order) == list(range(n)) and order != list(range(n))
+        first, second = ({frozenset(b) for b in batches} for batches in epochs)
+        assert len(first & second) <= 2, (epochs[0], epochs[1])  # 10 batches each: a fresh shuffle shares about none
+        orders.append(seen[:])
+    assert orders[0] == orders[1]
+
+
 def test_fillmask_defaults_to_table_3(tmp_path, demo):
     run_cli(demo, "--task", "fillmask", "--out", tmp_path)
     prompts = [r["prompt"] for r in json.loads((tmp_path / "fillmask.json").read_text())["results"]["out/demo/hf"]]
