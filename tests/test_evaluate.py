@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -543,6 +544,14 @@ def test_every_task_on_the_demo_data(demo, capsys):
         assert [(g["lr"], g["epochs"]) for g in jglue[t]["grid"]] == [(1e-4, 1), (1e-4, 2), (3e-4, 1), (3e-4, 2)]
         assert jglue[t]["best"][metric] == max(g[metric] for g in jglue[t]["grid"])
     assert jglue["average"] == pytest.approx(np.mean([jglue[t]["best"][m] for t, m in ev.MAIN_METRIC.items()]))
+    # the table people read carries the report's best runs, as printed
+    rows = dict(json.loads((demo / "out/eval/summary.json").read_text())["tasks"]["jglue"]["rows"])
+    for t, metric in ev.MAIN_METRIC.items():
+        best = jglue[t]["best"]
+        assert rows[f"{t.upper()} {metric}"] == [f"{best[metric]:.1f}"]
+        assert rows[f"{t.upper()} best lr/epochs"] == [f"{best['lr']:g}/{best['epochs']}"]
+        assert re.search(rf"^jglue: {t.upper()} {metric} +{best[metric]:.1f}$", out, re.M), t
+    assert rows["average"] == [f"{jglue['average']:.1f}"]
     retrieval = report(demo, "retrieval")["results"]
     assert set(retrieval) == {"out/demo/hf"} | {f"[{b} ({u})]" for b in ("edit distance", "Jaccard") for u in ("char", "word")}
     summary = json.loads((demo / "out/eval/summary.json").read_text())

@@ -313,6 +313,25 @@ def test_two_processes_match_one(reference, reference2):
     assert_same_curve(metrics(reference2), one, rel=1e-5)
 
 
+def test_the_log_prints_what_metrics_jsonl_records_and_the_parameter_count(reference):
+    """log.txt's progress lines, read by people, carry metrics.jsonl's numbers for the same steps (loss, learning
+    rate, grad norm, tokens, evaluations); the parameter count is the final model's, counted from its tensors."""
+    log = (reference / "log.txt").read_text().splitlines()
+    lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    printed = [line for line in log if re.match(r"step \d+/", line)]
+    assert [int(re.match(r"step (\d+)/", line).group(1)) for line in printed] == [m["step"] for m in lines if "loss" in m]
+    for line, m in zip(printed, [m for m in lines if "loss" in m]):
+        assert line.startswith(f"step {m['step']}/{STEPS} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm "
+                               f"{m['grad_norm']:.3f} | {m['tokens']} tokens, {m['tokens_per_s']:,.0f} tokens/s"), line
+    evaluations = [line for line in log if re.match(r"step \d+: val_loss", line)]
+    assert evaluations == [f"step {m['step']}: " + ", ".join(f"{k} {m[k]:.4f}" for k in m if k != "step")
+                           for m in lines if "val_loss" in m]
+    state = ModernBERT.from_pretrained(reference / "hf").state_dict()
+    total = sum({t.data_ptr(): t.numel() for t in state.values()}.values())  # the tied decoder weight once
+    embedding = state["model.embeddings.tok_embeddings.weight"].numel()
+    assert f"parameters: {total:,} ({total - embedding:,} without the embedding)" in log
+
+
 def retrieval_worker(config, model_dir, out, *pair_files):
     """Under torchrun: train.py's retrieval evaluation of a model on each pairs file, its texts shared over the
     ranks; rank 0 saves the scores."""
@@ -377,7 +396,8 @@ def test_resume_on_another_number_of_processes(config, reference, reference2, cm
     written_by = reference if cmd is TORCHRUN else reference2
     out = rewind(written_by, tmp_path / "out", step=6)
     proc = run(cmd, out, config)
-    assert f"resuming from {out / 'ckpt_6'} at step 6" in proc.stdout and "written by" in proc.stdout
+    assert f"resuming from {out / 'ckpt_6'} at step 6" in proc.stdout
+    assert ("written by 1 processes, now 2" if cmd is TORCHRUN else "written by 2 processes, now 1") in proc.stdout
     assert_same_curve(metrics(out), metrics(reference), rel=1e-5)
 
 
