@@ -1008,6 +1008,18 @@ def test_a_node_missing_its_data_stops_both_with_its_line(config, node_config, t
     assert not out.exists()
 
 
+def test_a_problem_every_rank_of_a_node_finds_is_one_line(config, tmp_path):
+    """Two processes on one node that both find the same problem (a batch that does not split over them): one
+    line, rank 0's, not one per process; nothing written."""
+    out = tmp_path / "out"
+    proc = run(TORCHRUN, out, config, "--micro_batch_size=3", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors == [
+        f"error: rank 0 ({socket.gethostname()}): batch_size 8 is not a multiple of 2 processes x micro_batch_size 3; "
+        f"micro_batch_size can be 1, 2, 4"], proc.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_a_node_local_out_dir_is_one_line_and_nothing_is_written(config, node_config, tmp_path):
     dirs = node_dirs(tmp_path, config)
     with Nodes(dirs, node_config, "--out_dir=out/run") as job:  # relative: each node its own
