@@ -103,6 +103,12 @@ def test_train_benchmark_deals_micro_batches_as_the_stage_configs_train():
         by_count = bench.train_micro_batches({**cfg, "micro_batch_tokens": 0}, "full", g)
         per_rank = cfg["batch_size"] // 16
         assert by_count == [[cfg["max_seqlen"]] * cfg["micro_batch_size"]] * (per_rank // cfg["micro_batch_size"])
+    # on more GPUs than full micro-batches fill: stage 2's 192 of them on 128 (or 100) ranks, every rank runs 2
+    # micro-steps as train.py makes it, and rank 0's second is empty (dealt largest first, 0..W-1 then back), a
+    # lone <CLS> <SEP> it still computes
+    stage2 = bench.stage_config("stage2")
+    for world in (128, 100):
+        assert bench.train_micro_batches(stage2, "full", g, world=world) == [[8192, 8192], [2]], world
 
 
 def test_compare_returns_each_functions_median_time(monkeypatch):

@@ -10,6 +10,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -1124,6 +1125,26 @@ def test_training_stops_at_an_altered_shard(world, tiny, tmp_path):
     assert proc.returncode == 1 and not (metrics.exists() and metrics.read_text())  # not one step
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {victim}: sha256 differs from the manifest")
 
+def test_two_processes_stop_at_a_shard_altered_in_rank_1_s_share(world, tiny, tmp_path, monkeypatch):
+    """A shard file that only rank 1 hashes (each rank checks a share) altered: the two-process run stops before
+    its first step with rank 1's line naming the file, and rank 0 says which rank stopped the job."""
+    shards = tmp_path / "s"
+    shutil.copytree(world["shards"], shards)
+    hashed = counting_hashes(monkeypatch)
+    assert data.verify_shards(shards, tmp_path / "probe", 1, 2) is None
+    victim = shards / sorted(hashed)[0]
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    victim.write_bytes(bytes(raw))
+    proc = train(tiny, tmp_path / "out", f"--data_dir={shards}", "--max_steps=1", cmd=TORCHRUN, check=False)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    assert proc.returncode != 0 and not (metrics.exists() and metrics.read_text())  # not one step
+    host = socket.gethostname()
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert errors[0].startswith(f"error: rank 0 ({host}): stopped by rank 1 ({host}): {victim}: sha256 differs"), errors
+    assert errors[1].startswith(f"error: rank 1 ({host}): {victim}: sha256 differs from the manifest"), errors
+
+
 # ----------------------------------------------------------------------------------------------------------
 # micro-batches by token budget
 
@@ -1272,11 +1293,17 @@ def test_token_budget_trains_like_count_two_processes(tiny, tmp_path):
     assert_same_curve(curve(budget), curve(count))
 
 
-def test_token_budget_resumes_on_another_world_size(tiny, by_count, tmp_path):
-    """1 process to step 6, then 2 processes with another budget: the 1-process curve."""
+def test_token_budget_resumes_on_another_world_size(world, tiny, by_count, tmp_path):
+    """1 process to step 6, then 2 processes with another budget: the 1-process curve. The share of empty
+    micro-batches the start reports is the share the two ranks' loaders deal in the first 8 global batches."""
     one = tmp_path / "one"
     train(tiny, one, "--micro_batch_tokens=256")
     shutil.rmtree(one / "ckpt_8")
     proc = train(tiny, one, "--micro_batch_tokens=384", cmd=TORCHRUN)
     assert "written by 1 processes, now 2" in proc.stdout
+    dealt = [mb.get("empty", False) for rank in range(2)
+             for _, batch in zip(range(8), Loader(world["shards"], batch_size=16, max_seqlen=128, rank=rank, world_size=2,
+                                                  micro_batch_tokens=384, verify=False)) for mb in batch]
+    assert 0 < sum(dealt) and (f"{sum(dealt) / len(dealt):.0%} of the micro-batches of <= 384 tokens empty on 2 "
+                               f"processes (the first 8 global batches)\n") in proc.stdout, proc.stdout
     assert_same_curve(curve(one), curve(by_count))

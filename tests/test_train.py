@@ -3,7 +3,7 @@ processes and resumes across process counts, exact resume after SIGKILL, damaged
 NaN detection, export, config checking and the command line; two nodes simulated by two torchrun launchers
 (a killed, a stuck and a misconfigured node); micro-batch planning for 128 processes.
 
-Run as a script under torchrun, this file is the worker of the gradient and retrieval tests."""
+Run as a script under torchrun, this file is the worker of the gradient, retrieval and checkpoint-choice tests."""
 import errno
 import json
 import math
@@ -314,6 +314,25 @@ def test_two_processes_match_one(reference, reference2):
     assert_same_curve(metrics(reference2), one, rel=1e-5)
 
 
+def test_the_log_prints_what_metrics_jsonl_records_and_the_parameter_count(reference):
+    """log.txt's progress lines, read by people, carry metrics.jsonl's numbers for the same steps (loss, learning
+    rate, grad norm, tokens, evaluations); the parameter count is the final model's, counted from its tensors."""
+    log = (reference / "log.txt").read_text().splitlines()
+    lines = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    printed = [line for line in log if re.match(r"step \d+/", line)]
+    assert [int(re.match(r"step (\d+)/", line).group(1)) for line in printed] == [m["step"] for m in lines if "loss" in m]
+    for line, m in zip(printed, [m for m in lines if "loss" in m]):
+        assert line.startswith(f"step {m['step']}/{STEPS} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm "
+                               f"{m['grad_norm']:.3f} | {m['tokens']} tokens, {m['tokens_per_s']:,.0f} tokens/s"), line
+    evaluations = [line for line in log if re.match(r"step \d+: val_loss", line)]
+    assert evaluations == [f"step {m['step']}: " + ", ".join(f"{k} {m[k]:.4f}" for k in m if k != "step")
+                           for m in lines if "val_loss" in m]
+    state = ModernBERT.from_pretrained(reference / "hf").state_dict()
+    total = sum({t.data_ptr(): t.numel() for t in state.values()}.values())  # the tied decoder weight once
+    embedding = state["model.embeddings.tok_embeddings.weight"].numel()
+    assert f"parameters: {total:,} ({total - embedding:,} without the embedding)" in log
+
+
 def retrieval_worker(config, model_dir, out, *pair_files):
     """Under torchrun: train.py's retrieval evaluation of a model on each pairs file, its texts shared over the
     ranks; rank 0 saves the scores."""
@@ -378,7 +397,8 @@ def test_resume_on_another_number_of_processes(config, reference, reference2, cm
     written_by = reference if cmd is TORCHRUN else reference2
     out = rewind(written_by, tmp_path / "out", step=6)
     proc = run(cmd, out, config)
-    assert f"resuming from {out / 'ckpt_6'} at step 6" in proc.stdout and "written by" in proc.stdout
+    assert f"resuming from {out / 'ckpt_6'} at step 6" in proc.stdout
+    assert ("written by 1 processes, now 2" if cmd is TORCHRUN else "written by 2 processes, now 1") in proc.stdout
     assert_same_curve(metrics(out), metrics(reference), rel=1e-5)
 
 
@@ -444,15 +464,20 @@ def test_resume_after_kill_while_saving_two_processes(config, reference2, tmp_pa
     check_resume(TORCHRUN, config, reference2, tmp_path / "out", saving(6))
 
 
+def flip(file):
+    """One bit flipped in the middle of a file: same size, other content."""
+    raw = bytearray(file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    file.write_bytes(bytes(raw))
+
+
 def damage(ckpt, how):
     shard = sorted(ckpt.glob("*.distcp"))[-1]
     if how == "truncated":
         shard.write_bytes(shard.read_bytes()[:-10])
         return f"{shard}: {shard.stat().st_size} bytes, meta.json records {shard.stat().st_size + 10}"
     if how == "flipped":
-        raw = bytearray(shard.read_bytes())
-        raw[len(raw) // 2] ^= 0x10
-        shard.write_bytes(bytes(raw))
+        flip(shard)
         return f"{shard}: CRC-32 "
     if how == "missing file":
         (ckpt / "rank0.pt").unlink()
@@ -528,6 +553,48 @@ def test_the_newest_good_checkpoint_is_chosen(reference, tmp_path):
     assert checkpoint.latest(tmp_path / "none") == (None, None)
 
 
+def latest_worker(out, *run_dirs):
+    """Under torchrun: the checkpoint each run directory would resume from, as train.py chooses it on this rank (the
+    check of the files shared over the ranks), and what was reported meanwhile; saved per rank."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    chosen = {}
+    for run_dir in run_dirs:
+        reports = []
+        path, _ = checkpoint.latest(run_dir, report=reports.append)
+        chosen[run_dir] = [str(path), reports]
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(chosen))
+    dist.destroy_process_group()
+
+
+def test_a_file_damaged_in_any_rank_s_share_is_loaded_by_no_rank(reference2, tmp_path):
+    """The newest checkpoint of a two-process run with one of its files altered, each file in turn, chosen on 2
+    and on 3 processes (each file is then checked by another rank): every rank reports it and resumes from the
+    checkpoint before, none loads the damaged one."""
+    names = sorted(json.loads((reference2 / f"ckpt_{STEPS}" / "meta.json").read_text())["files"])
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "rank0.pt", "rank1.pt"]
+    runs = {}
+    for name in names:
+        out = tmp_path / f"damaged{len(runs)}"
+        for step in (9, STEPS):
+            shutil.copytree(reference2 / f"ckpt_{step}", out / f"ckpt_{step}")
+        flip(out / f"ckpt_{STEPS}" / name)
+        runs[str(out)] = out / f"ckpt_{STEPS}" / name
+    for world in (2, 3):
+        chosen = tmp_path / f"chosen{world}"
+        chosen.mkdir()
+        proc = subprocess.run([*TORCHRUN[:-1], f"--nproc_per_node={world}", __file__, "latest", str(chosen), *runs],
+                              cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for rank in range(world):
+            got = json.loads((chosen / f"rank{rank}.json").read_text())
+            for out, file in runs.items():
+                path, reports = got[out]
+                assert path == str(Path(out) / "ckpt_9"), (world, rank, file.name, path)
+                assert len(reports) == 1 and reports[0].startswith(f"skipping checkpoint {file}: CRC-32 ") \
+                    and reports[0].endswith("(altered)"), (world, rank, reports)
+
+
 def test_changed_model_stops_with_the_differing_keys(config, reference, tmp_path):
     out = rewind(reference, tmp_path / "out", step=9)
     proc = run([sys.executable], out, config, "--model_args={'hidden_size': 32, 'intermediate_size': 64, "
@@ -568,6 +635,21 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(config, tmp_path):
                               cwd=REPO, env=ENV, capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
     ModernBERT.from_pretrained(tmp_path / "hf")
+
+
+def test_a_finite_loss_with_an_overflowing_gradient_stops_before_the_update(config, tmp_path):
+    """Gradients that overflow at step 3 (4 micro-steps a step) while its loss stays finite: the run stops before
+    that update would turn the weights to NaN and the next checkpoint with them; step 2's stays the newest."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "tests/overflowing_gradient.py", "9", str(config), f"--out_dir={out}",
+                           "--max_steps=4", "--checkpoint_every=1", "--eval_every=0"], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and re.fullmatch(
+        rf"error: step 3: loss \d+\.\d+, grad norm (nan|inf); stopped before the update \(last checkpoint: "
+        rf"{re.escape(str(out / 'ckpt_2'))}\)\n", proc.stderr), proc.stderr
+    assert checkpoint.list_checkpoints(out) == [out / "ckpt_1", out / "ckpt_2"]
+    weights, _ = checkpoint.load_model(out / "ckpt_2")
+    assert all(torch.isfinite(p).all() for p in weights.parameters())
 
 
 def test_export_matches_final_weights(reference, tmp_path):
@@ -778,7 +860,7 @@ class Nodes:
     hosting the rendezvous. Leaving the `with` block kills whatever they left running."""
 
     def __init__(self, dirs, *args, restarts=0, env=(), script=REPO / "train.py"):
-        self.dirs, self.procs, port = dirs, [], free_port()
+        self.dirs, self.script, self.procs, port = dirs, Path(script).name, [], free_port()
         for n, d in enumerate(dirs):
             with open(d / "launcher.log", "w") as log:
                 self.procs.append(subprocess.Popen(
@@ -807,7 +889,7 @@ class Nodes:
 
     def worker(self, n):
         return next(p for p in process_tree(self.procs[n].pid)[1:]
-                    if "train.py" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
+                    if self.script in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace"))
 
     def wait_until(self, condition, limit=300):
         deadline = time.time() + limit
@@ -895,9 +977,7 @@ def test_a_killed_worker_ends_both_nodes_and_the_rerun_resumes_exactly(config, n
     # a byte flipped in the newest checkpoint's file written by rank 1: every rank skips it for the one before
     *_, before, newest = checkpoint.list_checkpoints(out)
     flipped = newest / "__1_0.distcp"
-    raw = bytearray(flipped.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    flipped.write_bytes(bytes(raw))
+    flip(flipped)
     with Nodes(dirs, node_config, f"--out_dir={out}") as job:
         assert job.wait()[0] == [0, 0], job.tails()
         log = job.log(0)
@@ -935,6 +1015,18 @@ def test_a_node_missing_its_data_stops_both_with_its_line(config, node_config, t
     assert not out.exists()
 
 
+def test_a_problem_every_rank_of_a_node_finds_is_one_line(config, tmp_path):
+    """Two processes on one node that both find the same problem (a batch that does not split over them): one
+    line, rank 0's, not one per process; nothing written."""
+    out = tmp_path / "out"
+    proc = run(TORCHRUN, out, config, "--micro_batch_size=3", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode != 0 and errors == [
+        f"error: rank 0 ({socket.gethostname()}): batch_size 8 is not a multiple of 2 processes x micro_batch_size 3; "
+        f"micro_batch_size can be 1, 2, 4"], proc.stderr[-3000:]
+    assert not out.exists()
+
+
 def test_a_node_local_out_dir_is_one_line_and_nothing_is_written(config, node_config, tmp_path):
     dirs = node_dirs(tmp_path, config)
     with Nodes(dirs, node_config, "--out_dir=out/run") as job:  # relative: each node its own
@@ -950,9 +1042,11 @@ def test_a_node_local_out_dir_is_one_line_and_nothing_is_written(config, node_co
 def test_a_stuck_worker_ends_the_job_naming_the_step_and_the_silent_rank(config, node_config, tmp_path):
     # a 20 s timeout rather than the default 600 s or a 60 s one: what is checked does not depend on it, and the job
     # still needs another 30 s to end after the line (torchrun waits that long for a stopped worker to take
-    # SIGTERM before it kills it)
+    # SIGTERM before it kills it). The process group's own timeout is ten times longer, as if NCCL's: gloo's
+    # timed-out collective cannot speak first, the watchdog must (a little before 20 s, where NCCL would abort)
     dirs, out = node_dirs(tmp_path, config), tmp_path / "out"
-    with Nodes(dirs, node_config, f"--out_dir={out}", "--collective_timeout=20") as job:
+    with Nodes(dirs, node_config, f"--out_dir={out}", "--collective_timeout=20",
+               script=REPO / "tests" / "patient_collectives.py") as job:
         job.wait_until(lambda: logged_step(5)(out))
         os.kill(job.worker(1), signal.SIGSTOP)
         codes, took = job.wait(240)
@@ -960,9 +1054,10 @@ def test_a_stuck_worker_ends_the_job_naming_the_step_and_the_silent_rank(config,
         lines = job.errors(0)
     host = re.escape(socket.gethostname())
     assert len(lines) == 1 and re.fullmatch(
-        rf"error: rank 0 \({host}\): step (\d+) \(.+\): (no progress for \d+ s|a collective failed: .*Timed out.*); "
+        rf"error: rank 0 \({host}\): step (\d+) \(.+\): no progress for (\d+) s; "
         rf"not heard from: rank 1 \({host}, last heard \d+ s ago, at step \d+, .+\)", lines[0]), lines
-    assert int(re.search(r"step (\d+)", lines[0]).group(1)) >= 5
+    step, silent = map(int, re.search(r"step (\d+) .*no progress for (\d+) s", lines[0]).groups())
+    assert step >= 5 and 18 <= silent <= 20, lines[0]  # the limit, 20 s less a tenth, checked every second
 
 
 # ---- micro-batches by tokens on many processes ------------------------------------------------------------------
@@ -1043,5 +1138,7 @@ def test_a_busy_file_never_fails_retention_and_goes_with_the_next_start(tmp_path
 if __name__ == "__main__":
     if sys.argv[1] == "retrieval":
         retrieval_worker(*sys.argv[2:])
+    elif sys.argv[1] == "latest":
+        latest_worker(*sys.argv[2:])
     else:
         gradient_worker(sys.argv[1])
