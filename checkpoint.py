@@ -358,8 +358,8 @@ def read_dcp_metadata(path):
     except FileNotFoundError:
         raise CheckpointError(f"{file}: missing") from None
     except Exception as e:  # only the constructors above ran: a malformed file, not a bug here
-        raise CheckpointError(f"{file}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                              ) from None
+        what = type(e).__name__ + (f": {str(e).splitlines()[0]}" if str(e).strip() else "")
+        raise CheckpointError(f"{file}: unreadable ({what})") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
         raise CheckpointError(f"{file}: holds a {type(metadata).__name__}, not checkpoint metadata")
     for info in metadata.storage_data.values():  # the data files dcp will open: this directory's own only
@@ -394,9 +394,12 @@ class Planner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value):
         try:
             obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise CheckpointError(f"{self.path}: refused the value of {read_item.dest_index.fqn} (not plain data: "
-                                  f"{str(e).splitlines()[0]})") from None
+        except pickle.UnpicklingError as e:  # torch's message goes on to say how to load it anyway: not here
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = found.group(1) if found else "what torch.load(weights_only=True) refuses"
+            raise CheckpointError(f"{self.path}: refused the value of {read_item.dest_index.fqn}: it loads {what}, "
+                                  f"not plain data (loading it could run code); nothing of this checkpoint is used"
+                                  ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
