@@ -263,16 +263,20 @@ def _cause(e):
     """(errno, one line) of the OSError behind a failed write (through dcp's per-process failures and chained
     exceptions), or (None, the first line of e). A write into a full disk inside torch.save may surface only as a
     RuntimeError of its zip writer ("unexpected pos"), without an errno."""
-    todo = [e]
+    todo, seen = [e], set()
     while todo:
         x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
         if isinstance(x, OSError) and x.errno:
             return x.errno, f"{x.strerror}: {x.filename}" if x.filename else x.strerror
         if isinstance(x, dcp.api.CheckpointException):
             todo += [failure for failure, _ in x.failures.values()]
-        todo += [c for c in (x.__cause__, x.__context__) if c is not None and c is not x]
-    lines = str(e).splitlines()
-    return None, lines[-1] if isinstance(e, dcp.api.CheckpointException) and lines else (lines or [type(e).__name__])[0]
+        todo += [x.__cause__, x.__context__]
+    lines = str(e).splitlines() or [type(e).__name__]
+    # dcp's exception reads as its processes' tracebacks, each ending with what failed
+    return None, lines[-1] if isinstance(e, dcp.api.CheckpointException) else lines[0]
 
 
 def _size(n):

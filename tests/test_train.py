@@ -1328,6 +1328,8 @@ def test_the_errno_of_a_failed_write_is_found_through_dcp_and_torch_save():
     failed = dcp.api.CheckpointException("save", {1: (zip_writer, None)})
     assert checkpoint._cause(failed) == (errno.ENOSPC, "No space left on device: x/__0_0.distcp")
     assert checkpoint._cause(RuntimeError("a\nb")) == (None, "a")
+    failed = dcp.api.CheckpointException("save", {0: (RuntimeError("unexpected pos 704 vs 598"), None)})
+    assert checkpoint._cause(failed) == (None, "RuntimeError: unexpected pos 704 vs 598")  # not its rank list
 
 
 def test_the_start_warning_counts_the_checkpoints_there(tmp_path, monkeypatch):
