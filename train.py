@@ -571,6 +571,8 @@ def resume(run):
             problem = f"init_from {e}"
     ranks.stop_if_any(problem)
     run.log(f"parameters: {model.num_params():,} ({model.num_params(embeddings=False):,} without the embedding)")
+    if run.master and (warning := checkpoint.space_warning(run.out_dir, cfg.keep_last, model)):
+        run.log(warning)
     parallelize(model.to(device), init_device_mesh(device.type, (world,)), DTYPES[cfg.dtype](device), cfg.compile,
                 cfg.activation_checkpointing)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, cfg.betas, cfg.eps, device.type)
@@ -627,6 +629,8 @@ def train(run, model, optimizer, step):
             run.log(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in entry.items() if k != "step"))
         if step > start and (last_step or step % cfg.checkpoint_every == 0):
             run.at(step, "saving a checkpoint")
+            if run.master and (warning := checkpoint.space_warning(run.out_dir, cfg.keep_last, model, step)):
+                run.log(warning)
             t0 = time.perf_counter()
             rng = {"cpu": torch.get_rng_state(),
                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}

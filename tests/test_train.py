@@ -1,13 +1,19 @@
 """train.py end to end on a very small model: gradients on 1, 2 and 3 processes against plain PyTorch, 1 vs 2
 processes and resumes across process counts, exact resume after SIGKILL, damaged checkpoints, bf16 compute,
 NaN detection, export, config checking and the command line; two nodes simulated by two torchrun launchers
-(a killed, a stuck and a misconfigured node); micro-batch planning for 128 processes.
+(a killed, a stuck and a misconfigured node); micro-batch planning for 128 processes; checkpoints that would
+run code refused wherever they are read, and a full disk.
 
-Run as a script under torchrun, this file is the worker of the gradient, retrieval and checkpoint-choice tests."""
+Run as a script under torchrun, this file is the worker of the gradient, retrieval, checkpoint-choice and
+checkpoint-loading tests, and runs train.py on a simulated small filesystem."""
+import contextlib
 import errno
 import json
 import math
+import operator
 import os
+import pickle
+import pickletools
 import re
 import shutil
 import signal
@@ -15,12 +21,14 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1135,10 +1143,331 @@ def test_a_busy_file_never_fails_retention_and_goes_with_the_next_start(tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+# ---- checkpoints from elsewhere: data only ----------------------------------------------------------------------
+
+
+def pickle_globals(raw):
+    """(module, name) of every global a pickle names, read from its opcodes (protocols 0-5), not by loading it."""
+    found, strings, memo = set(), [], {}
+    for op, arg, _ in pickletools.genops(raw):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = strings[-1] if strings else None
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = strings[-1] if strings else None
+        elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+            strings.append(memo.get(arg))
+        elif op.name == "STACK_GLOBAL":
+            found.add((strings[-2], strings[-1]))
+        elif op.name in ("GLOBAL", "INST"):
+            found.add(tuple(arg.split(" ", 1)))
+    return found
+
+
+def load_worker(ckpt, out):
+    """Under torchrun: a checkpoint loaded into the sharded model and AdamW as a resume loads it; rank 0 saves the
+    whole weights and optimizer state, gathered, and its own state."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    dist.init_process_group("gloo")
+    meta = checkpoint.verify(ckpt)
+    model = ModernBERT(ModernBertConfig(**meta["model_config"]))
+    parallelize(model, init_device_mesh("cpu", (dist.get_world_size(),)))
+    optimizer = model.configure_optimizers(0.0, 1.0, (0.5, 0.6))  # what the checkpoint replaces
+    own = checkpoint.load(ckpt, model, optimizer)
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        torch.save({"weights": weights, "optim": optim, "own": own}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_of_2_processes_loads_on_1_and_3(reference2, tmp_path):
+    final = ModernBERT.from_pretrained(reference2 / "hf").state_dict()  # the same step, gathered and exported
+    loaded = []
+    for world in (1, 3):
+        out = tmp_path / f"loaded{world}.pt"
+        proc = subprocess.run([*TORCHRUN[:-1], f"--nproc_per_node={world}", __file__, "load",
+                               str(reference2 / f"ckpt_{STEPS}"), str(out)], cwd=REPO, env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        loaded.append(torch.load(out, weights_only=False))
+    for got in loaded:
+        assert got["weights"].keys() == final.keys()
+        assert all(torch.equal(got["weights"][k], final[k]) for k in final)
+        assert got["optim"]["param_groups"][0]["betas"] == (0.9, 0.98)  # the run's, not the ones built here
+    one, three = (got["optim"]["state"] for got in loaded)
+    assert one.keys() == three.keys() and len(one) == len(final) - 1  # every parameter (the decoder's is tied)
+    for name, state in one.items():
+        assert state.keys() == {"step", "exp_avg", "exp_avg_sq"} and float(state["step"]) == STEPS
+        assert all(torch.equal(v, three[name][k]) for k, v in state.items()) and state["exp_avg_sq"].abs().sum() > 0
+    assert loaded[0]["own"]["loader"] == loaded[1]["own"]["loader"]  # rank 0's, written by 2 processes
+
+def test_the_metadata_of_checkpoints_written_on_1_and_2_processes_is_admitted_whole(reference, reference2):
+    for ckpt in (reference / "ckpt_12", reference2 / "ckpt_12"):
+        raw = (ckpt / ".metadata").read_bytes()
+        named = pickle_globals(raw)
+        assert ("torch.distributed.checkpoint.metadata", "Metadata") in named and ("torch", "float32") in named
+        assert named <= checkpoint.METADATA_GLOBALS, named - checkpoint.METADATA_GLOBALS
+        assert checkpoint.read_dcp_metadata(ckpt) == pickle.loads(raw)  # the same metadata as dcp's own reader
+
+
+class Touch:
+    """Pickled as a call of os.system that creates a file."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class Then:
+    """Pickled as: run `first`, then return `value` (what a tampered .metadata does to pass unnoticed)."""
+    def __init__(self, first, value):
+        self.first, self.value = first, value
+
+    def __reduce__(self):
+        return operator.getitem, ((self.first, self.value), 1)
+
+
+def plant(ckpt, how, marker):
+    """Replace ckpt's .metadata with a pickle that creates `marker`, by os.system and then returning the real metadata
+    (how="file") or by importing a module placed beside it (how="import"), and record its size and CRC-32 in
+    meta.json, as anyone who can write the directory can. -> PYTHONPATH under which the pickle does its work."""
+    file = ckpt / ".metadata"
+    real = pickle.loads(file.read_bytes())
+    if how == "file":
+        file.write_bytes(pickle.dumps(Then(Touch(marker), real)))
+    else:
+        (marker.parent / "planted.py").write_text(f"open({str(marker)!r}, 'w').close()\nvalue = None\n")
+        file.write_bytes(b"cplanted\nvalue\n.")  # a global of a module: loading it imports the module
+    meta = json.loads((ckpt / "meta.json").read_text())
+    raw = file.read_bytes()
+    meta["files"][".metadata"] = {"size": len(raw), "crc32": f"{zlib.crc32(raw):08x}"}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    env = {**ENV, "PYTHONPATH": str(marker.parent)}
+    # the planted pickle does what it is made for when loaded as dcp would
+    subprocess.run([sys.executable, "-c", f"import pickle; pickle.load(open({str(file)!r}, 'rb'))"], env=env,
+                   capture_output=True, check=False)
+    assert marker.exists(), how
+    marker.unlink()
+    return env
+
+
+def refused(proc, ckpt):
+    """One process stopped with exit status 1 and only one line, naming the .metadata and what it loads."""
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
+    assert f"{ckpt / '.metadata'}: refused " in proc.stderr and "nothing of this checkpoint is used" in proc.stderr
+    return proc.stderr.strip()
+
+
+def torchrun(log_dir, *args, env=ENV, timeout=300):
+    """train.py (or what args name) under torchrun with 2 processes, each one's stderr to a file of its own, since
+    their lines may interleave on one pipe. -> (the process, {rank: the error lines it printed})."""
+    proc = subprocess.run([*TORCHRUN, f"--log-dir={log_dir}", "--redirects=2", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    errors = {int(f.parent.name): [line for line in f.read_text().splitlines() if line.startswith("error: ")]
+              for f in Path(log_dir).glob("*/attempt_0/*/stderr.log")}
+    return proc, errors
+
+
+@pytest.mark.parametrize("how", ["file", "import"])
+def test_a_checkpoint_that_would_run_code_is_refused_wherever_it_is_read(config, reference, tmp_path, how):
+    marker = tmp_path / "ran"
+    out = rewind(reference, tmp_path / "out", step=9)
+    env = plant(out / "ckpt_9", how, marker)
+    what = "_operator.getitem" if how == "file" else "planted.value"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+    resumed = cli("train.py", config, f"--out_dir={out}")
+    initialised = cli("train.py", config, f"--out_dir={tmp_path / 'other'}", f"--init_from={out / 'ckpt_9'}")
+    exported = cli("train.py", "--export", out / "ckpt_9", tmp_path / "hf")
+    evaluated = cli("evaluate.py", "--task", "fillmask", "--model", out / "ckpt_9", "--out", tmp_path / "eval")
+    for proc in (resumed, initialised, exported, evaluated):
+        assert f"refused {what}," in refused(proc, out / "ckpt_9")
+    assert initialised.stderr.startswith(f"error: init_from {out / 'ckpt_9' / '.metadata'}: refused")
+    assert evaluated.stderr.startswith(f"error: --model {out / 'ckpt_9'}: {out / 'ckpt_9' / '.metadata'}: refused")
+    assert not marker.exists() and not (tmp_path / "hf").exists() and not (tmp_path / "eval").exists()
+    assert metrics(out) == metrics(reference)[:len(metrics(out))] and len(metrics(out)) > 0  # nothing trimmed
+
+
+def test_two_processes_refuse_it_on_each_rank(config, reference2, tmp_path):
+    marker = tmp_path / "ran"
+    out = rewind(reference2, tmp_path / "out", step=9)
+    env = plant(out / "ckpt_9", "file", marker)
+    refusal = f"{out / 'ckpt_9' / '.metadata'}: refused _operator.getitem, not a type checkpoint metadata is made " \
+              f"of (loading it could run code); nothing of this checkpoint is used"
+    proc, errors = torchrun(tmp_path / "resumed", "train.py", config, f"--out_dir={out}", env=env)
+    assert proc.returncode == 1 and not marker.exists(), proc.stderr[-3000:]
+    assert {r: [line.split("): ", 1)[1] for line in lines] for r, lines in errors.items()} == {0: [refusal],
+                                                                                                 1: [refusal]}
+    assert (out / "log.txt").read_text().endswith(f"{refusal}\n")
+    proc, errors = torchrun(tmp_path / "initialised", "train.py", config, f"--out_dir={tmp_path / 'other'}",
+                            f"--init_from={out / 'ckpt_9'}", env=env)
+    assert proc.returncode == 1 and not marker.exists(), proc.stderr[-3000:]
+    # the ranks agree on the problem before going on, and the lowest rank of the host that has it says it
+    assert errors[1] == [] and len(errors[0]) == 1 and errors[0][0].endswith(f"): init_from {refusal}")
+
+
+def test_optimizer_values_are_read_as_data_only(tmp_path):
+    """dcp stores a state's non-tensor values as pickles in the data files; one that would run code is refused."""
+    marker = tmp_path / "ran"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # no process group: one process, as intended
+        dcp.save({"w": torch.ones(3), "lr": Then(Touch(marker), 0.1)}, checkpoint_id=tmp_path / "ckpt", no_dist=True)
+        plain = {"w": torch.zeros(3), "lr": None}
+        dcp.load(plain, checkpoint_id=tmp_path / "ckpt", no_dist=True)  # dcp's own planner runs it
+        assert marker.exists() and plain["lr"] == 0.1
+        marker.unlink()
+        state = {"w": torch.zeros(3), "lr": None}
+        with pytest.raises(checkpoint.Problem, match=r"ckpt: refused the value of lr: it loads "
+                           r"_operator\.getitem, not plain data \(loading it could run code\); nothing of this "
+                           r"checkpoint is used$"):
+            checkpoint._dcp_load(state, tmp_path / "ckpt", no_dist=True)
+        assert not marker.exists()
+        dcp.save({"w": torch.ones(3), "lr": 0.1, "betas": (0.9, 0.98)}, checkpoint_id=tmp_path / "good", no_dist=True)
+        state = {"w": torch.zeros(3), "lr": None, "betas": None}
+        checkpoint._dcp_load(state, tmp_path / "good", no_dist=True)
+    assert torch.equal(state["w"], torch.ones(3)) and (state["lr"], state["betas"]) == (0.1, (0.9, 0.98))
+
+
+def test_a_malformed_metadata_is_one_line(reference, tmp_path):
+    ckpt = tmp_path / "ckpt_12"
+    shutil.copytree(reference / "ckpt_12", ckpt)
+    for raw, expected in ((b"", "unreadable (EOFError"), (pickle.dumps({"a": 1}), "holds a dict, not checkpoint "
+                                                                                "metadata")):
+        (ckpt / ".metadata").write_bytes(raw)
+        with pytest.raises(checkpoint.Problem) as e:
+            checkpoint.read_dcp_metadata(ckpt)
+        assert str(e.value).startswith(f"{ckpt / '.metadata'}: {expected}"), str(e.value)
+    metadata = pickle.loads((reference / "ckpt_12" / ".metadata").read_bytes())
+    next(iter(metadata.storage_data.values())).relative_path = "../rank0.pt"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(checkpoint.Problem, match=r"names the data file '\.\./rank0\.pt', not a file of "):
+        checkpoint.read_dcp_metadata(ckpt)
+
+
+# ---- a full disk --------------------------------------------------------------------------------------------------
+
+
+def small_disk(capacity, script, *args):
+    """Run `script` as if its out_dir were a filesystem of `capacity` bytes: shutil.disk_usage says what is left of
+    it, and a write by dcp that would pass it fails as on a full disk (OSError ENOSPC, inside torch.save)."""
+    import runpy
+    from torch.distributed.checkpoint.filesystem import FileSystem
+    out_dir, capacity = Path(next(a for a in args if a.startswith("--out_dir=")).split("=", 1)[1]), int(capacity)
+
+    def used():
+        return sum(f.stat().st_size for f in out_dir.rglob("*") if f.is_file())
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, b):
+            self.f.flush()
+            if used() + len(b) > capacity:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    create, disk_usage = FileSystem.create_stream, shutil.disk_usage
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with create(self, path, mode) as f:
+            yield Full(f) if "w" in mode else f
+
+    def usage(path):
+        if Path(path).resolve() != out_dir.resolve():
+            return disk_usage(path)
+        return disk_usage(path)._replace(total=capacity, used=used(), free=max(0, capacity - used()))
+    FileSystem.create_stream, shutil.disk_usage = create_stream, usage
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+def test_a_full_disk_is_one_line_on_every_rank_and_the_rerun_continues_the_curve(config, reference2, tmp_path):
+    out, size = tmp_path / "out", checkpoint.checkpoint_size(reference2 / "ckpt_12")
+    capacity = int(2.5 * size) + (64 << 10)  # two checkpoints and the logs, not a third
+
+    def on_small_disk():
+        proc, errors = torchrun(tmp_path / f"logs{len(list(tmp_path.glob('logs*')))}", "tests/test_train.py",
+                                "small_disk", capacity, "train.py", config, f"--out_dir={out}")
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert sorted(errors) == [0, 1] and all(len(lines) == 1 for lines in errors.values()), errors
+        for rank, (line,) in errors.items():  # the same cause on both, whether dcp's ENOSPC reached it or not
+            assert re.search(rf"^error: rank {rank} \(.*\): step 9: could not save {out / 'ckpt_9'}: out of space "
+                             rf"\(out_dir {out} has 0\.[0-9] MiB free, a checkpoint needs {size / 2**20:.1f} MiB\); "
+                             rf"the last good checkpoint is {out / 'ckpt_6'}: free space or lower keep_last \(3 now\), "
+                             rf"then rerun to resume from it$", line), line
+        log = (out / "log.txt").read_text()
+        assert log.endswith(errors[0][0] + "\n")
+        assert [p.name for p in sorted(out.iterdir()) if p.name.startswith("ckpt_")] == ["ckpt_3", "ckpt_6"]
+        return proc, log
+    proc, log = on_small_disk()
+    assert log.count("error: ") == 1 and f"warning: out_dir {out} has" in log  # from the model, before the first
+    assert f"warning: step 9: out_dir {out} has 0." in log  # the comparison before each save
+    proc, log = on_small_disk()  # resumed at step 6, and warned at once that it cannot last
+    assert f"warning: out_dir {out} has 0.6 MiB free and {2 * size / 2**20:.1f} MiB in checkpoints, but the 4 " \
+        f"checkpoints a run holds while saving (keep_last 3 + 1) need {4 * size / 2**20:.1f} MiB, " \
+        f"{size / 2**20:.1f} MiB each: saving will fail; free space or lower keep_last\n" in proc.stdout
+    rerun = run(TORCHRUN, out, config)  # room again
+    assert f"resuming from {out / 'ckpt_6'} at step 6" in rerun.stdout and "warning" not in rerun.stdout
+    assert metrics(out) == metrics(reference2)
+
+
+def test_the_errno_of_a_failed_write_is_found_through_dcp_and_torch_save():
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "x/__0_0.distcp")
+    zip_writer = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    zip_writer.__context__ = full  # what torch.save into a file object that raised leaves
+    failed = dcp.api.CheckpointException("save", {1: (zip_writer, None)})
+    assert checkpoint._cause(failed) == (errno.ENOSPC, "No space left on device: x/__0_0.distcp")
+    assert checkpoint._cause(RuntimeError("a\nb")) == (None, "a")
+    failed = dcp.api.CheckpointException("save", {0: (RuntimeError("unexpected pos 704 vs 598"), None)})
+    assert checkpoint._cause(failed) == (None, "RuntimeError: unexpected pos 704 vs 598")  # not its rank list
+
+
+def test_the_start_warning_counts_the_checkpoints_there(tmp_path, monkeypatch):
+    model = ModernBERT(ModernBertConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=2))
+    weights = sum(p.numel() for p in model.parameters()) * 4
+    ckpt = tmp_path / "ckpt_3"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"step": 3, "world_size": 1, "config": {}, "model_config": {},
+                                                "files": {"a": {"size": 1000, "crc32": "0"}}}))
+    size = 1000 + (ckpt / "meta.json").stat().st_size
+    usage = shutil.disk_usage(tmp_path)
+    for free, warned in ((2 * size - 1, True), (2 * size, False)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+        warning = checkpoint.space_warning(tmp_path, 2, model)  # 3 of `size` needed, one of them there
+        assert bool(warning) == warned, (free, warning)
+    (ckpt / "meta.json").unlink()  # before the first: the weights (the decoder's tied to the embedding's, written
+    # twice) and AdamW's two moments
+    estimate = 3 * weights + model.model.embeddings.tok_embeddings.weight.numel() * 4
+    for free, warned in ((3 * estimate - 1, True), (3 * estimate, False)):
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=free))
+        assert bool(checkpoint.space_warning(tmp_path, 2, model)) == warned, free
+    assert checkpoint.space_warning(tmp_path, 2, model, step=5) is None
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3 * weights - 1))
+    assert checkpoint.space_warning(tmp_path, 2, model, step=5).startswith(f"warning: step 5: out_dir {tmp_path} has ")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "retrieval":
         retrieval_worker(*sys.argv[2:])
     elif sys.argv[1] == "latest":
         latest_worker(*sys.argv[2:])
+    elif sys.argv[1] == "load":
+        load_worker(*sys.argv[2:])
+    elif sys.argv[1] == "small_disk":
+        small_disk(*sys.argv[2:])
     else:
         gradient_worker(sys.argv[1])
