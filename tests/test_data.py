@@ -1136,13 +1136,17 @@ def test_two_processes_stop_at_a_shard_altered_in_rank_1_s_share(world, tiny, tm
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2] ^= 0x10
     victim.write_bytes(bytes(raw))
-    proc = train(tiny, tmp_path / "out", f"--data_dir={shards}", "--max_steps=1", cmd=TORCHRUN, check=False)
+    logs = tmp_path / "logs"  # each rank's stderr in a file of its own: two ranks' lines may interleave on one pipe
+    proc = train(tiny, tmp_path / "out", f"--data_dir={shards}", "--max_steps=1", check=False,
+                 cmd=(*TORCHRUN, f"--log-dir={logs}", "--redirects=2"))
     metrics = tmp_path / "out" / "metrics.jsonl"
     assert proc.returncode != 0 and not (metrics.exists() and metrics.read_text())  # not one step
     host = socket.gethostname()
-    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error: "))
-    assert errors[0].startswith(f"error: rank 0 ({host}): stopped by rank 1 ({host}): {victim}: sha256 differs"), errors
-    assert errors[1].startswith(f"error: rank 1 ({host}): {victim}: sha256 differs from the manifest"), errors
+    errors = {int(f.parent.name): [line for line in f.read_text().splitlines() if line.startswith("error: ")]
+              for f in logs.glob("*/attempt_0/*/stderr.log")}
+    assert len(errors[0]) == len(errors[1]) == 1, errors
+    assert errors[0][0].startswith(f"error: rank 0 ({host}): stopped by rank 1 ({host}): {victim}: sha256 differs"), errors
+    assert errors[1][0].startswith(f"error: rank 1 ({host}): {victim}: sha256 differs from the manifest"), errors
 
 
 # ----------------------------------------------------------------------------------------------------------
