@@ -17,7 +17,9 @@ line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep
 the model in hf/, a directory that transformers (model, tokenizer, pipelines) and sentence-transformers open
 (checkpoint.export_hf lists its files). Running the same
 command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
-losses as an uninterrupted run, on any number of processes.
+losses as an uninterrupted run, on any number of processes. `resume_from` continues another run's checkpoint in
+this out_dir the same way (until this run has checkpoints of its own): with `schedule = "wsd"` (warmup, lr held,
+a decay over the last decay_steps), a decay branched from any checkpoint of the stable phase, or the run extended.
 `--export` writes a checkpoint in the same format, to DIR or to out_dir/hf_STEP (`--unnormalized`: the
 sentence-transformers embeddings without the final L2 normalisation).
 
@@ -77,6 +79,7 @@ class Config:
     model: str = "llm-jp-modernbert-base"  # preset in model.py: llm-jp-modernbert-base, tiny, ...
     model_args: dict = field(default_factory=dict)  # ModernBertConfig overrides, e.g. dict(num_hidden_layers=6)
     init_from: str = ""          # start from these weights (a checkpoint dir or a Hugging Face dir), fresh optimizer
+    resume_from: str = ""        # continue another run's checkpoint dir (weights, optimizer, step, data) in out_dir
     # data (data.py): shards prepared from a jsonl corpus with `tokenizer`
     data_dir: str = "data/demo/shards"  # shard directory written by python data.py prepare
     tokenizer: str = "data/demo/tokenizer.model"  # sentencepiece model the shards were made with
@@ -91,9 +94,13 @@ class Config:
     eval_batches: int = 10       # validation batches (of batch_size sequences) for MLM loss and accuracy
     retrieval_eval: str = ""     # MIRACL-layout jsonl for zero-shot Recall@10 / MRR@10; "" = skip
     retrieval_max_len: int = 512  # tokens per text in the retrieval evaluation
-    # optimizer: AdamW, linear warmup to lr, then linear decay to 0 at max_steps
+    # optimizer: AdamW, linear warmup to lr, then linear decay to 0 at max_steps (or warmup-stable-decay)
     lr: float = 5e-4             # peak learning rate
     warmup_steps: int = 100      # steps of linear warmup from 0 to lr
+    schedule: str = "linear"     # after the warmup: "linear" decay to 0 at max_steps, or "wsd": lr held, then decayed
+    decay_steps: int = 0         # wsd: the last steps of max_steps, which decay from lr (0: lr held to the end)
+    decay_shape: str = "linear"  # wsd: the decay's shape, "linear", "1-sqrt" or "cosine"
+    min_lr_ratio: float = 0.0    # wsd: the decay ends at min_lr_ratio x lr
     betas: tuple = (0.9, 0.98)   # AdamW betas
     eps: float = 1e-6            # AdamW epsilon
     weight_decay: float = 1e-5   # on the linear layers' weight matrices only
@@ -107,7 +114,8 @@ class Config:
     wandb_project: str = "llm-jp-modernbert"  # Weights & Biases project
 
 
-CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16")}
+CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16"), "schedule": ("linear", "wsd"),
+           "decay_shape": ("linear", "1-sqrt", "cosine")}
 POSITIVE = ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size", "max_seqlen",
             "collective_timeout")
 DTYPES = {"auto": lambda device: torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -190,6 +198,19 @@ def load_config(args):
         ModernBertConfig.preset(cfg.model, **cfg.model_args)
     except (ValueError, TypeError, AssertionError) as e:
         raise Problem(f"config key model_args: {e}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise Problem(f"config key min_lr_ratio must be between 0 and 1, got {cfg.min_lr_ratio}")
+    if cfg.decay_steps < 0:
+        raise Problem(f"config key decay_steps must be at least 0, got {cfg.decay_steps}")
+    if cfg.schedule == "linear" and (cfg.decay_steps, cfg.decay_shape, cfg.min_lr_ratio) != (0, "linear", 0.0):
+        raise Problem("config keys decay_steps, decay_shape and min_lr_ratio shape schedule 'wsd' only, and schedule "
+                      "is 'linear' (it decays to 0 over all the steps after the warmup)")
+    if cfg.schedule == "wsd" and cfg.warmup_steps + cfg.decay_steps > cfg.max_steps:
+        raise Problem(f"config key decay_steps: {cfg.decay_steps} decay steps after {cfg.warmup_steps} warmup steps "
+                      f"do not fit in max_steps {cfg.max_steps}")
+    if cfg.init_from and cfg.resume_from:
+        raise Problem("config keys init_from and resume_from: give one (init_from: weights only; resume_from: a "
+                      "checkpoint's full state)")
     return cfg, path
 
 
@@ -220,6 +241,10 @@ def missing_inputs(cfg):
         if cfg.retrieval_eval and not Path(cfg.retrieval_eval).is_file():
             missing.append(f"retrieval_eval {located(cfg.retrieval_eval)}: put MIRACL ja (train split, jsonl) there, "
                            f"or skip that evaluation with --retrieval_eval=''")
+    if (cfg.resume_from and not (Path(cfg.resume_from) / checkpoint.META).is_file()
+            and not checkpoint.list_checkpoints(cfg.out_dir)):  # with checkpoints of its own, a run resumes from them
+        missing.append(f"resume_from {located(cfg.resume_from)}: not a checkpoint (no {checkpoint.META}); name a "
+                       f"ckpt_STEP directory of another run")
     if cfg.init_from and not Path(cfg.init_from).exists():
         writes = re.compile(rf"^out_dir\s*=\s*[\"']{re.escape(str(Path(cfg.init_from).parent))}[\"']", re.M)
         makers = [p for p in sorted((REPO / "configs").glob("*.py")) if writes.search(p.read_text())]
@@ -376,9 +401,29 @@ def git_commit():
 
 
 def lr_at(cfg, step):
+    """The learning rate of the update that makes step + 1. Warmup: the first update already moves, the last one of
+    the warmup is at lr. "linear": then down to 0 at max_steps. "wsd": lr held, then the decay's steps go down from
+    it, the last one (the run's) at min_lr_ratio x lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+    done = step + 1 - (cfg.max_steps - cfg.decay_steps)  # decay steps taken, this one included
+    if done <= 0:
+        return cfg.lr
+    p = min(1.0, done / cfg.decay_steps)
+    left = {"linear": 1 - p, "1-sqrt": 1 - math.sqrt(p), "cosine": (1 + math.cos(math.pi * p)) / 2}[cfg.decay_shape]
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left)
+
+
+SCHEDULE = ("max_steps", "decay_steps", "decay_shape", "min_lr_ratio")  # may change after the stable phase
+
+
+def stable_so_far(old, new, step):
+    """Whether the learning rates of the steps before `step` are the same under two settings because both are wsd and
+    still hold lr there: then a run may be extended, or a decay branched, with SCHEDULE changed."""
+    return (old.schedule == new.schedule == "wsd" and (old.lr, old.warmup_steps) == (new.lr, new.warmup_steps)
+            and step <= min(old.max_steps - old.decay_steps, new.max_steps - new.decay_steps))
 
 
 def peak_memory_gib(device):
@@ -545,27 +590,49 @@ def setup(args):
     return run
 
 
+FIXED = ("data_dir", "tokenizer", "mode")  # what a checkpoint's data position means: resume_from keeps them
+BRANCH_OWN = ("out_dir", "resume_from")  # what a run branched with resume_from always has of its own
+NEW_FOR_SAME_WEIGHTS = ("global_rope_theta", "local_rope_theta", "max_position_embeddings")  # init_from may change
+
+
+def same_input(key, theirs, mine):
+    """Whether a checkpoint's data_dir, tokenizer or mode is this run's (paths compared where they point from here)."""
+    if key == "mode" or not theirs or not mine:
+        return theirs == mine
+    return Path(theirs).resolve() == Path(mine).resolve()
+
+
 def resume(run):
-    """The model (seeded, or init_from's weights), sharded, and its optimizer; then the newest checkpoint that
-    verifies, one choice for every rank, loaded into them and into the loader; the shards verified meanwhile.
-    -> (model, optimizer, step)"""
+    """The model (seeded, or init_from's weights), sharded, and its optimizer; then the newest checkpoint of out_dir
+    that verifies (none: resume_from's), one choice for every rank, loaded into them and into the loader; the shards
+    verified meanwhile. -> (model, optimizer, step)"""
     cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
     run.at(0, "choosing a checkpoint")
     ckpt, meta = checkpoint.latest(run.out_dir, report=run.log)
+    branched = not ckpt and bool(cfg.resume_from)  # this run's own checkpoints come first
+    if branched:
+        try:
+            ckpt, meta = Path(cfg.resume_from), checkpoint.verify(cfg.resume_from)
+        except Problem as e:  # the same on every rank
+            raise Problem(f"resume_from {e}") from None
     changed = ckpt and checkpoint.config_differences(meta["model_config"], asdict(run.mconf))
     ranks.stop_if_any(f"{ckpt}: the model differs from this run's: " + ", ".join(
         f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()) if changed else None)
+    if branched and (other := [f"{k} {meta['config'].get(k)!r} there, {getattr(cfg, k)!r} here" for k in FIXED
+                               if not same_input(k, meta["config"].get(k), getattr(cfg, k))]):
+        raise Problem(f"resume_from {ckpt}: " + ", ".join(other) + " (a run continues on the data it was trained on)")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, then sharded
     model, problem = ModernBERT(run.mconf), None
     if cfg.init_from and not ckpt:
-        run.log(f"initialising weights from {cfg.init_from}")
         try:
             source, _ = checkpoint.load_model(cfg.init_from)
-            if changed := checkpoint.config_differences(asdict(source.config), asdict(run.mconf)):
-                problem = f"init_from {cfg.init_from}: the model differs from this run's: " + ", ".join(
-                    f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
+            changed = checkpoint.config_differences(asdict(source.config), asdict(run.mconf))
+            describe = lambda keys: ", ".join(f"{k} {changed[k][0]!r} there, {changed[k][1]!r} here" for k in keys)
+            if fixed := [k for k in changed if k not in NEW_FOR_SAME_WEIGHTS]:
+                problem = f"init_from {cfg.init_from}: the model differs from this run's: " + describe(fixed)
             else:
+                run.log(f"initialising weights from {cfg.init_from}" + (f" ({describe(changed)})" if changed else ""))
                 model.load_state_dict(source.state_dict())
         except Problem as e:
             problem = f"init_from {e}"
@@ -590,8 +657,14 @@ def resume(run):
             torch.cuda.set_rng_state(own["rng"]["cuda"], device)
         step = meta["step"]
         changed = {k: (meta["config"].get(k), v) for k, v in asdict(cfg).items()
-                   if json.dumps(meta["config"].get(k)) != json.dumps(v)}
-        run.log(f"resuming from {ckpt} at step {step}" + (f"; config changed since: {changed}" if changed else "")
+                   if json.dumps(meta["config"].get(k)) != json.dumps(v) and not (branched and k in BRANCH_OWN)}
+        before = replace(cfg, **{k: meta["config"].get(k, getattr(Config(), k))  # older checkpoints: linear
+                                 for k in ("lr", "warmup_steps", "schedule", *SCHEDULE)})
+        later = {k: changed.pop(k) for k in SCHEDULE if k in changed} if stable_so_far(before, cfg, step) else {}
+        run.log(f"resuming from {ckpt}{' (resume_from)' if branched else ''} at step {step}"
+                + (f"; {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in later.items())}: the stable phase "
+                   f"continues, the learning rates so far are unchanged" if later else "")
+                + (f"; config changed since: {changed}" if changed else "")
                 + (f"; written by {meta['world_size']} processes, now {world}" if meta["world_size"] != world else ""))
     if run.master:  # lines past the checkpoint (all, without one) are about to be recomputed
         trim_metrics(run.out_dir / "metrics.jsonl", step if ckpt else -1)

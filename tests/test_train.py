@@ -601,6 +601,111 @@ def test_export_matches_final_weights(reference, tmp_path):
     assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
+# ---- warmup-stable-decay, branched decays -----------------------------------------------------------------
+
+
+WSD = ["--schedule=wsd", "--max_steps=8", "--decay_steps=3", "--decay_shape=1-sqrt", "--min_lr_ratio=0.1",
+       "--log_every=1", "--eval_every=0", "--retrieval_eval=", "--checkpoint_every=3"]
+
+
+def wsd_lr(step, lr, warmup, max_steps, decay, shape, ratio):
+    """The learning rate of the update that makes step + 1, written out: warmup (its first update already moves),
+    lr held, then the last `decay` updates going down, the last at ratio x lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step < max_steps - decay:
+        return lr
+    p = (step - (max_steps - decay) + 1) / decay  # 1/decay, 2/decay, ..., 1
+    left = {"linear": 1 - p, "1-sqrt": 1 - p ** 0.5, "cosine": 0.5 + 0.5 * math.cos(math.pi * p)}[shape]
+    return lr * ratio + lr * (1 - ratio) * left
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt", "cosine"])
+def test_wsd_lr_schedule_written_out(shape):
+    cfg = train.Config(lr=2.0, warmup_steps=2, max_steps=10, schedule="wsd", decay_steps=4, decay_shape=shape,
+                       min_lr_ratio=0.1)
+    got = [train.lr_at(cfg, s) for s in range(10)]
+    assert got == pytest.approx([wsd_lr(s, 2.0, 2, 10, 4, shape, 0.1) for s in range(10)], rel=1e-12, abs=0)
+    assert got[:6] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0] and got[-1] == pytest.approx(0.2, rel=1e-12)  # first, last
+    assert got[6] == pytest.approx({"linear": 1.55, "1-sqrt": 1.1, "cosine": 0.2 + 1.8 * (2 + 2 ** 0.5) / 4}[shape])
+    constant = train.Config(lr=2.0, warmup_steps=0, max_steps=5, schedule="wsd")  # decay_steps 0: lr to the end
+    assert [train.lr_at(constant, s) for s in range(5)] == [2.0] * 5
+    cfg = train.Config(lr=1.0, warmup_steps=0, max_steps=3, schedule="wsd", decay_steps=3)  # all decay, to 0
+    assert [train.lr_at(cfg, s) for s in range(3)] == pytest.approx([2 / 3, 1 / 3, 0.0], abs=1e-15)
+
+
+def losses(out_dir):
+    return {m["step"]: m["loss"] for m in metrics(out_dir) if "loss" in m}
+
+
+def test_resume_from_continues_another_runs_checkpoint_in_a_new_out_dir(config, tmp_path):
+    """A wsd run to step 8; a run with resume_from its step-3 checkpoint gives the same losses for steps 4..8 (bit for
+    bit on 1 process, to 1e-5 on 2), each step's lr the schedule's; its rerun resumes from its own checkpoints."""
+    whole = tmp_path / "whole"
+    run([sys.executable], whole, config, *WSD)
+    expected = {m["step"]: m for m in metrics(whole) if "loss" in m}
+    assert [m["lr"] for m in expected.values()] == pytest.approx(
+        [wsd_lr(s, 3e-3, 2, 8, 3, "1-sqrt", 0.1) for s in range(8)], rel=1e-12)
+    branch = tmp_path / "branch"
+    proc = run([sys.executable], branch, config, *WSD, f"--resume_from={whole / 'ckpt_3'}")
+    assert f"resuming from {whole / 'ckpt_3'} (resume_from) at step 3\n" in proc.stdout  # nothing else changed
+    got = [m for m in metrics(branch) if "loss" in m]
+    assert [m["step"] for m in got] == [4, 5, 6, 7, 8]
+    assert got == [expected[m["step"]] for m in got]  # loss, lr, grad norm, tokens: bit for bit
+    assert sorted(p.name for p in branch.glob("ckpt_*")) == ["ckpt_6", "ckpt_8"]
+    assert sorted(p.name for p in whole.glob("ckpt_*")) == ["ckpt_3", "ckpt_6", "ckpt_8"]  # left as it was
+
+    rewind(branch, tmp_path / "again", step=6)  # a rerun of the branch: its own ckpt_6, not resume_from's
+    proc = run([sys.executable], tmp_path / "again", config, *WSD, f"--resume_from={whole / 'ckpt_3'}")
+    assert f"resuming from {tmp_path / 'again' / 'ckpt_6'} at step 6" in proc.stdout  # out_dir changed: a copy
+    assert "(resume_from)" not in proc.stdout
+    assert metrics(tmp_path / "again") == metrics(branch)
+    rewind(branch, tmp_path / "later", step=6)  # the same once the run it branched from is gone (keep_last)
+    proc = run([sys.executable], tmp_path / "later", config, *WSD, f"--resume_from={tmp_path / 'gone' / 'ckpt_3'}")
+    assert f"resuming from {tmp_path / 'later' / 'ckpt_6'} at step 6" in proc.stdout
+    assert "(resume_from)" not in proc.stdout
+    assert metrics(tmp_path / "later") == metrics(branch)
+
+    two = tmp_path / "two"
+    proc = run(TORCHRUN, two, config, *WSD, f"--resume_from={whole / 'ckpt_3'}")
+    assert "written by 1 processes, now 2" in proc.stdout
+    got = [m for m in metrics(two) if "loss" in m]
+    assert [(m["step"], m["lr"], m["tokens"]) for m in got] == [(s, expected[s]["lr"], expected[s]["tokens"])
+                                                                  for s in range(4, 9)]
+    for m in got:
+        for key in ("loss", "grad_norm"):
+            assert m[key] == pytest.approx(expected[m["step"]][key], rel=1e-5, abs=0), (m["step"], key)
+
+
+def test_a_constant_run_is_extended_and_a_decay_branched_from_it(config, tmp_path):
+    """wsd without a decay holds lr; extending max_steps continues it (the resume line says the past rates are
+    unchanged); a decay branched from its step-4 checkpoint on 2 processes follows the cosine formula; extending a
+    run already in its decay is a config difference."""
+    constant = tmp_path / "constant"
+    common = ["--schedule=wsd", "--log_every=1", "--eval_every=0", "--retrieval_eval=", "--checkpoint_every=2"]
+    run([sys.executable], constant, config, *common, "--max_steps=4")
+    proc = run([sys.executable], constant, config, *common, "--max_steps=6")
+    assert (f"resuming from {constant / 'ckpt_4'} at step 4; max_steps 4 -> 6: the stable phase continues, the "
+            f"learning rates so far are unchanged\n") in proc.stdout
+    assert [m["lr"] for m in metrics(constant) if "loss" in m] == [1.5e-3] + [3e-3] * 5
+
+    decay = tmp_path / "decay"
+    branch = ["--max_steps=7", "--decay_steps=3", "--decay_shape=cosine", "--min_lr_ratio=0.01"]
+    proc = run(TORCHRUN, decay, config, *common, *branch, f"--resume_from={constant / 'ckpt_4'}")
+    assert (f"resuming from {constant / 'ckpt_4'} (resume_from) at step 4; max_steps 4 -> 7, decay_steps 0 -> 3, "
+            f"decay_shape 'linear' -> 'cosine', min_lr_ratio 0.0 -> 0.01: the stable phase continues") in proc.stdout
+    lrs = {m["step"]: m["lr"] for m in metrics(decay) if "loss" in m}
+    assert lrs == pytest.approx({s + 1: wsd_lr(s, 3e-3, 2, 7, 3, "cosine", 0.01) for s in (4, 5, 6)}, rel=1e-12)
+    assert lrs[7] == pytest.approx(3e-5, rel=1e-12)
+    assert losses(decay)[5] == pytest.approx(losses(constant)[5], rel=1e-5)  # step 5: same state, lower lr
+    assert losses(decay)[6] != pytest.approx(losses(constant)[6], rel=1e-5)
+
+    proc = run([sys.executable], decay, config, *common, "--max_steps=9", "--decay_steps=5", *branch[2:],
+               f"--resume_from={constant / 'ckpt_4'}")
+    assert (f"resuming from {decay / 'ckpt_7'} at step 7; config changed since: {{'max_steps': (7, 9), "
+            f"'decay_steps': (3, 5)}}; written by 2 processes, now 1\n") in proc.stdout
+
+
 # ---- configuration ----------------------------------------------------------------------------------------
 
 
@@ -635,6 +740,45 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     for key in ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size",
                 "max_seqlen", "collective_timeout"):  # 0 would loop forever, divide by zero or keep nothing
         assert config_error(capsys, path, f"--{key}=0") == f"error: command line: config key {key!r} must be at least 1, got 0"
+
+
+def test_bad_schedule_and_resume_from_values_are_one_line(config, reference, monkeypatch, capsys, tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("max_steps = 10\nwarmup_steps = 2\nschedule = 'wsd'\n")
+    assert config_error(capsys, path, "--decay_steps=9") == ("error: config key decay_steps: 9 decay steps after 2 "
+                                                             "warmup steps do not fit in max_steps 10")
+    assert config_error(capsys, path, "--decay_steps=-1") == "error: config key decay_steps must be at least 0, got -1"
+    for ratio in ("-0.1", "1.5"):
+        assert config_error(capsys, path, f"--min_lr_ratio={ratio}") == \
+            f"error: config key min_lr_ratio must be between 0 and 1, got {float(ratio)}"
+    assert "config key 'decay_shape' must be one of linear, 1-sqrt, cosine, got 'sqrt'" in config_error(
+        capsys, path, "--decay_shape=sqrt")
+    assert "config key 'schedule' must be one of linear, wsd" in config_error(capsys, path, "--schedule=constant")
+    assert config_error(capsys, path, "--schedule=linear", "--decay_steps=3").startswith(
+        "error: config keys decay_steps, decay_shape and min_lr_ratio shape schedule 'wsd' only")
+    assert "init_from and resume_from: give one" in config_error(capsys, path, "--init_from=a", "--resume_from=b")
+    train.load_config([str(path), "--decay_steps=8", "--min_lr_ratio=1.0"])  # the limits themselves are fine
+
+    out = tmp_path / "out"
+    for where in (reference, tmp_path / "nowhere"):  # a run directory is not a checkpoint
+        code, _, err = cli(monkeypatch, capsys, config, f"--out_dir={out}", f"--resume_from={where}")
+        assert code == 1 and err == (f"error: {config}: input missing: resume_from {where}: not a checkpoint (no "
+                                     f"meta.json); name a ckpt_STEP directory of another run\n")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(reference / "ckpt_9", damaged)
+    (damaged / "rank0.pt").write_bytes(b"")
+    proc = run([sys.executable], out, config, f"--resume_from={damaged}", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: resume_from {damaged / 'rank0.pt'}: 0 bytes")
+    shards, other = train.load_config([str(config)])[0].data_dir, tmp_path / "shards"
+    shutil.copytree(shards, other)
+    proc = run(TORCHRUN, out, config, f"--resume_from={reference / 'ckpt_9'}", f"--data_dir={other}",
+               "--mode=packed", check=False)
+    line = (f"resume_from {reference / 'ckpt_9'}: data_dir {shards!r} there, {str(other)!r} here, mode "
+            f"'line_by_line' there, 'packed' here (a run continues on the data it was trained on)")
+    assert proc.returncode != 0
+    for r in (0, 1):  # every rank says it (their lines may interleave on one stderr)
+        assert f"error: rank {r} ({socket.gethostname()}): {line}" in proc.stderr, proc.stderr[-2000:]
+    assert not list(out.glob("ckpt_*")) and not (out / "hf").exists()
 
 
 def test_config_differences_name_every_key_either_side_has():
