@@ -615,6 +615,8 @@ def resume(run):
             ckpt, meta = Path(cfg.resume_from), checkpoint.verify(cfg.resume_from)
         except Problem as e:  # the same on every rank
             raise Problem(f"resume_from {e}") from None
+    if ckpt and meta["step"] > cfg.max_steps:  # the loop would never reach its last step
+        raise Problem(f"{ckpt} is at step {meta['step']}, past max_steps {cfg.max_steps}")
     changed = ckpt and checkpoint.config_differences(meta["model_config"], asdict(run.mconf))
     ranks.stop_if_any(f"{ckpt}: the model differs from this run's: " + ", ".join(
         f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()) if changed else None)

@@ -551,6 +551,31 @@ def test_init_from_loads_the_weights_or_names_the_differing_keys(config, referen
                                                     f"from this run's: intermediate_size 48 there, 64 here\n")
 
 
+def test_init_from_with_another_global_rope_theta_loads_the_weights_and_trains(config, reference, tmp_path):
+    """Context extension as ModernBERT did it: the weights of a run, the global layers' RoPE theta raised."""
+    tiny = "{'hidden_size': 32, 'intermediate_size': 48, 'num_hidden_layers': 2, 'num_attention_heads': 2"
+    once = ["--lr=0.0", "--max_steps=1", "--eval_every=0", "--retrieval_eval=", f"--init_from={reference / 'ckpt_12'}"]
+    same, raised = tmp_path / "same", tmp_path / "raised"
+    run([sys.executable], same, config, *once)
+    proc = run([sys.executable], raised, config, *once, f"--model_args={tiny}, 'global_rope_theta': 160000.0}}")
+    assert (f"initialising weights from {reference / 'ckpt_12'} (global_rope_theta 10000.0 there, 160000.0 here)"
+            in proc.stdout)
+    source = ModernBERT.from_pretrained(reference / "hf").state_dict()
+    got = ModernBERT.from_pretrained(raised / "hf")
+    assert got.config.global_rope_theta == 160000.0 and all(torch.equal(source[k], v) for k, v in got.state_dict().items())
+    assert "global_rope_theta=160000.0" in proc.stdout.split("# model: ")[1].splitlines()[0]
+    # the same weights and batch, bit-exact otherwise: only the rotation of the global layers differs (slightly,
+    # in 48-token sequences)
+    assert losses(raised)[1] != losses(same)[1]
+
+    extended = tmp_path / "extended"  # and it trains, on 2 processes
+    run(TORCHRUN, extended, config, *once[2:], "--max_steps=3", "--max_seqlen=96",
+        f"--model_args={tiny}, 'global_rope_theta': 160000.0}}")
+    trained = ModernBERT.from_pretrained(extended / "hf").state_dict()
+    assert not all(torch.equal(source[k], v) for k, v in trained.items())
+    assert all(math.isfinite(v) for v in losses(extended).values()) and sorted(losses(extended)) == [1, 3]
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(config, tmp_path):
     out = tmp_path / "out"
     run([sys.executable], out, config, "--max_steps=3", "--checkpoint_every=1", "--eval_every=0")
@@ -767,6 +792,8 @@ def test_bad_schedule_and_resume_from_values_are_one_line(config, reference, mon
     damaged = tmp_path / "damaged"
     shutil.copytree(reference / "ckpt_9", damaged)
     (damaged / "rank0.pt").write_bytes(b"")
+    proc = run([sys.executable], out, config, f"--resume_from={reference / 'ckpt_9'}", "--max_steps=8", check=False)
+    assert proc.returncode == 1 and proc.stderr == f"error: {reference / 'ckpt_9'} is at step 9, past max_steps 8\n"
     proc = run([sys.executable], out, config, f"--resume_from={damaged}", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: resume_from {damaged / 'rank0.pt'}: 0 bytes")
     shards, other = train.load_config([str(config)])[0].data_dir, tmp_path / "shards"
