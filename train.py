@@ -87,6 +87,8 @@ class Config:
     mode: str = "line_by_line"   # one document per sequence, truncated; or "packed" into max_seqlen rows
     max_seqlen: int = 1024       # tokens per sequence, <CLS> and <SEP> included
     batch_size: int = 64         # global sequences (packed mode: rows of max_seqlen tokens) per optimizer step
+    batch_size_start: int = 0    # > 0: the global batch grows from this to batch_size (in multiples of it) ...
+    batch_warmup_tokens: int = 0  # ... over the first this many tokens (0: batch_size from the start)
     micro_batch_size: int = 16   # sequences per process per forward/backward, unless micro_batch_tokens is set
     micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens instead (>= max_seqlen)
     mlm_probability: float = 0.3  # share of tokens masked (80% <MASK>, 10% random, 10% kept)
@@ -208,6 +210,12 @@ def load_config(args):
     if cfg.schedule == "wsd" and cfg.warmup_steps + cfg.decay_steps > cfg.max_steps:
         raise Problem(f"config key decay_steps: {cfg.decay_steps} decay steps after {cfg.warmup_steps} warmup steps "
                       f"do not fit in max_steps {cfg.max_steps}")
+    if bool(cfg.batch_size_start) != bool(cfg.batch_warmup_tokens):
+        raise Problem("config keys batch_size_start and batch_warmup_tokens: give both (a batch-size warmup) or "
+                      "neither")
+    if cfg.batch_warmup_tokens and not 0 < cfg.batch_size_start <= cfg.batch_size:
+        raise Problem(f"config key batch_size_start must be between 1 and batch_size {cfg.batch_size}, got "
+                      f"{cfg.batch_size_start}")
     if cfg.init_from and cfg.resume_from:
         raise Problem("config keys init_from and resume_from: give one (init_from: weights only; resume_from: a "
                       "checkpoint's full state)")
@@ -272,6 +280,10 @@ def check_inputs(cfg, config_path, world):
         return "MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU: TRITON_INTERPRET=1)"
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         return "config key wandb: True, but the wandb package is not installed (pip install wandb)"
+    if cfg.batch_warmup_tokens and (problem := data.batch_split_problem(
+            cfg.batch_size_start, cfg.micro_batch_size, world, cfg.micro_batch_tokens, cfg.max_seqlen,
+            "batch_size_start")):
+        return problem
     return data.batch_split_problem(cfg.batch_size, cfg.micro_batch_size, world, cfg.micro_batch_tokens,
                                     cfg.max_seqlen)
 
@@ -285,7 +297,9 @@ def open_inputs(cfg, config_path, rank, world):
                            micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
                            world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
                            shuffle=split == "train", verify=False, tokenizer=tokenizer,
-                           micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
+                           micro_batch_tokens=cfg.micro_batch_tokens,
+                           **(dict(batch_size_start=cfg.batch_size_start, batch_warmup_tokens=cfg.batch_warmup_tokens)
+                              if split == "train" else {})) for split in ("train", "val")]
     pairs = data.read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
 
@@ -585,6 +599,9 @@ def setup(args):
              f"{cfg.batch_size // (world * cfg.micro_batch_size)} micro-steps of {cfg.micro_batch_size} sequences")
     run.log(f"{micro} x {world} processes = {cfg.batch_size} sequences of <= {cfg.max_seqlen} tokens per step; "
             f"{cfg.max_steps} steps; {DTYPES[cfg.dtype](device)} compute")
+    if cfg.batch_warmup_tokens:
+        run.log(f"batch-size warmup: {cfg.batch_size_start} sequences per step at first, growing in multiples of it "
+                f"to {cfg.batch_size} over the first {cfg.batch_warmup_tokens:,} tokens")
     if cfg.micro_batch_tokens and run.master:
         run.log(micro_batch_report(run.loader, cfg, world))
     return run
@@ -718,8 +735,9 @@ def train(run, model, optimizer, step):
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        batch_size = run.loader.global_batch(run.loader.seen)  # before this step's batch is handed out
         micro_batches = next(batches)
-        assert cfg.micro_batch_tokens or len(micro_batches) == cfg.batch_size // (world * cfg.micro_batch_size)
+        assert cfg.micro_batch_tokens or len(micro_batches) == batch_size // (world * cfg.micro_batch_size)
         # by token budget, every rank gets as many micro-batches, some empty (nothing to predict, not counted)
         n_masked = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches]
         seqlens = [l for mb in micro_batches if not mb.get("empty") for l in torch.diff(mb["cu_seqlens"]).tolist()]
@@ -754,8 +772,8 @@ def train(run, model, optimizer, step):
         progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
             tokens = int(counts[1].item())
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                     "tokens_per_s": tokens / dt,
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": batch_size,
+                     "tokens": tokens, "tokens_per_s": tokens / dt,
                      "mfu": counts[2].item() / dt / (peak_flops * world) if peak_flops else None,
                      "peak_mem": peak_memory_gib(device)}
             run.record(entry)

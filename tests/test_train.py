@@ -17,6 +17,7 @@ import sys
 import time
 import zlib
 from dataclasses import fields
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -731,6 +732,83 @@ def test_a_constant_run_is_extended_and_a_decay_branched_from_it(config, tmp_pat
             f"'decay_steps': (3, 5)}}; written by 2 processes, now 1\n") in proc.stdout
 
 
+# ---- batch-size warmup ------------------------------------------------------------------------------------
+
+
+WARM = dict(batch_size=8, batch_size_start=2, batch_warmup_tokens=700)
+
+
+def warm_batches(cfg, steps, mode="line_by_line"):
+    """The plain reference: samples one at a time from the stream (a loader of batches of 1: the same samples and
+    masks), grouped into global batches whose sizes grow from 2 by 2 up to 8 with the tokens of the batches before,
+    linearly over the first 700 tokens. -> [(size, tokens, sorted sequences (input_ids, labels))]"""
+    one = data.Loader(cfg.data_dir, batch_size=1, micro_batch_size=1, max_seqlen=cfg.max_seqlen, seed=cfg.seed,
+                      mode=mode, mlm_probability=cfg.mlm_probability, tokenizer=data.Tokenizer(cfg.tokenizer))
+    samples, seen, out = iter(one), 0, []
+    for _ in range(steps):
+        grown = Fraction(2) + Fraction(8 - 2) * seen / 700
+        size = 8 if seen >= 700 else min(8, 2 * math.floor(grown / 2))
+        batch = [next(samples)[0] for _ in range(size)]
+        tokens = sum(int(mb["cu_seqlens"][-1]) for mb in batch)
+        out.append((size, tokens, sequences(batch)))
+        seen += tokens
+    return out
+
+
+def sequences(micro_batches):
+    """Every sequence of some micro-batches as (input_ids, labels), sorted; empty micro-batches left out."""
+    found = []
+    for mb in micro_batches:
+        if not mb.get("empty"):
+            cu = mb["cu_seqlens"].tolist()
+            found += [(tuple(mb["input_ids"][a:b].tolist()), tuple(mb["labels"][a:b].tolist()))
+                      for a, b in zip(cu, cu[1:])]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("world,micro,budget,mode", [(1, 2, 0, "line_by_line"), (2, 1, 0, "line_by_line"),
+                                                     (3, 1, 96, "line_by_line"), (2, 1, 0, "packed")])
+def test_batch_size_warmup_gives_the_plain_loops_batches(config, world, micro, budget, mode):
+    cfg, _ = train.load_config([str(config)])
+    expected = warm_batches(cfg, 12, mode)
+    assert [size for size, _, _ in expected][:2] == [2, 2] and expected[-1][0] == 8  # it grows within 12 steps
+    assert len({size for size, _, _ in expected}) == 4
+    loaders = [data.Loader(cfg.data_dir, batch_size=8, micro_batch_size=micro, max_seqlen=cfg.max_seqlen, rank=r,
+                           world_size=world, seed=cfg.seed, mode=mode, mlm_probability=cfg.mlm_probability,
+                           micro_batch_tokens=budget, batch_size_start=2, batch_warmup_tokens=700,
+                           tokenizer=data.Tokenizer(cfg.tokenizer)) for r in range(world)]
+    for step, (size, tokens, seqs) in enumerate(expected):
+        assert all(loader.global_batch(loader.seen) == size for loader in loaders), step
+        got = [next(iter(loader)) for loader in loaders]
+        assert len({len(g) for g in got}) == 1  # as many micro-steps on every rank
+        assert sequences([mb for g in got for mb in g]) == seqs, step
+        if step == 5:  # a resume mid-warmup continues the same batches
+            state = loaders[0].state_dict()
+            assert len({json.dumps(loader.state_dict()) for loader in loaders}) == 1
+            for loader in loaders:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+
+
+def test_batch_size_warmup_trains_and_resumes_mid_warmup_on_another_number_of_processes(config, tmp_path):
+    warm = tmp_path / "warm.py"
+    warm.write_text(config.read_text() + "batch_size_start = 2\nbatch_warmup_tokens = 700\nmicro_batch_size = 1\n"
+                    "max_steps = 10\nlog_every = 1\neval_every = 5\nretrieval_eval = ''\ncheckpoint_every = 2\n")
+    cfg, _ = train.load_config([str(warm)])
+    expected = warm_batches(cfg, 10)
+    whole = tmp_path / "whole"
+    proc = run([sys.executable], whole, warm)
+    assert "batch-size warmup: 2 sequences per step at first, growing in multiples of it to 8 over the first 700 " \
+           "tokens" in proc.stdout
+    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["batch_size"], m["tokens"]) for m in lines if "loss" in m] == [(n, t) for n, t, _ in expected]
+    killed = run_and_kill(TORCHRUN, tmp_path / "out", warm, logged_step(3))
+    assert_same_curve(killed, metrics(whole)[:len(killed)], rel=1e-5)
+    proc = run([sys.executable], tmp_path / "out", warm)
+    step = int(re.search(r"resuming from \S+ckpt_(\d+) at step", proc.stdout).group(1))
+    assert 2 <= step and expected[step][0] < 8  # resumed before the batch reached its full size
+    assert_same_curve(metrics(tmp_path / "out"), metrics(whole), rel=1e-5)
+
+
 # ---- configuration ----------------------------------------------------------------------------------------
 
 
@@ -783,6 +861,14 @@ def test_bad_schedule_and_resume_from_values_are_one_line(config, reference, mon
         "error: config keys decay_steps, decay_shape and min_lr_ratio shape schedule 'wsd' only")
     assert "init_from and resume_from: give one" in config_error(capsys, path, "--init_from=a", "--resume_from=b")
     train.load_config([str(path), "--decay_steps=8", "--min_lr_ratio=1.0"])  # the limits themselves are fine
+    assert "batch_size_start and batch_warmup_tokens: give both" in config_error(capsys, path, "--batch_size_start=2")
+    assert config_error(capsys, path, "--batch_size=8", "--batch_size_start=16", "--batch_warmup_tokens=100") == \
+        "error: config key batch_size_start must be between 1 and batch_size 8, got 16"
+    cfg, _ = train.load_config([str(config), "--batch_size_start=3", "--batch_warmup_tokens=100",
+                                "--micro_batch_size=1"])
+    assert train.check_inputs(cfg, config, 2) == ("batch_size_start 3 is not a multiple of 2 processes x "
+                                                  "micro_batch_size 1; batch_size_start must be a multiple of the 2 "
+                                                  "processes (or set micro_batch_tokens)")
 
     out = tmp_path / "out"
     for where in (reference, tmp_path / "nowhere"):  # a run directory is not a checkpoint
