@@ -692,15 +692,17 @@ def test_resume_from_continues_another_runs_checkpoint_in_a_new_out_dir(config, 
     assert "(resume_from)" not in proc.stdout
     assert metrics(tmp_path / "later") == metrics(branch)
 
-    two = tmp_path / "two"
-    proc = run(TORCHRUN, two, config, *WSD, f"--resume_from={whole / 'ckpt_3'}")
-    assert "written by 1 processes, now 2" in proc.stdout
-    got = [m for m in metrics(two) if "loss" in m]
-    assert [(m["step"], m["lr"], m["tokens"]) for m in got] == [(s, expected[s]["lr"], expected[s]["tokens"])
-                                                                  for s in range(4, 9)]
-    for m in got:
-        for key in ("loss", "grad_norm"):
-            assert m[key] == pytest.approx(expected[m["step"]][key], rel=1e-5, abs=0), (m["step"], key)
+    for world in (2, 3):  # by token budget on 3: 8 sequences do not split into micro-batches of 2 there
+        out = tmp_path / f"on{world}"
+        proc = run([*TORCHRUN[:-1], f"--nproc_per_node={world}"], out, config, *WSD, *["--micro_batch_tokens=96"] * (
+            world == 3), f"--resume_from={whole / 'ckpt_3'}")
+        assert f"written by 1 processes, now {world}" in proc.stdout
+        got = [m for m in metrics(out) if "loss" in m]
+        assert [(m["step"], m["lr"], m["tokens"]) for m in got] == [(s, expected[s]["lr"], expected[s]["tokens"])
+                                                                      for s in range(4, 9)]
+        for m in got:
+            for key in ("loss", "grad_norm"):
+                assert m[key] == pytest.approx(expected[m["step"]][key], rel=1e-5, abs=0), (world, m["step"], key)
 
 
 def test_a_constant_run_is_extended_and_a_decay_branched_from_it(config, tmp_path):
@@ -807,6 +809,9 @@ def test_batch_size_warmup_trains_and_resumes_mid_warmup_on_another_number_of_pr
     step = int(re.search(r"resuming from \S+ckpt_(\d+) at step", proc.stdout).group(1))
     assert 2 <= step and expected[step][0] < 8  # resumed before the batch reached its full size
     assert_same_curve(metrics(tmp_path / "out"), metrics(whole), rel=1e-5)
+    three = tmp_path / "three"  # by token budget: batches of 2 sequences on 3 processes
+    run([*TORCHRUN[:-1], "--nproc_per_node=3"], three, warm, "--micro_batch_tokens=96")
+    assert_same_curve(metrics(three), metrics(whole), rel=1e-5)
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
