@@ -743,7 +743,7 @@ WARM = dict(batch_size=8, batch_size_start=2, batch_warmup_tokens=700)
 def warm_batches(cfg, steps, mode="line_by_line"):
     """The plain reference: samples one at a time from the stream (a loader of batches of 1: the same samples and
     masks), grouped into global batches whose sizes grow from 2 by 2 up to 8 with the tokens of the batches before,
-    linearly over the first 700 tokens. -> [(size, tokens, sorted sequences (input_ids, labels))]"""
+    linearly over the first 700 tokens. -> [(size, tokens, sorted sequences (input_ids, labels), the samples)]"""
     one = data.Loader(cfg.data_dir, batch_size=1, micro_batch_size=1, max_seqlen=cfg.max_seqlen, seed=cfg.seed,
                       mode=mode, mlm_probability=cfg.mlm_probability, tokenizer=data.Tokenizer(cfg.tokenizer))
     samples, seen, out = iter(one), 0, []
@@ -752,7 +752,7 @@ def warm_batches(cfg, steps, mode="line_by_line"):
         size = 8 if seen >= 700 else min(8, 2 * math.floor(grown / 2))
         batch = [next(samples)[0] for _ in range(size)]
         tokens = sum(int(mb["cu_seqlens"][-1]) for mb in batch)
-        out.append((size, tokens, sequences(batch)))
+        out.append((size, tokens, sequences(batch), batch))
         seen += tokens
     return out
 
@@ -773,13 +773,13 @@ def sequences(micro_batches):
 def test_batch_size_warmup_gives_the_plain_loops_batches(config, world, micro, budget, mode):
     cfg, _ = train.load_config([str(config)])
     expected = warm_batches(cfg, 12, mode)
-    assert [size for size, _, _ in expected][:2] == [2, 2] and expected[-1][0] == 8  # it grows within 12 steps
-    assert len({size for size, _, _ in expected}) == 4
+    assert [size for size, *_ in expected][:2] == [2, 2] and expected[-1][0] == 8  # it grows within 12 steps
+    assert len({size for size, *_ in expected}) == 4
     loaders = [data.Loader(cfg.data_dir, batch_size=8, micro_batch_size=micro, max_seqlen=cfg.max_seqlen, rank=r,
                            world_size=world, seed=cfg.seed, mode=mode, mlm_probability=cfg.mlm_probability,
                            micro_batch_tokens=budget, batch_size_start=2, batch_warmup_tokens=700,
                            tokenizer=data.Tokenizer(cfg.tokenizer)) for r in range(world)]
-    for step, (size, tokens, seqs) in enumerate(expected):
+    for step, (size, tokens, seqs, _) in enumerate(expected):
         assert all(loader.global_batch(loader.seen) == size for loader in loaders), step
         got = [next(iter(loader)) for loader in loaders]
         assert len({len(g) for g in got}) == 1  # as many micro-steps on every rank
@@ -789,6 +789,39 @@ def test_batch_size_warmup_gives_the_plain_loops_batches(config, world, micro, b
             assert len({json.dumps(loader.state_dict()) for loader in loaders}) == 1
             for loader in loaders:
                 loader.load_state_dict(json.loads(json.dumps(state)))
+
+
+def test_batch_size_warmup_losses_are_a_plain_loops(config, tmp_path):
+    """train.py's first steps with a growing batch, written out without it: each step's loss the mean over its global
+    batch's masked tokens (batches of 2, 2, 2, 4, 4 sequences), AdamW at the linear schedule's rate."""
+    args = ["--batch_size_start=2", "--batch_warmup_tokens=700", "--max_steps=5", "--log_every=1", "--eval_every=0",
+            "--retrieval_eval=", "--checkpoint_every=100", "--weight_decay=0.0", "--grad_clip=1e9"]
+    run([sys.executable], tmp_path / "out", config, *args)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    got = [m for m in lines if "loss" in m]  # with batch_size, which metrics() leaves out
+    cfg, _ = train.load_config([str(config), *args])
+    tok = data.Tokenizer(cfg.tokenizer)
+    ids = dict(pad_token_id=tok.pad_id, cls_token_id=tok.cls_id, sep_token_id=tok.sep_id, mask_token_id=tok.mask_id)
+    torch.manual_seed(cfg.seed)
+    model = ModernBERT(ModernBertConfig.preset("tiny", vocab_size=tok.vocab_size, **cfg.model_args, **ids))
+    optimizer = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    batches = warm_batches(cfg, 5)
+    assert [size for size, *_ in batches] == [2, 2, 2, 4, 4]
+    for step, (size, tokens, _, batch) in enumerate(batches):
+        loss, masked = 0.0, 0
+        for mb in batch:
+            logits = model(mb["input_ids"], cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"])[0]
+            labels = mb["labels"]
+            loss = loss + F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum")
+            masked += int((labels != -100).sum())
+        (loss / masked).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * (step + 1) / 2 if step < 2 else 3e-3 * (5 - step) / 3
+        optimizer.step()
+        optimizer.zero_grad()
+        m = got[step]
+        assert (m["step"], m["batch_size"], m["tokens"]) == (step + 1, size, tokens)
+        assert m["loss"] == pytest.approx(loss.item() / masked, rel=1e-5), m
 
 
 def test_batch_size_warmup_trains_and_resumes_mid_warmup_on_another_number_of_processes(config, tmp_path):
@@ -802,7 +835,7 @@ def test_batch_size_warmup_trains_and_resumes_mid_warmup_on_another_number_of_pr
     assert "batch-size warmup: 2 sequences per step at first, growing in multiples of it to 8 over the first 700 " \
            "tokens" in proc.stdout
     lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["batch_size"], m["tokens"]) for m in lines if "loss" in m] == [(n, t) for n, t, _ in expected]
+    assert [(m["batch_size"], m["tokens"]) for m in lines if "loss" in m] == [(n, t) for n, t, *_ in expected]
     killed = run_and_kill(TORCHRUN, tmp_path / "out", warm, logged_step(3))
     assert_same_curve(killed, metrics(whole)[:len(killed)], rel=1e-5)
     proc = run([sys.executable], tmp_path / "out", warm)
