@@ -563,7 +563,8 @@ def test_init_from_with_another_global_rope_theta_loads_the_weights_and_trains(c
             in proc.stdout)
     source = ModernBERT.from_pretrained(reference / "hf").state_dict()
     got = ModernBERT.from_pretrained(raised / "hf")
-    assert got.config.global_rope_theta == 160000.0 and all(torch.equal(source[k], v) for k, v in got.state_dict().items())
+    assert got.config.global_rope_theta == 160000.0
+    assert all(torch.equal(source[k], v) for k, v in got.state_dict().items())
     assert "global_rope_theta=160000.0" in proc.stdout.split("# model: ")[1].splitlines()[0]
     # the same weights and batch, bit-exact otherwise: only the rotation of the global layers differs (slightly,
     # in 48-token sequences)
