@@ -210,6 +210,8 @@ def load_config(args):
     if cfg.schedule == "wsd" and cfg.warmup_steps + cfg.decay_steps > cfg.max_steps:
         raise Problem(f"config key decay_steps: {cfg.decay_steps} decay steps after {cfg.warmup_steps} warmup steps "
                       f"do not fit in max_steps {cfg.max_steps}")
+    if cfg.batch_warmup_tokens < 0:
+        raise Problem(f"config key batch_warmup_tokens must be at least 0, got {cfg.batch_warmup_tokens}")
     if bool(cfg.batch_size_start) != bool(cfg.batch_warmup_tokens):
         raise Problem("config keys batch_size_start and batch_warmup_tokens: give both (a batch-size warmup) or "
                       "neither")

@@ -901,6 +901,8 @@ def test_bad_schedule_and_resume_from_values_are_one_line(config, reference, mon
     assert "init_from and resume_from: give one" in config_error(capsys, path, "--init_from=a", "--resume_from=b")
     train.load_config([str(path), "--decay_steps=8", "--min_lr_ratio=1.0"])  # the limits themselves are fine
     assert "batch_size_start and batch_warmup_tokens: give both" in config_error(capsys, path, "--batch_size_start=2")
+    assert config_error(capsys, path, "--batch_size_start=2", "--batch_warmup_tokens=-5") == \
+        "error: config key batch_warmup_tokens must be at least 0, got -5"
     assert config_error(capsys, path, "--batch_size=8", "--batch_size_start=16", "--batch_warmup_tokens=100") == \
         "error: config key batch_size_start must be between 1 and batch_size 8, got 16"
     cfg, _ = train.load_config([str(config), "--batch_size_start=3", "--batch_warmup_tokens=100",
