@@ -1127,9 +1127,11 @@ def _ranges(lo, hi):
     return np.repeat(lo - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
 
 
-def batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens=0, max_seqlen=None):
+def batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens=0, max_seqlen=None,
+                        name="batch_size"):
     """Why a global batch cannot be split over world_size ranks, or None. Micro-batches of micro_batch_size
-    sequences must divide it exactly; micro-batches by tokens (micro_batch_tokens) fit any number of ranks."""
+    sequences must divide it exactly; micro-batches by tokens (micro_batch_tokens) fit any number of ranks. `name`:
+    the setting that gives the batch."""
     if micro_batch_tokens:
         if max_seqlen and micro_batch_tokens < max_seqlen:
             return f"micro_batch_tokens {micro_batch_tokens} is less than max_seqlen {max_seqlen}"
@@ -1138,9 +1140,9 @@ def batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_to
         return None
     fits = [m for m in range(1, batch_size // world_size + 1) if batch_size % (world_size * m) == 0]
     split = f"{world_size} processes x " if world_size > 1 else ""
-    return (f"batch_size {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
+    return (f"{name} {batch_size} is not a multiple of {split}micro_batch_size {micro_batch_size}"
             + (f"; micro_batch_size can be {', '.join(map(str, fits))}" if fits else
-               f"; batch_size must be a multiple of the {world_size} processes (or set micro_batch_tokens)"))
+               f"; {name} must be a multiple of the {world_size} processes (or set micro_batch_tokens)"))
 
 
 class Loader:
@@ -1167,15 +1169,24 @@ class Loader:
     every rank advances over the documents of every global batch. state_dict() is the position in the
     sample stream with that cursor, the same on every rank, with the version of the document order and the
     masking scheme (rate and split); a run may resume with another world size, micro_batch_size or
-    micro_batch_tokens, not with another order or masking."""
+    micro_batch_tokens, not with another order or masking.
+
+    With batch_warmup_tokens, the global batches grow instead: global_batch() gives each one's number of samples
+    from the tokens of the batches before it (the state counts them until the warmup ends), so the batches are
+    consecutive runs of the same sample stream, the same for any number of ranks, and resume exactly."""
 
     def __init__(self, data_dir, split="train", batch_size=32, micro_batch_size=32, max_seqlen=1024, rank=0,
                  world_size=1, seed=0, mode="line_by_line", mlm_probability=0.3, shuffle=True, verify=True,
-                 tokenizer=None, micro_batch_tokens=0):
+                 tokenizer=None, micro_batch_tokens=0, batch_size_start=0, batch_warmup_tokens=0):
         if mode not in ("line_by_line", "packed"):
             raise ValueError(f"mode must be 'line_by_line' or 'packed', not {mode!r}")
         if problem := batch_split_problem(batch_size, micro_batch_size, world_size, micro_batch_tokens, max_seqlen):
             raise ValueError(problem)
+        if batch_warmup_tokens and (problem := batch_split_problem(batch_size_start, micro_batch_size, world_size,
+                                                                   micro_batch_tokens, max_seqlen, "batch_size_start")):
+            raise ValueError(problem)
+        if batch_warmup_tokens and not 0 < batch_size_start <= batch_size:
+            raise ValueError(f"batch_size_start {batch_size_start} is not in [1, batch_size {batch_size}]")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if max_seqlen < 3:
@@ -1187,6 +1198,7 @@ class Loader:
         self.batch_size, self.micro_batch_size, self.max_seqlen = batch_size, micro_batch_size, max_seqlen
         self.rank, self.world_size, self.seed, self.mode, self.shuffle = rank, world_size, seed, mode, shuffle
         self.micro_batch_tokens = micro_batch_tokens
+        self.batch_size_start, self.batch_warmup_tokens = batch_size_start, batch_warmup_tokens
         self.vocab_size = info["vocab_size"]
         self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
         self.masking = masking_scheme(mlm_probability)
@@ -1196,11 +1208,21 @@ class Loader:
         # the next sample is sample `position` of epoch `epoch`; packed: its first token is in the document at
         # position cursor[0] of the epoch's order, whose <CLS> is token cursor[1] of the epoch's stream
         self.epoch, self.position, self.cursor = 0, 0, (0, 0)
+        self.seen = 0  # tokens of the global batches so far, counted while the batch size warms up
+
+    def global_batch(self, seen):
+        """Samples in the global batch after `seen` tokens: batch_size, or during the warmup batch_size_start grown
+        linearly towards batch_size over batch_warmup_tokens tokens, rounded down to a multiple of batch_size_start
+        (so that every one splits as batch_size_start does)."""
+        if not self.batch_warmup_tokens or seen >= self.batch_warmup_tokens:
+            return self.batch_size
+        start, warmup = self.batch_size_start, self.batch_warmup_tokens  # exact integer arithmetic
+        return min(self.batch_size, start * ((start * warmup + (self.batch_size - start) * seen) // (start * warmup)))
 
     def state_dict(self):
         state = {"order": ORDER_VERSION, "epoch": self.epoch, "position": self.position, "seed": self.seed,
                  "samples_per_epoch": self.samples_per_epoch, "max_seqlen": self.max_seqlen,
-                 "masking": dict(self.masking)}
+                 "masking": dict(self.masking), "seen": self.seen}
         if self.mode == "packed":
             state["cursor"] = [self.epoch, self.position, *self.cursor]
         return state
@@ -1218,7 +1240,10 @@ class Loader:
             if state[key] != getattr(self, key):
                 raise Problem(f"cannot resume: the loader state has {key}={state[key]}, "
                                 f"this loader {getattr(self, key)}")
-        self.epoch, self.position = state["epoch"], state["position"]
+        if self.batch_warmup_tokens and "seen" not in state and (state["epoch"], state["position"]) != (0, 0):
+            raise Problem("cannot resume: the loader state was saved without a count of the tokens so far, which the "
+                          "batch-size warmup needs; start the run again in a new out_dir")
+        self.epoch, self.position, self.seen = state["epoch"], state["position"], state.get("seen", 0)
         if self.mode == "packed":
             cursor = state.get("cursor")
             if cursor and cursor[:2] == [self.epoch, self.position]:
@@ -1259,10 +1284,11 @@ class Loader:
         return found, (k, start)
 
     def _build(self, state):
-        """This rank's micro-batches of the global batch at state = (epoch, position, cursor), and the state
+        """This rank's micro-batches of the global batch at state = (epoch, position, cursor, seen), and the state
         after it; None past the end (shuffle=False)."""
-        epoch, position, cursor = state
-        per_epoch, seqlen, n_samples = self.samples_per_epoch, self.max_seqlen, self.batch_size
+        epoch, position, cursor, seen = state
+        per_epoch, seqlen = self.samples_per_epoch, self.max_seqlen
+        n_samples = batch = self.global_batch(seen)
         if not self.shuffle:
             if epoch > 0:
                 return None
@@ -1284,11 +1310,15 @@ class Loader:
             tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, seqlen)
         else:
             tokens = np.minimum(seqlen, self.stream_tokens - sample_index * seqlen)
+        if seen < self.batch_warmup_tokens:
+            if tokens is None:
+                spans = self.shards.spans(docs)
+            seen += int((np.minimum(spans[1] - spans[0] + 2, seqlen) if tokens is None else tokens).sum())
         if self.micro_batch_tokens:
             groups = [np.array(g, dtype=np.int64) for g in pack_by_tokens(tokens, self.micro_batch_tokens,
                                                                           self.world_size)[self.rank]]
         else:
-            per_rank = self.batch_size // self.world_size
+            per_rank = batch // self.world_size
             lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n_samples)
             groups = [np.arange(a, min(a + self.micro_batch_size, hi))
                       for a in range(lo, hi, self.micro_batch_size)]
@@ -1305,7 +1335,7 @@ class Loader:
                                                             for q0, q1, *walk in walks)))
         micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
                  for g in groups]
-        return micro, (epoch, position, cursor)
+        return micro, (epoch, position, cursor, seen)
 
     def _row_pieces(self, qs, sample_index, docs, starts, a, b):
         """Packed: the pieces of rows qs (positions in the global batch, ascending), from their epoch's walk."""
@@ -1360,8 +1390,8 @@ class Loader:
                 "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}
 
     def __iter__(self):
-        while (built := self._build((self.epoch, self.position, self.cursor))) is not None:
-            micro, (self.epoch, self.position, self.cursor) = built
+        while (built := self._build((self.epoch, self.position, self.cursor, self.seen))) is not None:
+            micro, (self.epoch, self.position, self.cursor, self.seen) = built
             yield micro
 
     def prefetch(self, pin_memory=False):
@@ -1380,7 +1410,7 @@ class _Prefetch:
 
     def __init__(self, loader, pin_memory):
         self.loader, self.queue, self.cancel = loader, queue.Queue(maxsize=1), threading.Event()
-        state = (loader.epoch, loader.position, loader.cursor)
+        state = (loader.epoch, loader.position, loader.cursor, loader.seen)
         thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.cancel),
                                   daemon=True)
         _Prefetch.running.add((thread, self.cancel))
@@ -1422,7 +1452,7 @@ class _Prefetch:
         if built is None:
             self.queue.put(None)
             raise StopIteration
-        micro, (self.loader.epoch, self.loader.position, self.loader.cursor) = built
+        micro, (self.loader.epoch, self.loader.position, self.loader.cursor, self.loader.seen) = built
         return micro
 
     def close(self):

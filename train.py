@@ -17,7 +17,9 @@ line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep
 the model in hf/, a directory that transformers (model, tokenizer, pipelines) and sentence-transformers open
 (checkpoint.export_hf lists its files). Running the same
 command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
-losses as an uninterrupted run, on any number of processes.
+losses as an uninterrupted run, on any number of processes. `resume_from` continues another run's checkpoint in
+this out_dir the same way (until this run has checkpoints of its own): with `schedule = "wsd"` (warmup, lr held,
+a decay over the last decay_steps), a decay branched from any checkpoint of the stable phase, or the run extended.
 `--export` writes a checkpoint in the same format, to DIR or to out_dir/hf_STEP (`--unnormalized`: the
 sentence-transformers embeddings without the final L2 normalisation).
 
@@ -77,6 +79,7 @@ class Config:
     model: str = "llm-jp-modernbert-base"  # preset in model.py: llm-jp-modernbert-base, tiny, ...
     model_args: dict = field(default_factory=dict)  # ModernBertConfig overrides, e.g. dict(num_hidden_layers=6)
     init_from: str = ""          # start from these weights (a checkpoint dir or a Hugging Face dir), fresh optimizer
+    resume_from: str = ""        # continue another run's checkpoint dir (weights, optimizer, step, data) in out_dir
     # data (data.py): shards prepared from a jsonl corpus with `tokenizer`
     data_dir: str = "data/demo/shards"  # shard directory written by python data.py prepare
     tokenizer: str = "data/demo/tokenizer.model"  # sentencepiece model the shards were made with
@@ -84,6 +87,8 @@ class Config:
     mode: str = "line_by_line"   # one document per sequence, truncated; or "packed" into max_seqlen rows
     max_seqlen: int = 1024       # tokens per sequence, <CLS> and <SEP> included
     batch_size: int = 64         # global sequences (packed mode: rows of max_seqlen tokens) per optimizer step
+    batch_size_start: int = 0    # > 0: the global batch grows from this to batch_size (in multiples of it) ...
+    batch_warmup_tokens: int = 0  # ... over the first this many tokens (0: batch_size from the start)
     micro_batch_size: int = 16   # sequences per process per forward/backward, unless micro_batch_tokens is set
     micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many tokens instead (>= max_seqlen)
     mlm_probability: float = 0.3  # share of tokens masked (80% <MASK>, 10% random, 10% kept)
@@ -91,9 +96,13 @@ class Config:
     eval_batches: int = 10       # validation batches (of batch_size sequences) for MLM loss and accuracy
     retrieval_eval: str = ""     # MIRACL-layout jsonl for zero-shot Recall@10 / MRR@10; "" = skip
     retrieval_max_len: int = 512  # tokens per text in the retrieval evaluation
-    # optimizer: AdamW, linear warmup to lr, then linear decay to 0 at max_steps
+    # optimizer: AdamW, linear warmup to lr, then linear decay to 0 at max_steps (or warmup-stable-decay)
     lr: float = 5e-4             # peak learning rate
     warmup_steps: int = 100      # steps of linear warmup from 0 to lr
+    schedule: str = "linear"     # after the warmup: "linear" decay to 0 at max_steps, or "wsd": lr held, then decayed
+    decay_steps: int = 0         # wsd: the last steps of max_steps, which decay from lr (0: lr held to the end)
+    decay_shape: str = "linear"  # wsd: the decay's shape, "linear", "1-sqrt" or "cosine"
+    min_lr_ratio: float = 0.0    # wsd: the decay ends at min_lr_ratio x lr
     betas: tuple = (0.9, 0.98)   # AdamW betas
     eps: float = 1e-6            # AdamW epsilon
     weight_decay: float = 1e-5   # on the linear layers' weight matrices only
@@ -107,7 +116,8 @@ class Config:
     wandb_project: str = "llm-jp-modernbert"  # Weights & Biases project
 
 
-CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16")}
+CHOICES = {"mode": ("line_by_line", "packed"), "dtype": ("auto", "float32", "bfloat16"), "schedule": ("linear", "wsd"),
+           "decay_shape": ("linear", "1-sqrt", "cosine")}
 POSITIVE = ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size", "max_seqlen",
             "collective_timeout")
 DTYPES = {"auto": lambda device: torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -190,6 +200,27 @@ def load_config(args):
         ModernBertConfig.preset(cfg.model, **cfg.model_args)
     except (ValueError, TypeError, AssertionError) as e:
         raise Problem(f"config key model_args: {e}")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise Problem(f"config key min_lr_ratio must be between 0 and 1, got {cfg.min_lr_ratio}")
+    if cfg.decay_steps < 0:
+        raise Problem(f"config key decay_steps must be at least 0, got {cfg.decay_steps}")
+    if cfg.schedule == "linear" and (cfg.decay_steps, cfg.decay_shape, cfg.min_lr_ratio) != (0, "linear", 0.0):
+        raise Problem("config keys decay_steps, decay_shape and min_lr_ratio shape schedule 'wsd' only, and schedule "
+                      "is 'linear' (it decays to 0 over all the steps after the warmup)")
+    if cfg.schedule == "wsd" and cfg.warmup_steps + cfg.decay_steps > cfg.max_steps:
+        raise Problem(f"config key decay_steps: {cfg.decay_steps} decay steps after {cfg.warmup_steps} warmup steps "
+                      f"do not fit in max_steps {cfg.max_steps}")
+    if cfg.batch_warmup_tokens < 0:
+        raise Problem(f"config key batch_warmup_tokens must be at least 0, got {cfg.batch_warmup_tokens}")
+    if bool(cfg.batch_size_start) != bool(cfg.batch_warmup_tokens):
+        raise Problem("config keys batch_size_start and batch_warmup_tokens: give both (a batch-size warmup) or "
+                      "neither")
+    if cfg.batch_warmup_tokens and not 0 < cfg.batch_size_start <= cfg.batch_size:
+        raise Problem(f"config key batch_size_start must be between 1 and batch_size {cfg.batch_size}, got "
+                      f"{cfg.batch_size_start}")
+    if cfg.init_from and cfg.resume_from:
+        raise Problem("config keys init_from and resume_from: give one (init_from: weights only; resume_from: a "
+                      "checkpoint's full state)")
     return cfg, path
 
 
@@ -220,6 +251,10 @@ def missing_inputs(cfg):
         if cfg.retrieval_eval and not Path(cfg.retrieval_eval).is_file():
             missing.append(f"retrieval_eval {located(cfg.retrieval_eval)}: put MIRACL ja (train split, jsonl) there, "
                            f"or skip that evaluation with --retrieval_eval=''")
+    if (cfg.resume_from and not (Path(cfg.resume_from) / checkpoint.META).is_file()
+            and not checkpoint.list_checkpoints(cfg.out_dir)):  # with checkpoints of its own, a run resumes from them
+        missing.append(f"resume_from {located(cfg.resume_from)}: not a checkpoint (no {checkpoint.META}); name a "
+                       f"ckpt_STEP directory of another run")
     if cfg.init_from and not Path(cfg.init_from).exists():
         writes = re.compile(rf"^out_dir\s*=\s*[\"']{re.escape(str(Path(cfg.init_from).parent))}[\"']", re.M)
         makers = [p for p in sorted((REPO / "configs").glob("*.py")) if writes.search(p.read_text())]
@@ -247,6 +282,10 @@ def check_inputs(cfg, config_path, world):
         return "MODERNBERT_ATTENTION=kernels needs a CUDA GPU, and none is visible (on a CPU: TRITON_INTERPRET=1)"
     if cfg.wandb and importlib.util.find_spec("wandb") is None:
         return "config key wandb: True, but the wandb package is not installed (pip install wandb)"
+    if cfg.batch_warmup_tokens and (problem := data.batch_split_problem(
+            cfg.batch_size_start, cfg.micro_batch_size, world, cfg.micro_batch_tokens, cfg.max_seqlen,
+            "batch_size_start")):
+        return problem
     return data.batch_split_problem(cfg.batch_size, cfg.micro_batch_size, world, cfg.micro_batch_tokens,
                                     cfg.max_seqlen)
 
@@ -260,7 +299,9 @@ def open_inputs(cfg, config_path, rank, world):
                            micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
                            world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
                            shuffle=split == "train", verify=False, tokenizer=tokenizer,
-                           micro_batch_tokens=cfg.micro_batch_tokens) for split in ("train", "val")]
+                           micro_batch_tokens=cfg.micro_batch_tokens,
+                           **(dict(batch_size_start=cfg.batch_size_start, batch_warmup_tokens=cfg.batch_warmup_tokens)
+                              if split == "train" else {})) for split in ("train", "val")]
     pairs = data.read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
 
@@ -376,9 +417,29 @@ def git_commit():
 
 
 def lr_at(cfg, step):
+    """The learning rate of the update that makes step + 1. Warmup: the first update already moves, the last one of
+    the warmup is at lr. "linear": then down to 0 at max_steps. "wsd": lr held, then the decay's steps go down from
+    it, the last one (the run's) at min_lr_ratio x lr."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+    done = step + 1 - (cfg.max_steps - cfg.decay_steps)  # decay steps taken, this one included
+    if done <= 0:
+        return cfg.lr
+    p = min(1.0, done / cfg.decay_steps)
+    left = {"linear": 1 - p, "1-sqrt": 1 - math.sqrt(p), "cosine": (1 + math.cos(math.pi * p)) / 2}[cfg.decay_shape]
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left)
+
+
+SCHEDULE = ("max_steps", "decay_steps", "decay_shape", "min_lr_ratio")  # may change after the stable phase
+
+
+def stable_so_far(old, new, step):
+    """Whether the learning rates of the steps before `step` are the same under two settings because both are wsd and
+    still hold lr there: then a run may be extended, or a decay branched, with SCHEDULE changed."""
+    return (old.schedule == new.schedule == "wsd" and (old.lr, old.warmup_steps) == (new.lr, new.warmup_steps)
+            and step <= min(old.max_steps - old.decay_steps, new.max_steps - new.decay_steps))
 
 
 def peak_memory_gib(device):
@@ -540,32 +601,59 @@ def setup(args):
              f"{cfg.batch_size // (world * cfg.micro_batch_size)} micro-steps of {cfg.micro_batch_size} sequences")
     run.log(f"{micro} x {world} processes = {cfg.batch_size} sequences of <= {cfg.max_seqlen} tokens per step; "
             f"{cfg.max_steps} steps; {DTYPES[cfg.dtype](device)} compute")
+    if cfg.batch_warmup_tokens:
+        run.log(f"batch-size warmup: {cfg.batch_size_start} sequences per step at first, growing in multiples of it "
+                f"to {cfg.batch_size} over the first {cfg.batch_warmup_tokens:,} tokens")
     if cfg.micro_batch_tokens and run.master:
         run.log(micro_batch_report(run.loader, cfg, world))
     return run
 
 
+FIXED = ("data_dir", "tokenizer", "mode")  # what a checkpoint's data position means: resume_from keeps them
+BRANCH_OWN = ("out_dir", "resume_from")  # what a run branched with resume_from always has of its own
+NEW_FOR_SAME_WEIGHTS = ("global_rope_theta", "local_rope_theta", "max_position_embeddings")  # init_from may change
+
+
+def same_input(key, theirs, mine):
+    """Whether a checkpoint's data_dir, tokenizer or mode is this run's (paths compared where they point from here)."""
+    if key == "mode" or not theirs or not mine:
+        return theirs == mine
+    return Path(theirs).resolve() == Path(mine).resolve()
+
+
 def resume(run):
-    """The model (seeded, or init_from's weights), sharded, and its optimizer; then the newest checkpoint that
-    verifies, one choice for every rank, loaded into them and into the loader; the shards verified meanwhile.
-    -> (model, optimizer, step)"""
+    """The model (seeded, or init_from's weights), sharded, and its optimizer; then the newest checkpoint of out_dir
+    that verifies (none: resume_from's), one choice for every rank, loaded into them and into the loader; the shards
+    verified meanwhile. -> (model, optimizer, step)"""
     cfg, rank, world, device = run.cfg, run.rank, run.world, run.device
     run.at(0, "choosing a checkpoint")
     ckpt, meta = checkpoint.latest(run.out_dir, report=run.log)
+    branched = not ckpt and bool(cfg.resume_from)  # this run's own checkpoints come first
+    if branched:
+        try:
+            ckpt, meta = Path(cfg.resume_from), checkpoint.verify(cfg.resume_from)
+        except Problem as e:  # the same on every rank
+            raise Problem(f"resume_from {e}") from None
+    if ckpt and meta["step"] > cfg.max_steps:  # the loop would never reach its last step
+        raise Problem(f"{ckpt} is at step {meta['step']}, past max_steps {cfg.max_steps}")
     changed = ckpt and checkpoint.config_differences(meta["model_config"], asdict(run.mconf))
     ranks.stop_if_any(f"{ckpt}: the model differs from this run's: " + ", ".join(
         f"{k} {a!r} in the checkpoint, {b!r} now" for k, (a, b) in changed.items()) if changed else None)
+    if branched and (other := [f"{k} {meta['config'].get(k)!r} there, {getattr(cfg, k)!r} here" for k in FIXED
+                               if not same_input(k, meta["config"].get(k), getattr(cfg, k))]):
+        raise Problem(f"resume_from {ckpt}: " + ", ".join(other) + " (a run continues on the data it was trained on)")
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank, then sharded
     model, problem = ModernBERT(run.mconf), None
     if cfg.init_from and not ckpt:
-        run.log(f"initialising weights from {cfg.init_from}")
         try:
             source, _ = checkpoint.load_model(cfg.init_from)
-            if changed := checkpoint.config_differences(asdict(source.config), asdict(run.mconf)):
-                problem = f"init_from {cfg.init_from}: the model differs from this run's: " + ", ".join(
-                    f"{k} {a!r} there, {b!r} here" for k, (a, b) in changed.items())
+            changed = checkpoint.config_differences(asdict(source.config), asdict(run.mconf))
+            describe = lambda keys: ", ".join(f"{k} {changed[k][0]!r} there, {changed[k][1]!r} here" for k in keys)
+            if fixed := [k for k in changed if k not in NEW_FOR_SAME_WEIGHTS]:
+                problem = f"init_from {cfg.init_from}: the model differs from this run's: " + describe(fixed)
             else:
+                run.log(f"initialising weights from {cfg.init_from}" + (f" ({describe(changed)})" if changed else ""))
                 model.load_state_dict(source.state_dict())
         except Problem as e:
             problem = f"init_from {e}"
@@ -592,8 +680,14 @@ def resume(run):
             torch.cuda.set_rng_state(own["rng"]["cuda"], device)
         step = meta["step"]
         changed = {k: (meta["config"].get(k), v) for k, v in asdict(cfg).items()
-                   if json.dumps(meta["config"].get(k)) != json.dumps(v)}
-        run.log(f"resuming from {ckpt} at step {step}" + (f"; config changed since: {changed}" if changed else "")
+                   if json.dumps(meta["config"].get(k)) != json.dumps(v) and not (branched and k in BRANCH_OWN)}
+        before = replace(cfg, **{k: meta["config"].get(k, getattr(Config(), k))  # older checkpoints: linear
+                                 for k in ("lr", "warmup_steps", "schedule", *SCHEDULE)})
+        later = {k: changed.pop(k) for k in SCHEDULE if k in changed} if stable_so_far(before, cfg, step) else {}
+        run.log(f"resuming from {ckpt}{' (resume_from)' if branched else ''} at step {step}"
+                + (f"; {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in later.items())}: the stable phase "
+                   f"continues, the learning rates so far are unchanged" if later else "")
+                + (f"; config changed since: {changed}" if changed else "")
                 + (f"; written by {meta['world_size']} processes, now {world}" if meta["world_size"] != world else ""))
     if run.master:  # lines past the checkpoint (all, without one) are about to be recomputed
         trim_metrics(run.out_dir / "metrics.jsonl", step if ckpt else -1)
@@ -647,8 +741,9 @@ def train(run, model, optimizer, step):
         lr = lr_at(cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        batch_size = run.loader.global_batch(run.loader.seen)  # before this step's batch is handed out
         micro_batches = next(batches)
-        assert cfg.micro_batch_tokens or len(micro_batches) == cfg.batch_size // (world * cfg.micro_batch_size)
+        assert cfg.micro_batch_tokens or len(micro_batches) == batch_size // (world * cfg.micro_batch_size)
         # by token budget, every rank gets as many micro-batches, some empty (nothing to predict, not counted)
         n_masked = [int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches]
         seqlens = [l for mb in micro_batches if not mb.get("empty") for l in torch.diff(mb["cu_seqlens"]).tolist()]
@@ -683,8 +778,8 @@ def train(run, model, optimizer, step):
         progress.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if step % cfg.log_every == 0 or step == 1 or step == cfg.max_steps:
             tokens = int(counts[1].item())
-            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                     "tokens_per_s": tokens / dt,
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "batch_size": batch_size,
+                     "tokens": tokens, "tokens_per_s": tokens / dt,
                      "mfu": counts[2].item() / dt / (peak_flops * world) if peak_flops else None,
                      "peak_mem": peak_memory_gib(device)}
             run.record(entry)

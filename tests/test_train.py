@@ -24,6 +24,7 @@ import time
 import warnings
 import zlib
 from dataclasses import fields
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -626,6 +627,32 @@ def test_init_from_loads_the_weights_or_names_the_differing_keys(config, referen
                                                     f"from this run's: intermediate_size 48 there, 64 here\n")
 
 
+def test_init_from_with_another_global_rope_theta_loads_the_weights_and_trains(config, reference, tmp_path):
+    """Context extension as ModernBERT did it: the weights of a run, the global layers' RoPE theta raised."""
+    tiny = "{'hidden_size': 32, 'intermediate_size': 48, 'num_hidden_layers': 2, 'num_attention_heads': 2"
+    once = ["--lr=0.0", "--max_steps=1", "--eval_every=0", "--retrieval_eval=", f"--init_from={reference / 'ckpt_12'}"]
+    same, raised = tmp_path / "same", tmp_path / "raised"
+    run([sys.executable], same, config, *once)
+    proc = run([sys.executable], raised, config, *once, f"--model_args={tiny}, 'global_rope_theta': 160000.0}}")
+    assert (f"initialising weights from {reference / 'ckpt_12'} (global_rope_theta 10000.0 there, 160000.0 here)"
+            in proc.stdout)
+    source = ModernBERT.from_pretrained(reference / "hf").state_dict()
+    got = ModernBERT.from_pretrained(raised / "hf")
+    assert got.config.global_rope_theta == 160000.0
+    assert all(torch.equal(source[k], v) for k, v in got.state_dict().items())
+    assert "global_rope_theta=160000.0" in proc.stdout.split("# model: ")[1].splitlines()[0]
+    # the same weights and batch, bit-exact otherwise: only the rotation of the global layers differs (slightly,
+    # in 48-token sequences)
+    assert losses(raised)[1] != losses(same)[1]
+
+    extended = tmp_path / "extended"  # and it trains, on 2 processes
+    run(TORCHRUN, extended, config, *once[2:], "--max_steps=3", "--max_seqlen=96",
+        f"--model_args={tiny}, 'global_rope_theta': 160000.0}}")
+    trained = ModernBERT.from_pretrained(extended / "hf").state_dict()
+    assert not all(torch.equal(source[k], v) for k, v in trained.items())
+    assert all(math.isfinite(v) for v in losses(extended).values()) and sorted(losses(extended)) == [1, 3]
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(config, tmp_path):
     out = tmp_path / "out"
     run([sys.executable], out, config, "--max_steps=3", "--checkpoint_every=1", "--eval_every=0")
@@ -691,6 +718,226 @@ def test_export_matches_final_weights(reference, tmp_path):
     assert len(proc.stderr.splitlines()) == 1 and not (tmp_path / "hf").exists()
 
 
+# ---- warmup-stable-decay, branched decays -----------------------------------------------------------------
+
+
+WSD = ["--schedule=wsd", "--max_steps=8", "--decay_steps=3", "--decay_shape=1-sqrt", "--min_lr_ratio=0.1",
+       "--log_every=1", "--eval_every=0", "--retrieval_eval=", "--checkpoint_every=3"]
+
+
+def wsd_lr(step, lr, warmup, max_steps, decay, shape, ratio):
+    """The learning rate of the update that makes step + 1, written out: warmup (its first update already moves),
+    lr held, then the last `decay` updates going down, the last at ratio x lr."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if step < max_steps - decay:
+        return lr
+    p = (step - (max_steps - decay) + 1) / decay  # 1/decay, 2/decay, ..., 1
+    left = {"linear": 1 - p, "1-sqrt": 1 - p ** 0.5, "cosine": 0.5 + 0.5 * math.cos(math.pi * p)}[shape]
+    return lr * ratio + lr * (1 - ratio) * left
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt", "cosine"])
+def test_wsd_lr_schedule_written_out(shape):
+    cfg = train.Config(lr=2.0, warmup_steps=2, max_steps=10, schedule="wsd", decay_steps=4, decay_shape=shape,
+                       min_lr_ratio=0.1)
+    got = [train.lr_at(cfg, s) for s in range(10)]
+    assert got == pytest.approx([wsd_lr(s, 2.0, 2, 10, 4, shape, 0.1) for s in range(10)], rel=1e-12, abs=0)
+    assert got[:6] == [1.0, 2.0, 2.0, 2.0, 2.0, 2.0] and got[-1] == pytest.approx(0.2, rel=1e-12)  # first, last
+    assert got[6] == pytest.approx({"linear": 1.55, "1-sqrt": 1.1, "cosine": 0.2 + 1.8 * (2 + 2 ** 0.5) / 4}[shape])
+    constant = train.Config(lr=2.0, warmup_steps=0, max_steps=5, schedule="wsd")  # decay_steps 0: lr to the end
+    assert [train.lr_at(constant, s) for s in range(5)] == [2.0] * 5
+    cfg = train.Config(lr=1.0, warmup_steps=0, max_steps=3, schedule="wsd", decay_steps=3)  # all decay, to 0
+    assert [train.lr_at(cfg, s) for s in range(3)] == pytest.approx([2 / 3, 1 / 3, 0.0], abs=1e-15)
+
+
+def losses(out_dir):
+    return {m["step"]: m["loss"] for m in metrics(out_dir) if "loss" in m}
+
+
+def test_resume_from_continues_another_runs_checkpoint_in_a_new_out_dir(config, tmp_path):
+    """A wsd run to step 8; a run with resume_from its step-3 checkpoint gives the same losses for steps 4..8 (bit for
+    bit on 1 process, to 1e-5 on 2), each step's lr the schedule's; its rerun resumes from its own checkpoints."""
+    whole = tmp_path / "whole"
+    run([sys.executable], whole, config, *WSD)
+    expected = {m["step"]: m for m in metrics(whole) if "loss" in m}
+    assert [m["lr"] for m in expected.values()] == pytest.approx(
+        [wsd_lr(s, 3e-3, 2, 8, 3, "1-sqrt", 0.1) for s in range(8)], rel=1e-12)
+    branch = tmp_path / "branch"
+    proc = run([sys.executable], branch, config, *WSD, f"--resume_from={whole / 'ckpt_3'}")
+    assert f"resuming from {whole / 'ckpt_3'} (resume_from) at step 3\n" in proc.stdout  # nothing else changed
+    got = [m for m in metrics(branch) if "loss" in m]
+    assert [m["step"] for m in got] == [4, 5, 6, 7, 8]
+    assert got == [expected[m["step"]] for m in got]  # loss, lr, grad norm, tokens: bit for bit
+    assert sorted(p.name for p in branch.glob("ckpt_*")) == ["ckpt_6", "ckpt_8"]
+    assert sorted(p.name for p in whole.glob("ckpt_*")) == ["ckpt_3", "ckpt_6", "ckpt_8"]  # left as it was
+
+    rewind(branch, tmp_path / "again", step=6)  # a rerun of the branch: its own ckpt_6, not resume_from's
+    proc = run([sys.executable], tmp_path / "again", config, *WSD, f"--resume_from={whole / 'ckpt_3'}")
+    assert f"resuming from {tmp_path / 'again' / 'ckpt_6'} at step 6" in proc.stdout  # out_dir changed: a copy
+    assert "(resume_from)" not in proc.stdout
+    assert metrics(tmp_path / "again") == metrics(branch)
+    rewind(branch, tmp_path / "later", step=6)  # the same once the run it branched from is gone (keep_last)
+    proc = run([sys.executable], tmp_path / "later", config, *WSD, f"--resume_from={tmp_path / 'gone' / 'ckpt_3'}")
+    assert f"resuming from {tmp_path / 'later' / 'ckpt_6'} at step 6" in proc.stdout
+    assert "(resume_from)" not in proc.stdout
+    assert metrics(tmp_path / "later") == metrics(branch)
+
+    for world in (2, 3):  # by token budget on 3: 8 sequences do not split into micro-batches of 2 there
+        out = tmp_path / f"on{world}"
+        proc = run([*TORCHRUN[:-1], f"--nproc_per_node={world}"], out, config, *WSD, *["--micro_batch_tokens=96"] * (
+            world == 3), f"--resume_from={whole / 'ckpt_3'}")
+        assert f"written by 1 processes, now {world}" in proc.stdout
+        got = [m for m in metrics(out) if "loss" in m]
+        assert [(m["step"], m["lr"], m["tokens"]) for m in got] == [(s, expected[s]["lr"], expected[s]["tokens"])
+                                                                      for s in range(4, 9)]
+        for m in got:
+            for key in ("loss", "grad_norm"):
+                assert m[key] == pytest.approx(expected[m["step"]][key], rel=1e-5, abs=0), (world, m["step"], key)
+
+
+def test_a_constant_run_is_extended_and_a_decay_branched_from_it(config, tmp_path):
+    """wsd without a decay holds lr; extending max_steps continues it (the resume line says the past rates are
+    unchanged); a decay branched from its step-4 checkpoint on 2 processes follows the cosine formula; extending a
+    run already in its decay is a config difference."""
+    constant = tmp_path / "constant"
+    common = ["--schedule=wsd", "--log_every=1", "--eval_every=0", "--retrieval_eval=", "--checkpoint_every=2"]
+    run([sys.executable], constant, config, *common, "--max_steps=4")
+    proc = run([sys.executable], constant, config, *common, "--max_steps=6")
+    assert (f"resuming from {constant / 'ckpt_4'} at step 4; max_steps 4 -> 6: the stable phase continues, the "
+            f"learning rates so far are unchanged\n") in proc.stdout
+    assert [m["lr"] for m in metrics(constant) if "loss" in m] == [1.5e-3] + [3e-3] * 5
+
+    decay = tmp_path / "decay"
+    branch = ["--max_steps=7", "--decay_steps=3", "--decay_shape=cosine", "--min_lr_ratio=0.01"]
+    proc = run(TORCHRUN, decay, config, *common, *branch, f"--resume_from={constant / 'ckpt_4'}")
+    assert (f"resuming from {constant / 'ckpt_4'} (resume_from) at step 4; max_steps 4 -> 7, decay_steps 0 -> 3, "
+            f"decay_shape 'linear' -> 'cosine', min_lr_ratio 0.0 -> 0.01: the stable phase continues") in proc.stdout
+    lrs = {m["step"]: m["lr"] for m in metrics(decay) if "loss" in m}
+    assert lrs == pytest.approx({s + 1: wsd_lr(s, 3e-3, 2, 7, 3, "cosine", 0.01) for s in (4, 5, 6)}, rel=1e-12)
+    assert lrs[7] == pytest.approx(3e-5, rel=1e-12)
+    assert losses(decay)[5] == pytest.approx(losses(constant)[5], rel=1e-5)  # step 5: same state, lower lr
+    assert losses(decay)[6] != pytest.approx(losses(constant)[6], rel=1e-5)
+
+    proc = run([sys.executable], decay, config, *common, "--max_steps=9", "--decay_steps=5", *branch[2:],
+               f"--resume_from={constant / 'ckpt_4'}")
+    assert (f"resuming from {decay / 'ckpt_7'} at step 7; config changed since: {{'max_steps': (7, 9), "
+            f"'decay_steps': (3, 5)}}; written by 2 processes, now 1\n") in proc.stdout
+
+
+# ---- batch-size warmup ------------------------------------------------------------------------------------
+
+
+WARM = dict(batch_size=8, batch_size_start=2, batch_warmup_tokens=700)
+
+
+def warm_batches(cfg, steps, mode="line_by_line"):
+    """The plain reference: samples one at a time from the stream (a loader of batches of 1: the same samples and
+    masks), grouped into global batches whose sizes grow from 2 by 2 up to 8 with the tokens of the batches before,
+    linearly over the first 700 tokens. -> [(size, tokens, sorted sequences (input_ids, labels), the samples)]"""
+    one = data.Loader(cfg.data_dir, batch_size=1, micro_batch_size=1, max_seqlen=cfg.max_seqlen, seed=cfg.seed,
+                      mode=mode, mlm_probability=cfg.mlm_probability, tokenizer=data.Tokenizer(cfg.tokenizer))
+    samples, seen, out = iter(one), 0, []
+    for _ in range(steps):
+        grown = Fraction(2) + Fraction(8 - 2) * seen / 700
+        size = 8 if seen >= 700 else min(8, 2 * math.floor(grown / 2))
+        batch = [next(samples)[0] for _ in range(size)]
+        tokens = sum(int(mb["cu_seqlens"][-1]) for mb in batch)
+        out.append((size, tokens, sequences(batch), batch))
+        seen += tokens
+    return out
+
+
+def sequences(micro_batches):
+    """Every sequence of some micro-batches as (input_ids, labels), sorted; empty micro-batches left out."""
+    found = []
+    for mb in micro_batches:
+        if not mb.get("empty"):
+            cu = mb["cu_seqlens"].tolist()
+            found += [(tuple(mb["input_ids"][a:b].tolist()), tuple(mb["labels"][a:b].tolist()))
+                      for a, b in zip(cu, cu[1:])]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("world,micro,budget,mode", [(1, 2, 0, "line_by_line"), (2, 1, 0, "line_by_line"),
+                                                     (3, 1, 96, "line_by_line"), (2, 1, 0, "packed")])
+def test_batch_size_warmup_gives_the_plain_loops_batches(config, world, micro, budget, mode):
+    cfg, _ = train.load_config([str(config)])
+    expected = warm_batches(cfg, 12, mode)
+    assert [size for size, *_ in expected][:2] == [2, 2] and expected[-1][0] == 8  # it grows within 12 steps
+    assert len({size for size, *_ in expected}) == 4
+    loaders = [data.Loader(cfg.data_dir, batch_size=8, micro_batch_size=micro, max_seqlen=cfg.max_seqlen, rank=r,
+                           world_size=world, seed=cfg.seed, mode=mode, mlm_probability=cfg.mlm_probability,
+                           micro_batch_tokens=budget, batch_size_start=2, batch_warmup_tokens=700,
+                           tokenizer=data.Tokenizer(cfg.tokenizer)) for r in range(world)]
+    for step, (size, tokens, seqs, _) in enumerate(expected):
+        assert all(loader.global_batch(loader.seen) == size for loader in loaders), step
+        got = [next(iter(loader)) for loader in loaders]
+        assert len({len(g) for g in got}) == 1  # as many micro-steps on every rank
+        assert sequences([mb for g in got for mb in g]) == seqs, step
+        if step == 5:  # a resume mid-warmup continues the same batches
+            state = loaders[0].state_dict()
+            assert len({json.dumps(loader.state_dict()) for loader in loaders}) == 1
+            for loader in loaders:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+
+
+def test_batch_size_warmup_losses_are_a_plain_loops(config, tmp_path):
+    """train.py's first steps with a growing batch, written out without it: each step's loss the mean over its global
+    batch's masked tokens (batches of 2, 2, 2, 4, 4 sequences), AdamW at the linear schedule's rate."""
+    args = ["--batch_size_start=2", "--batch_warmup_tokens=700", "--max_steps=5", "--log_every=1", "--eval_every=0",
+            "--retrieval_eval=", "--checkpoint_every=100", "--weight_decay=0.0", "--grad_clip=1e9"]
+    run([sys.executable], tmp_path / "out", config, *args)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    got = [m for m in lines if "loss" in m]  # with batch_size, which metrics() leaves out
+    cfg, _ = train.load_config([str(config), *args])
+    tok = data.Tokenizer(cfg.tokenizer)
+    ids = dict(pad_token_id=tok.pad_id, cls_token_id=tok.cls_id, sep_token_id=tok.sep_id, mask_token_id=tok.mask_id)
+    torch.manual_seed(cfg.seed)
+    model = ModernBERT(ModernBertConfig.preset("tiny", vocab_size=tok.vocab_size, **cfg.model_args, **ids))
+    optimizer = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    batches = warm_batches(cfg, 5)
+    assert [size for size, *_ in batches] == [2, 2, 2, 4, 4]
+    for step, (size, tokens, _, batch) in enumerate(batches):
+        loss, masked = 0.0, 0
+        for mb in batch:
+            logits = model(mb["input_ids"], cu_seqlens=mb["cu_seqlens"], max_seqlen=mb["max_seqlen"])[0]
+            labels = mb["labels"]
+            loss = loss + F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum")
+            masked += int((labels != -100).sum())
+        (loss / masked).backward()
+        for group in optimizer.param_groups:
+            group["lr"] = 3e-3 * (step + 1) / 2 if step < 2 else 3e-3 * (5 - step) / 3
+        optimizer.step()
+        optimizer.zero_grad()
+        m = got[step]
+        assert (m["step"], m["batch_size"], m["tokens"]) == (step + 1, size, tokens)
+        assert m["loss"] == pytest.approx(loss.item() / masked, rel=1e-5), m
+
+
+def test_batch_size_warmup_trains_and_resumes_mid_warmup_on_another_number_of_processes(config, tmp_path):
+    warm = tmp_path / "warm.py"
+    warm.write_text(config.read_text() + "batch_size_start = 2\nbatch_warmup_tokens = 700\nmicro_batch_size = 1\n"
+                    "max_steps = 10\nlog_every = 1\neval_every = 5\nretrieval_eval = ''\ncheckpoint_every = 2\n")
+    cfg, _ = train.load_config([str(warm)])
+    expected = warm_batches(cfg, 10)
+    whole = tmp_path / "whole"
+    proc = run([sys.executable], whole, warm)
+    assert "batch-size warmup: 2 sequences per step at first, growing in multiples of it to 8 over the first 700 " \
+           "tokens" in proc.stdout
+    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["batch_size"], m["tokens"]) for m in lines if "loss" in m] == [(n, t) for n, t, *_ in expected]
+    killed = run_and_kill(TORCHRUN, tmp_path / "out", warm, logged_step(3))
+    assert_same_curve(killed, metrics(whole)[:len(killed)], rel=1e-5)
+    proc = run([sys.executable], tmp_path / "out", warm)
+    step = int(re.search(r"resuming from \S+ckpt_(\d+) at step", proc.stdout).group(1))
+    assert 2 <= step and expected[step][0] < 8  # resumed before the batch reached its full size
+    assert_same_curve(metrics(tmp_path / "out"), metrics(whole), rel=1e-5)
+    three = tmp_path / "three"  # by token budget: batches of 2 sequences on 3 processes
+    run([*TORCHRUN[:-1], "--nproc_per_node=3"], three, warm, "--micro_batch_tokens=96")
+    assert_same_curve(metrics(three), metrics(whole), rel=1e-5)
+
+
 # ---- configuration ----------------------------------------------------------------------------------------
 
 
@@ -725,6 +972,57 @@ def test_config_errors_name_the_key(tmp_path, capsys):
     for key in ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_size", "micro_batch_size",
                 "max_seqlen", "collective_timeout"):  # 0 would loop forever, divide by zero or keep nothing
         assert config_error(capsys, path, f"--{key}=0") == f"error: command line: config key {key!r} must be at least 1, got 0"
+
+
+def test_bad_schedule_and_resume_from_values_are_one_line(config, reference, monkeypatch, capsys, tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("max_steps = 10\nwarmup_steps = 2\nschedule = 'wsd'\n")
+    assert config_error(capsys, path, "--decay_steps=9") == ("error: config key decay_steps: 9 decay steps after 2 "
+                                                             "warmup steps do not fit in max_steps 10")
+    assert config_error(capsys, path, "--decay_steps=-1") == "error: config key decay_steps must be at least 0, got -1"
+    for ratio in ("-0.1", "1.5"):
+        assert config_error(capsys, path, f"--min_lr_ratio={ratio}") == \
+            f"error: config key min_lr_ratio must be between 0 and 1, got {float(ratio)}"
+    assert "config key 'decay_shape' must be one of linear, 1-sqrt, cosine, got 'sqrt'" in config_error(
+        capsys, path, "--decay_shape=sqrt")
+    assert "config key 'schedule' must be one of linear, wsd" in config_error(capsys, path, "--schedule=constant")
+    assert config_error(capsys, path, "--schedule=linear", "--decay_steps=3").startswith(
+        "error: config keys decay_steps, decay_shape and min_lr_ratio shape schedule 'wsd' only")
+    assert "init_from and resume_from: give one" in config_error(capsys, path, "--init_from=a", "--resume_from=b")
+    train.load_config([str(path), "--decay_steps=8", "--min_lr_ratio=1.0"])  # the limits themselves are fine
+    assert "batch_size_start and batch_warmup_tokens: give both" in config_error(capsys, path, "--batch_size_start=2")
+    assert config_error(capsys, path, "--batch_size_start=2", "--batch_warmup_tokens=-5") == \
+        "error: config key batch_warmup_tokens must be at least 0, got -5"
+    assert config_error(capsys, path, "--batch_size=8", "--batch_size_start=16", "--batch_warmup_tokens=100") == \
+        "error: config key batch_size_start must be between 1 and batch_size 8, got 16"
+    cfg, _ = train.load_config([str(config), "--batch_size_start=3", "--batch_warmup_tokens=100",
+                                "--micro_batch_size=1"])
+    assert train.check_inputs(cfg, config, 2) == ("batch_size_start 3 is not a multiple of 2 processes x "
+                                                  "micro_batch_size 1; batch_size_start must be a multiple of the 2 "
+                                                  "processes (or set micro_batch_tokens)")
+
+    out = tmp_path / "out"
+    for where in (reference, tmp_path / "nowhere"):  # a run directory is not a checkpoint
+        code, _, err = cli(monkeypatch, capsys, config, f"--out_dir={out}", f"--resume_from={where}")
+        assert code == 1 and err == (f"error: {config}: input missing: resume_from {where}: not a checkpoint (no "
+                                     f"meta.json); name a ckpt_STEP directory of another run\n")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(reference / "ckpt_9", damaged)
+    (damaged / "rank0.pt").write_bytes(b"")
+    proc = run([sys.executable], out, config, f"--resume_from={reference / 'ckpt_9'}", "--max_steps=8", check=False)
+    assert proc.returncode == 1 and proc.stderr == f"error: {reference / 'ckpt_9'} is at step 9, past max_steps 8\n"
+    proc = run([sys.executable], out, config, f"--resume_from={damaged}", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: resume_from {damaged / 'rank0.pt'}: 0 bytes")
+    shards, other = train.load_config([str(config)])[0].data_dir, tmp_path / "shards"
+    shutil.copytree(shards, other)
+    proc = run(TORCHRUN, out, config, f"--resume_from={reference / 'ckpt_9'}", f"--data_dir={other}",
+               "--mode=packed", check=False)
+    line = (f"resume_from {reference / 'ckpt_9'}: data_dir {shards!r} there, {str(other)!r} here, mode "
+            f"'line_by_line' there, 'packed' here (a run continues on the data it was trained on)")
+    assert proc.returncode != 0
+    for r in (0, 1):  # every rank says it (their lines may interleave on one stderr)
+        assert f"error: rank {r} ({socket.gethostname()}): {line}" in proc.stderr, proc.stderr[-2000:]
+    assert not list(out.glob("ckpt_*")) and not (out / "hf").exists()
 
 
 def test_config_differences_name_every_key_either_side_has():
