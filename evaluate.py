@@ -165,7 +165,7 @@ def spread(fn, items, costs):
 
 
 def embedded(model, tok, texts, max_len, token_budget=16384):
-    """model.embed of the texts, shared over the ranks by characters (the longest first)."""
+    """model.py's embed of the texts, shared over the ranks by their characters."""
     return spread(lambda share: embed(model, tok, share, max_len, token_budget, embedding_progress), texts,
                   [len(t) for t in texts])
 
