@@ -10,6 +10,7 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
     python bench.py gpu --out DIR   # all of the GPU checks below in one call, < 8 min
     python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
     python bench.py finetune    # a JSTS fine-tuning step vs transformers' ModernBertForSequenceClassification
+    python bench.py grid        # evaluate.py's JGLUE grid on 1 process vs 2 under torchrun (one thread each)
 
 Each task is a function `bench_<task>(args)` below; `--out FILE` appends the printed results as JSON.
 
@@ -203,6 +204,54 @@ def bench_finetune(args):
         print(f"{label:<52}{t[name] * 1e3:>10.1f}{t[name] / t['ours']:>12.2f}x")
     return {"layers": layers, "batch": batch, "max_len": max_len, "ms_ours": t["ours"] * 1e3,
             "ms_transformers": t["theirs"] * 1e3, "speedup": t["theirs"] / t["ours"]}
+
+
+def bench_grid(args):
+    """The JGLUE fine-tuning grid as `evaluate.py --task jglue` runs it, in one process and under torchrun on 2
+    processes, one thread each, side by side on the same runs (a tiny model, the demo sets, a small grid of
+    `paper` runs of 1-3 epochs): wall time of each command, start-up included, and their ratio; the two must
+    write the same numbers."""
+    import tempfile
+    import data
+    import demo
+    from model import ModernBERT, ModernBertConfig
+    lrs, epochs, limit = (["1e-4", "3e-4"], ["1", "2"], "60") if args.quick else (["1e-4", "2e-4", "3e-4", "4e-4"],
+                                                                                 ["1", "2", "3"], "200")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        paths = demo.write_demo(root / "data" / "demo", n_docs=300)
+        tok = data.Tokenizer(data.train_tokenizer(paths["corpus"], 1000, root / "tok.model"))
+        torch.manual_seed(0)
+        ModernBERT(ModernBertConfig.preset("tiny", vocab_size=tok.vocab_size, pad_token_id=tok.pad_id,
+                                           cls_token_id=tok.cls_id, sep_token_id=tok.sep_id,
+                                           mask_token_id=tok.mask_id)).save_pretrained(root / "model")
+        command = [str(REPO / "evaluate.py"), "--task", "jglue", "--model", "model", "--tokenizer", "tok.model",
+                   "--quick", "--grid", "paper", "--lrs", *lrs, "--epochs", *epochs, "--limit", limit,
+                   "--max_len", "64"]
+        launchers = {"1 process": [sys.executable], "2 processes": [sys.executable, "-m", "torch.distributed.run",
+                                                                     "--standalone", "--nproc_per_node=2"]}
+
+        results = {}
+
+        def run(name):
+            out = root / name.replace(" ", "_")
+            proc = subprocess.run([*launchers[name], *command, "--out", str(out)], cwd=root, env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                raise Problem(f"grid: {name}: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+            results[name] = json.loads((out / "jglue.json").read_text())["results"]
+        t = compare({name: lambda name=name: run(name) for name in launchers}, warmup=0, iters=1 if args.quick else 3)
+        same = results["1 process"] == results["2 processes"]
+    runs = 3 * len(lrs) * len(epochs)
+    print(f"{runs} fine-tuning runs (JSTS, JNLI, JCoLA x lrs {' '.join(lrs)} x epochs {' '.join(epochs)}, "
+          f"<= {limit} training examples each), tiny model, 1 thread per process, start-up included")
+    print(f"{'command':<16}{'s':>8}{'speed-up':>10}")
+    for name in launchers:
+        print(f"{name:<16}{t[name]:>8.1f}{t['1 process'] / t[name]:>9.2f}x")
+    print(f"the same numbers on 1 and 2 processes: {same}")
+    return {"runs": runs, "s_1": t["1 process"], "s_2": t["2 processes"], "ratio": t["1 process"] / t["2 processes"],
+            "same_numbers": same}
 
 
 def bench_ppl(args):

@@ -7,6 +7,7 @@ script, on the data sets' published layouts.
     python evaluate.py --task retrieval --model out/stage2/hf path/to/bert-base-japanese-v3 --data miracl-ja-train.jsonl
     python evaluate.py --task jglue --full --model path/to/llm-jp-modernbert-base --data path/to/JGLUE \\
         --jcola_data path/to/JCoLA
+    torchrun --nproc_per_node=8 evaluate.py --task all --full     # the work shared over 8 GPUs (see spread)
 
 Tasks: mlm, ppl, fillmask, retrieval, jglue, alignment, simdist, lengths, curves, all (see TASKS at the end).
 --model takes Hugging Face model directories, our checkpoints (RUN/ckpt_STEP) or run directories (their final
@@ -31,6 +32,7 @@ hiragana, katakana, Latin letters or digits; any other non-space character is a 
 import argparse
 import bisect
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -43,15 +45,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import checkpoint
+import ranks
 from data import Shards, Tokenizer, jsonl_records, load_manifest, mask_tokens, read_miracl_pairs, record_field
 from model import (IGNORE_INDEX, ModernBERT, ModernBertForSequenceClassification, by_budget, cpu_threads, embed, pack,
                    recall_mrr)
 from ranks import Problem
 
 DEMO = Path("data/demo")
+TIMEOUT = 600  # seconds, under torchrun: --timeout
 DEFAULT_MODEL = "out/demo/hf"
 # The paper's settings (Section 4): on a GPU by default, anywhere with --full.
 PAPER = dict(docs_per_bin=500, positions=100, pairs=2000, lrs=[5e-6, 1e-5, 2e-5, 3e-5, 5e-5, 1e-4],
@@ -67,7 +72,9 @@ PAPER_PROMPTS = ["{}は、地球上で最も高い山として知られ、世界
 
 
 class Progress:
-    """A progress bar on a terminal; elsewhere (a log file, a pipe) a plain line every 30 seconds and at the end."""
+    """A progress bar on a terminal; elsewhere (a log file, a pipe) a plain line every 30 seconds and at the end.
+    Under torchrun each update also tells the watchdog that this rank's work moves."""
+    watchdog = None
 
     def __init__(self, desc, total=None, every=30.0):
         self.desc, self.total, self.n, self.every = desc, total, 0, every
@@ -79,6 +86,8 @@ class Progress:
 
     def update(self, n=1):
         self.n += n
+        if self.watchdog:
+            self.watchdog.at(self.n, self.desc)
         if self.bar is not None:
             self.bar.update(n)
         elif time.perf_counter() - self.last >= self.every:
@@ -102,6 +111,63 @@ def progress(iterable, desc, total=None):
         yield x
         bar.update()
     bar.close()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# the work of a torchrun job: every rank runs every task on the same inputs, and the costly part of each (the
+# fine-tuning runs, the documents scored, the texts embedded) is shared: each rank does its share, and every rank
+# gathers the whole, so that the rest of a task runs alike everywhere; rank 0 alone prints and writes
+
+
+def dealt(costs, world):
+    """Items dealt to `world` ranks longest first, each to the rank with the least work so far (the lowest of
+    equals). -> [indices, ascending] per rank; the same on every rank."""
+    load, shares = [0] * world, [[] for _ in range(world)]
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        r = min(range(world), key=load.__getitem__)
+        shares[r].append(i)
+        load[r] += costs[i]
+    return [sorted(s) for s in shares]
+
+
+GATHERS = itertools.count()  # names of the points where the ranks meet, one per gather
+
+
+def gathered(part):
+    """Every rank's part, on every rank, in rank order. The ranks first meet through the watchdog, which waits as
+    long as every rank is heard from (shares end at different times, maybe hours apart), then exchange the parts
+    in one collective."""
+    if Progress.watchdog:
+        Progress.watchdog.barrier(f"gather {next(GATHERS)}")
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    return parts
+
+
+def spread(fn, items, costs):
+    """fn(a list of items) -> a result per item (a list, or a tensor of a row each), run on this rank's share of
+    `items` (dealt by `costs`) and gathered on every rank in the order of `items`. One process: fn(items)."""
+    if not dist.is_initialized():
+        return fn(items)
+    share = dealt(costs, dist.get_world_size())[dist.get_rank()]
+    parts = gathered((share, fn([items[i] for i in share])))
+    done = parts[0][1]
+    if isinstance(done, torch.Tensor):
+        out = torch.empty(len(items), *done.shape[1:], dtype=done.dtype)
+        for where, rows in parts:
+            out[where] = rows
+        return out
+    out = [None] * len(items)
+    for where, results in parts:
+        for i, r in zip(where, results):
+            out[i] = r
+    return out
+
+
+def embedded(model, tok, texts, max_len, token_budget=16384):
+    """model.py's embed of the texts, shared over the ranks by their characters."""
+    return spread(lambda share: embed(model, tok, share, max_len, token_budget, embedding_progress), texts,
+                  [len(t) for t in texts])
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -382,31 +448,45 @@ def sample_by_length(tok, path, edges, per_bin, seed, limit=None):
     """Documents sampled uniformly at random within each length bin (reservoir sampling over the file).
     A document is "<CLS> text <SEP>", never truncated; its length counts the special tokens. Bins are
     (edges[i], edges[i+1]], the first including 0; documents longer than the last edge are not used, nor are
-    documents with nothing to mask (every token special or unknown), which are counted.
+    documents with nothing to mask (every token special or unknown), which are counted. Under torchrun the
+    records are tokenized shared over the ranks (one in every world size each) and every rank draws the sample
+    alike from what they all found; the chosen ones are read again for their ids.
     -> (list of bins, each a list of (id, ids int64 tensor); {"per_bin": counts, "ids": the first 10} of those
     with nothing to mask)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found = []  # (record number, bin, nothing to mask) of this rank's records that fall in a bin
+    for n, (lineno, r) in enumerate(progress(jsonl_records(path, limit), f"tokenizing {Path(path).name}")):
+        text = record_field(r, "text", path, lineno)  # every rank checks every record: a bad one stops all alike
+        if n % world == rank:
+            ids = tok.encode(text)
+            b = bisect.bisect_left(edges, len(ids) + 2) - 1
+            if 0 <= b < len(edges) - 1:
+                found.append((n, b, all(t in tok.special_ids for t in ids)))
+    if world > 1:
+        found = sorted(x for part in gathered(found) for x in part)
     rng = random.Random(seed)
-    bins, seen = [[] for _ in edges[:-1]], [0] * (len(edges) - 1)
-    unmaskable = {"per_bin": [0] * (len(edges) - 1), "ids": []}
-    for lineno, r in progress(jsonl_records(path, limit), f"tokenizing {Path(path).name}"):
-        text = tok.encode(record_field(r, "text", path, lineno))
-        ids = [tok.cls_id] + text + [tok.sep_id]
-        b = bisect.bisect_left(edges, len(ids)) - 1
-        if not 0 <= b < len(bins):
-            continue
-        doc_id = str(r.get("id", f"line {lineno}"))
-        if all(t in tok.special_ids for t in text):
+    chosen, seen = [[] for _ in edges[:-1]], [0] * (len(edges) - 1)
+    unmaskable, first_unmaskable = {"per_bin": [0] * (len(edges) - 1), "ids": []}, []
+    for n, b, empty in found:
+        if empty:
             unmaskable["per_bin"][b] += 1
-            if len(unmaskable["ids"]) < 10:
-                unmaskable["ids"].append(doc_id)
+            if len(first_unmaskable) < 10:
+                first_unmaskable.append(n)
             continue
-        item = (doc_id, torch.tensor(ids))
         seen[b] += 1
-        if len(bins[b]) < per_bin:
-            bins[b].append(item)
+        if len(chosen[b]) < per_bin:
+            chosen[b].append(n)
         elif (j := rng.randrange(seen[b])) < per_bin:
-            bins[b][j] = item
-    return bins, unmaskable
+            chosen[b][j] = n
+    wanted, docs = {n for c in chosen for n in c} | set(first_unmaskable), {}
+    for n, (lineno, r) in enumerate(jsonl_records(path, limit) if wanted else ()):
+        if n in wanted:
+            ids = [tok.cls_id] + tok.encode(r["text"]) + [tok.sep_id]
+            docs[n] = (str(r.get("id", f"line {lineno}")), torch.tensor(ids))
+        if n == max(wanted):
+            break
+    unmaskable["ids"] = [docs[n][0] for n in first_unmaskable]
+    return [[docs[n] for n in c] for c in chosen], unmaskable
 
 
 def parse_edges(text):
@@ -527,7 +607,7 @@ def edit_similarity(queries, corpus):
     for q in progress(queries, "edit distance"):
         d = torch.from_numpy(edit_distances(q, corpus)).double()
         rows.append(1 - d / torch.clamp(torch.maximum(lengths, torch.tensor(float(len(q)))), min=1))
-    return torch.stack(rows)
+    return torch.stack(rows) if rows else torch.empty(0, len(corpus), dtype=torch.float64)
 
 
 def jaccard_similarity(queries, corpus):
@@ -577,8 +657,8 @@ def retrieval_scores(model, tokenizer, path, limit=None, max_len=8192, token_bud
     """Zero-shot MIRACL-style retrieval (Table 4): Recall@10 and MRR@10 of each query's own passage among all
     passages, by dot product of normalised mean-pooled embeddings."""
     pairs = read_miracl_pairs(path, limit)
-    q = embed(model, tokenizer, [a for a, _ in pairs], max_len, token_budget, embedding_progress)
-    c = embed(model, tokenizer, [b for _, b in pairs], max_len, token_budget, embedding_progress)
+    q = embedded(model, tokenizer, [a for a, _ in pairs], max_len, token_budget)
+    c = embedded(model, tokenizer, [b for _, b in pairs], max_len, token_budget)
     recall, mrr = recall_mrr(q @ c.T)
     return {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
 
@@ -717,7 +797,10 @@ def task_ppl(args, entries):
         scored = [(b, doc_id, ids) for b, items in enumerate(bins) if fits[e.name][b] for doc_id, ids in items]
         docs = [ids for _, _, ids in scored]
         positions = draw_positions(docs, e.tok.special_ids, args.positions, args.seed)
-        ppl = pseudo_perplexity(e.model, docs, positions, e.tok.mask_id, args.token_budget, f"ppl {e.name}")
+        # the documents shared over the ranks by their cost: tokens x distinct masked copies
+        ppl = spread(lambda share: pseudo_perplexity(e.model, [d for d, _ in share], [p for _, p in share],
+                                                     e.tok.mask_id, args.token_budget, f"ppl {e.name}"),
+                     list(zip(docs, positions)), [len(d) * len(p.unique()) for d, p in zip(docs, positions)])
         per_doc = [{"id": doc_id, "bin": b, "length": len(ids), "ppl": p} for (b, doc_id, ids), p in zip(scored, ppl)]
         results[e.name] = {"bins": [bin_summary(edges, b, [d["ppl"] for d in per_doc if d["bin"] == b])
                                     if fits[e.name][b] else {"range": [edges[b], edges[b + 1]], "n": 0,
@@ -875,8 +958,8 @@ def task_retrieval(args, entries):
     for unit in args.baselines:
         texts = UNITS[unit]([q for q, _ in pairs] + [c for _, c in pairs])  # one word code for both sides
         queries, corpus = texts[:len(pairs)], texts[len(pairs):]
-        for name, fn in BASELINES.items():
-            recall, mrr = recall_mrr(fn(queries, corpus))
+        for name, fn in BASELINES.items():  # the rows of the queries shared over the ranks
+            recall, mrr = recall_mrr(spread(lambda share: fn(share, corpus), queries, [len(q) for q in queries]))
             baselines[f"{name} ({unit})"] = {"recall@10": recall, "mrr@10": mrr, "n_queries": len(pairs)}
     subset = "all records" if args.limit is None else f"first {args.limit} records, --limit"
     settings = {"data": str(path), "limit": args.limit, "subset": subset,
@@ -1020,16 +1103,40 @@ GRIDS = {"paper": "one independent run per (learning rate, epoch count), each de
                    "epoch (fewer runs; shorter epoch counts see a partly decayed learning rate)"}
 
 
+def grid_runs(args):
+    """The fine-tuning runs of the grid (GRIDS[args.grid]): [(lr, epochs run, epochs scored)]."""
+    epochs = sorted(set(args.epochs))
+    if args.grid == "paper":
+        return [(lr, run, {run}) for lr in args.lrs for run in epochs]
+    return [(lr, max(epochs), set(epochs)) for lr in args.lrs]
+
+
 def jglue_grid(args, e, task, train, valid):
-    """Every run of the grid (GRIDS[args.grid]) -> [{lr, epochs, metrics...}]."""
-    epochs, grid = sorted(set(args.epochs)), []
-    for lr in args.lrs:
-        for run in (epochs if args.grid == "paper" else [max(epochs)]):
-            score_at = {run} if args.grid == "paper" else set(epochs)
-            scores = finetune(e.model, task, train, valid, lr, run, score_at, args.jglue_batch_size, args.seed,
-                              f"{task} lr {lr:g} {run} epochs {e.name}")
-            grid += [{"lr": lr, "epochs": ep, **m} for ep, m in scores.items()]
-    return grid
+    """Every run of the grid of one task -> [{lr, epochs, metrics...}]."""
+    return jglue_grids(args, e, {task: (train, valid)})[task]
+
+
+def jglue_grids(args, e, sets):
+    """Every run of the grid of each task of sets {task: (train, valid)}, dealt to the ranks longest first (train
+    examples x epochs). Each run is seeded alike (--seed, before the classifier is made), so its numbers do not
+    depend on the rank that runs it nor on the runs before it. -> {task: [{lr, epochs, metrics...}]}"""
+    runs = [(t, lr, n, score_at) for t in sets for lr, n, score_at in grid_runs(args)]
+
+    def run(share):
+        scores = []
+        for t, lr, n, score_at in share:
+            try:
+                scores.append(finetune(e.model, t, *sets[t], lr, n, score_at, args.jglue_batch_size, args.seed,
+                                       f"{t} lr {lr:g} {n} epochs {e.name}"))
+            except NotApplicable as err:  # the same for every run: known to every rank once gathered
+                return [{"not_applicable": str(err)}] * len(share)
+        return scores
+    scores = spread(run, runs, [len(sets[t][0]) * n for t, _, n, _ in runs])
+    for s in scores:
+        if "not_applicable" in s:
+            raise NotApplicable(s["not_applicable"])
+    return {t: [{"lr": lr, "epochs": ep, **m} for (task, lr, _, _), s in zip(runs, scores) if task == t
+                for ep, m in s.items()] for t in sets}
 
 
 def task_jglue(args, entries):
@@ -1073,11 +1180,12 @@ def task_jglue(args, entries):
 
 def jglue_model(args, e, tasks, files):
     """One model's JGLUE results: per task the best of the grid, every run, the majority baseline."""
-    res = {}
+    res, sets = {}, {}
     for t in tasks:
-        train_file, valid_file, _ = files[t]
-        train, valid = (read_jglue(f, t, e.tok, e.max_len(args, 512), args.limit) for f in (train_file, valid_file))
-        grid = jglue_grid(args, e, t, train, valid)
+        sets[t] = [read_jglue(f, t, e.tok, e.max_len(args, 512), args.limit) for f in files[t][:2]]
+    grids = jglue_grids(args, e, sets)  # every task's runs together: more to share over the ranks
+    for t in tasks:
+        (train, valid), grid = sets[t], grids[t]
         best = max(grid, key=lambda r: r[MAIN_METRIC[t]])
         res[t] = {"best": best, "grid": grid, "train": len(train), "valid": len(valid)}
         if t != "jsts":  # what always answering the most frequent training label scores
@@ -1130,8 +1238,8 @@ def random_pairs_row(pairs, entries):
 
 
 def pair_embeddings(e, pairs, args):
-    a = embed(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget, embedding_progress)
-    b = embed(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget, embedding_progress)
+    a = embedded(e.model, e.tok, [x for x, _ in pairs], e.max_len(args), args.token_budget)
+    b = embedded(e.model, e.tok, [y for _, y in pairs], e.max_len(args), args.token_budget)
     return a, b
 
 
@@ -1569,10 +1677,12 @@ def run_task(task, args, entries):
                                          "demo_data": demo_data},
               "models": [e.name for e in entries], "results": results}
     out = Path(args.out)
+    columns = ["final value @ step"] if task == "curves" else [e.name for e in entries]
+    if ranks.rank():  # rank 0 writes
+        return columns, rows
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task}.json"
     write_json(path, report)
-    columns = ["final value @ step"] if task == "curves" else [e.name for e in entries]
     print_table(task, columns, rows)
     print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)")
     if args.plot and (figure := plot(task, report, out, args)):
@@ -1606,10 +1716,50 @@ def settings_line(args):
 
 def main(argv=None):
     """The command line: a Problem anywhere ends it with one line, `error: ...`, and exit status 1."""
+    if ranks.under_torchrun():
+        return main_torchrun(argv)
     try:
         run_tasks(parse_args(argv))
     except Problem as e:
         raise SystemExit(f"error: {e}") from None
+
+
+def main_torchrun(argv):
+    """Under torchrun: the tasks with their work shared over the ranks (see spread), as train.py runs a job: the
+    options and inputs checked on every rank and agreed before any work, so that a rank missing an input stops the
+    job with its line; a problem on any rank is one line from it (`rank R (HOST): ` first) and ends the job; a
+    rank that dies or stops ends the others within --timeout, naming it."""
+    watchdog = None
+    try:
+        try:
+            args, problem = parse_args(argv), None
+        except Problem as e:
+            args, problem = argparse.Namespace(timeout=TIMEOUT, device="cpu"), str(e)
+        rank, world = ranks.torchrun_place()
+        device = ranks.start(args.timeout)
+        if rank:  # rank 0 alone prints: tables, progress and notes
+            sys.stdout = open(os.devnull, "w")
+        ranks.stop_if_any(problem)
+        if device.type == "cuda" and args.device.startswith("cuda"):
+            args.device = str(device)
+        if world > 1:
+            watchdog = Progress.watchdog = ranks.Watchdog(rank, world, args.timeout, others=True)
+        run_tasks(args)
+        if watchdog:
+            watchdog.barrier("done")  # rank 0 may still be writing
+            watchdog.close()
+        dist.destroy_process_group()
+    except Problem as e:
+        ranks.exit_with(str(e))
+    except RuntimeError as e:
+        if not (what := ranks.collective_failure(e)):
+            raise
+        if watchdog:
+            watchdog.fail(what, stalled=False)
+        ranks.exit_with(what)
+    finally:  # a bug's traceback: the monitor thread must not be inside a store call as the interpreter exits
+        if watchdog:
+            watchdog.close()
 
 
 def parse_args(argv):
@@ -1661,6 +1811,8 @@ def parse_args(argv):
     p.add_argument("--lrs", type=float, nargs="+", help="jglue: learning rates")
     p.add_argument("--epochs", type=int, nargs="+", help="jglue: epoch counts")
     p.add_argument("--jglue_batch_size", type=int, default=32)
+    p.add_argument("--timeout", type=float, default=TIMEOUT, help="under torchrun: seconds a rank waits for one "
+                   "that has died or stopped before the job ends, naming it")
     args = p.parse_args(argv)
     if args.task not in tuple(TASKS) + ("all",):
         raise Problem(f"--task {args.task}: unknown task; choose from {', '.join(TASKS)}, all")
@@ -1677,15 +1829,15 @@ def parse_args(argv):
         raise Problem(f"--baselines: expected char, word, both separated by a comma, or none")
     if args.task == "all" and args.data:
         raise Problem("--data names one task's data set; with --task all every task reads its demo set")
-    if min(args.epochs) < 1 or args.limit is not None and args.limit < 1:
-        raise Problem("--epochs and --limit must be positive")
+    if min(args.epochs) < 1 or args.limit is not None and args.limit < 1 or args.timeout <= 0:
+        raise Problem("--epochs, --limit and --timeout must be positive")
     return args
 
 
 def run_tasks(args):
     """Every task asked for, each printing its table and writing OUT/TASK.json; with --task all, the summary."""
     if args.device == "cpu":
-        cpu_threads()
+        cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     tasks = list(TASKS) if args.task == "all" else [args.task]
     if args.plot:
         try:
@@ -1695,7 +1847,15 @@ def run_tasks(args):
             args.plot = False
     print(settings_line(args) + "\n", flush=True)
     tables = {}
-    entries = [] if tasks == ["curves"] else load_entries(args)
+    if not dist.is_initialized():
+        entries = [] if tasks == ["curves"] else load_entries(args)
+    else:  # every rank has its inputs, or none starts
+        try:
+            entries = [] if tasks == ["curves"] else load_entries(args)
+            problem = missing_input(args, tasks)
+        except Problem as e:
+            entries, problem = [], str(e)
+        ranks.stop_if_any(problem)
     for task in tasks:
         if task == "curves" and args.task == "all" and not args.run and not any(
                 (f / "metrics.jsonl").is_file() for f in run_dirs(args)):
@@ -1703,8 +1863,29 @@ def run_tasks(args):
             continue
         with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.dtype == "bfloat16"):
             tables[task] = run_task(task, args, entries)
-    if args.task == "all" or args.report:
+    if (args.task == "all" or args.report) and not ranks.rank():
         summarize(args, entries, tables)
+
+
+def missing_input(args, tasks):
+    """The first input of the tasks asked for that is missing here (a line), or None: checked before any work, so
+    that under torchrun a node that lacks one stops the job at once. The models were loaded already."""
+    own = {"mlm": DEMO / "shards", "ppl": DEMO / "wiki.jsonl", "lengths": DEMO / "wiki.jsonl",
+           "retrieval": DEMO / "miracl.jsonl", "alignment": DEMO / "miracl.jsonl", "simdist": DEMO / "miracl.jsonl"}
+    for task in tasks:
+        if task in own and not Path(args.data or own[task]).exists():
+            return f"{task}: {args.data or own[task]}: no such file" + ("" if args.data else " (the demo set)")
+        if task in ("alignment", "simdist") and args.wiki and not Path(args.wiki).is_file():
+            return f"--wiki {args.wiki}: no such file"
+        if task == "fillmask" and args.data and not Path(args.data).is_file():
+            return f"fillmask: {args.data}: no such file"
+        if task == "jglue":
+            for t in [t.strip().lower() for t in args.tasks.split(",")]:
+                if t in JGLUE:
+                    jglue_files(t, args.data or DEMO / "JGLUE", args.jcola_data or DEMO / "JCoLA", args.jglue_version)
+        if task == "curves" and args.run:
+            metric_files(args)
+    return None
 
 
 def summarize(args, entries, tables):

@@ -164,9 +164,11 @@ class Watchdog:
     monitor: a rank whose own work has not moved for `limit` seconds (it waits in a collective for a rank that is
     dead, stuck or unreachable) prints one line naming its step and the ranks not heard from, and exits, so that
     torchrun ends the job. The limit is a little under the process group's timeout, which on NCCL aborts the
-    process without a word."""
+    process without a word. With `others`, a rank also ends the job when another has not been heard from for
+    `limit` seconds (dead, stopped or unreachable) while its own work still moves: ranks that work on their own
+    for long (evaluate.py's shares) learn of a lost rank within the timeout rather than at their next meeting."""
 
-    def __init__(self, rank, world, timeout):
+    def __init__(self, rank, world, timeout, others=False):
         self.rank, self.world = rank, world
         self.limit = timeout - min(10.0, timeout / 10)
         self.beat = min(10.0, timeout / 10)  # seconds between heartbeats
@@ -177,6 +179,7 @@ class Watchdog:
         dist.broadcast_object_list(name)
         self.store = dist.PrefixStore(f"watchdog/{name[0]}/", store)
         self.host, self.step, self.phase, self.moved = socket.gethostname(), 0, "setup", time.monotonic()
+        self.others, self.started = others, time.monotonic()
         self.patience = 0  # > 0 while in patient()
         self.log_file, self.done, self.lock = None, threading.Event(), threading.Lock()
         self.send()
@@ -211,6 +214,12 @@ class Watchdog:
                     self.send()
                 except Exception:  # the store's node is gone: torchrun is ending the job; keep watching this rank
                     pass
+                try:
+                    gone = self.others and time.monotonic() - self.started > self.limit and self.silent(self.limit)
+                except Exception:  # as above
+                    gone = False
+                if gone:
+                    self.fail("a rank stopped", stalled=False)
             if not self.patience and time.monotonic() - self.moved > self.limit:
                 self.fail(f"no progress for {time.monotonic() - self.moved:.0f} s")
 
@@ -246,7 +255,7 @@ class Watchdog:
         take hours (the first verification of a corpus): as long as each rank not there yet is still heard from,
         and at most `most` seconds."""
         self.store.set(f"{name}/{self.rank}", "1")
-        keys, start = [f"{name}/{r}" for r in range(self.world)], time.monotonic()
+        keys, start, pause = [f"{name}/{r}" for r in range(self.world)], time.monotonic(), 0.01
         with self.patient(f"waiting for every rank: {name}"):
             while not self.store.check(keys):
                 if any(not self.store.check([keys[r]]) for r, _ in self.silent(older_than=self.limit)):
@@ -254,7 +263,8 @@ class Watchdog:
                 if time.monotonic() - start > most:
                     late = [r for r in range(self.world) if not self.store.check([keys[r]])]
                     self.fail(f"ranks {', '.join(map(str, late[:8]))} not done after {most / 3600:.0f} h")
-                time.sleep(min(1.0, self.beat))
+                time.sleep(pause)
+                pause = min(2 * pause, 1.0, self.beat)  # short waits end soon, long ones cost the store little
 
     def close(self):
         """Stop the monitor and wait for it: a daemon thread still inside a store call when the interpreter exits

@@ -1,14 +1,18 @@
 """evaluate.py: every metric against an independent computation (numpy, plain loops, transformers), the
 published file layouts, errors for people, and every task end to end on the demo data with a tiny model."""
+import contextlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -1318,3 +1322,180 @@ def test_missing_transformers_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
     with pytest.raises(Problem, match=r"^--model .*bert \(bert\) needs transformers \(pip install transformers\)$"):
         ev.load_model(str(tmp_path / "bert"), "cpu")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# under torchrun: the work shared over the ranks, the numbers of one process
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process, as the one-process run
+SMALL_RUN = ("--quick", "--limit", "12", "--lrs", "1e-4", "3e-4", "--epochs", "1", "2", "--grid", "paper",
+             "--max_len", "64", "--docs_per_bin", "2", "--positions", "5", "--pairs", "6", "--bins", "0,400,1000,3000")
+SHARED = ("jglue", "ppl", "retrieval", "alignment", "simdist")  # the tasks whose work is shared over the ranks
+
+
+def test_runs_are_dealt_longest_first_to_the_least_loaded_rank():
+    costs = [1, 10, 3, 3, 5, 2, 10, 4]
+    shares = ev.dealt(costs, 3)
+    assert sorted(i for s in shares for i in s) == list(range(len(costs)))  # each once
+    # by hand, as (item, cost) -> rank [loads]: (1, 10) -> 0 [10, 0, 0], (6, 10) -> 1 [10, 10, 0], (4, 5) -> 2,
+    # (7, 4) -> 2, (2, 3) -> 2 [10, 10, 12], (3, 3) -> 0 [13, 10, 12], (5, 2) -> 1 [13, 12, 12], (0, 1) -> 1
+    assert shares == [[1, 3], [0, 5, 6], [2, 4, 7]]
+    assert ev.dealt([2, 2], 3) == [[0], [1], []]
+    grid = ev.argparse.Namespace(lrs=[1e-5, 2e-5], epochs=[3, 1], grid="paper")
+    assert ev.grid_runs(grid) == [(1e-5, 1, {1}), (1e-5, 3, {3}), (2e-5, 1, {1}), (2e-5, 3, {3})]
+
+
+def evaluate_py(root, out, *launcher, args=SMALL_RUN):
+    proc = subprocess.run([*launcher, str(ROOT / "evaluate.py"), "--task", "all", *args, "--out", out], cwd=root,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def one_process(demo):
+    """Every task on the demo data in one process, out of process as a user runs it."""
+    evaluate_py(demo, "eval1", sys.executable)
+    return demo / "eval1"
+
+
+def assert_same(got, want, rel, where=""):
+    """The same JSON, numbers within `rel` (0: exactly)."""
+    assert type(got) is type(want), where
+    if isinstance(want, dict):
+        assert list(got) == list(want), where
+        for k in want:
+            assert_same(got[k], want[k], rel, f"{where}/{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert_same(a, b, rel, f"{where}/{i}")
+    elif isinstance(want, float) and rel:
+        assert got == pytest.approx(want, rel=rel, abs=0), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_torchrun_gives_the_numbers_of_one_process(demo, one_process, n):
+    """Every fine-tuning run of the grid, run by whichever rank, scores exactly as in one process (each is seeded
+    on its own), and so do the baselines' shared rows and the unshared tasks; the documents scored and the texts
+    embedded in other packed batches are within 1e-6. Rank 0 alone prints, and writes the same files."""
+    proc = evaluate_py(demo, f"eval{n}", sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={n}")
+    assert proc.stdout.count("settings: ") == 1 and proc.stdout.count("wrote ") == len(ev.TASKS) + 2
+    out = demo / f"eval{n}"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one_process.iterdir())
+    for task in ev.TASKS:
+        got, want = (json.loads((d / f"{task}.json").read_text()) for d in (out, one_process))
+        assert_same(got, want, 0 if task not in ("ppl", "retrieval", "alignment", "simdist") else 1e-6, task)
+    assert len(json.loads((out / "jglue.json").read_text())["results"]["out/demo/hf"]["jsts"]["grid"]) == 4
+    assert (out / "report.md").read_text() == (one_process / "report.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["report"] == json.loads((one_process / "summary.json").read_text())["report"]
+
+
+def launch_two_nodes(dirs, *args):
+    """Two `torchrun --nnodes=2` launchers as two nodes run them, each in its own directory (its relative paths,
+    data/demo and out/demo, are its own) and at its own address, writing to its launcher.log; -> their processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for n, d in enumerate(dirs):
+        with open(d / "launcher.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                 "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", f"--local_addr=127.0.0.{n + 1}",
+                 f"--rdzv_conf=is_host={int(n == 0)}", str(ROOT / "evaluate.py"), *map(str, args)],
+                cwd=d, env=ENV, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def node_dirs(root, demo, missing_on_node1=()):
+    """Two node directories with links to the demo data and model, node 1's without `missing_on_node1`."""
+    dirs = [root / "node0", root / "node1"]
+    for n, d in enumerate(dirs):
+        (d / "data" / "demo").mkdir(parents=True)
+        (d / "out").mkdir()
+        (d / "out" / "demo").symlink_to(demo / "out" / "demo")
+        for item in (demo / "data" / "demo").iterdir():
+            if not (n == 1 and item.name in missing_on_node1):
+                (d / "data" / "demo" / item.name).symlink_to(item)
+    return dirs
+
+
+def errors(d):
+    """The lines evaluate.py printed as errors on the node of directory d (torchrun's summary repeats them)."""
+    return [line for line in (d / "launcher.log").read_text().splitlines() if line.startswith("error: ")]
+
+
+def process_tree(pid):
+    """pid and all its descendants."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def end(procs, limit):
+    """-> (the launchers' exit codes, seconds until the last one exited); whatever is left after `limit` seconds
+    is killed."""
+    t0 = time.time()
+    for p in procs:
+        try:
+            p.wait(timeout=max(1.0, limit - (time.time() - t0)))
+        except subprocess.TimeoutExpired:
+            pass
+    codes, took = [p.poll() for p in procs], time.time() - t0
+    for p in procs:
+        for pid in reversed(process_tree(p.pid)) if p.poll() is None else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
+    return codes, took
+
+
+def test_an_input_missing_on_one_rank_is_one_line_from_it(demo, tmp_path):
+    host = socket.gethostname()
+    dirs = node_dirs(tmp_path, demo, missing_on_node1=("JCoLA",))
+    codes, _ = end(launch_two_nodes(dirs, "--task", "jglue", *SMALL_RUN, "--timeout", "60"), 120)
+    missing = ("data/demo/JCoLA/data/jcola-v1.0/in_domain_train-v1.0.json: missing (expected a JCoLA checkout "
+               "(--jcola_data))")
+    assert codes == [1, 1] and errors(dirs[1]) == [f"error: rank 1 ({host}): {missing}"], errors(dirs[1])
+    assert errors(dirs[0]) == [f"error: rank 0 ({host}): stopped by rank 1 ({host}): {missing}"]
+    assert not (dirs[0] / "out" / "eval").exists()
+
+
+def test_a_rank_killed_mid_grid_ends_the_job_within_the_timeout_naming_it(demo, tmp_path):
+    """Rank 1 is killed while it fine-tunes its share of the grid: rank 0, busy with its own share or waiting for
+    rank 1's, stops within --timeout of the kill with one line naming rank 1 and the run it was in."""
+    timeout = 20
+    grid = ("--quick", "--limit", "40", "--lrs", "1e-4", "2e-4", "3e-4", "4e-4", "--epochs", "1", "2", "4", "8",
+            "--grid", "paper", "--max_len", "64", "--jglue_batch_size", "4")
+    dirs = node_dirs(tmp_path, demo)
+    procs = launch_two_nodes(dirs, "--task", "jglue", *grid, "--timeout", timeout)
+    try:
+        deadline = time.time() + 120
+        while "settings: " not in (dirs[0] / "launcher.log").read_text():  # both ranks have started
+            assert procs[0].poll() is None and time.time() < deadline, (dirs[0] / "launcher.log").read_text()
+            time.sleep(0.05)
+        time.sleep(8)  # the model loaded, the inputs checked: fine-tuning, for some 20 s more
+        worker = next(p for p in process_tree(procs[1].pid)[1:]
+                      if b"evaluate.py" in Path(f"/proc/{p}/cmdline").read_bytes())
+        os.kill(worker, signal.SIGKILL)
+    finally:
+        codes, took = end(procs, 120)
+    assert codes[0] == 1 and codes[1] not in (0, None) and took < timeout + 5, (codes, took)
+    lines, host = errors(dirs[0]), re.escape(socket.gethostname())
+    assert len(lines) == 1 and re.fullmatch(
+        rf"error: rank 0 \({host}\): step \d+ \(.+\): a rank stopped; not heard from: rank 1 "
+        rf"\({host}, last heard \d+ s ago, at step \d+, j(sts|nli|cola) lr .+ epochs out/demo/hf\)", lines[0]), lines
+    assert not (dirs[0] / "out" / "eval").exists()
