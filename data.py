@@ -1013,11 +1013,13 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
     return None
 
 
-def verify_in_background(data_dir, record_dir, rank=0, world_size=1):
-    """verify_shards in a thread (hashing releases the GIL), e.g. while a checkpoint is loaded: a Future
-    whose result() is its answer."""
+def verify_in_background(data_dirs, record_dir, rank=0, world_size=1):
+    """verify_shards of each of data_dirs (one, or a list) in a thread (hashing releases the GIL), e.g. while a
+    checkpoint is loaded: a Future whose result() is the first problem found, or None."""
+    dirs = data_dirs if isinstance(data_dirs, list) else [data_dirs]
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(verify_shards, data_dir, record_dir, rank, world_size)
+    future = pool.submit(lambda: next(filter(None, (verify_shards(d, record_dir, rank, world_size) for d in dirs)),
+                                      None))
     pool.shutdown(wait=False)
     return future
 
@@ -1473,22 +1475,29 @@ class Mixture(Loader):
         self.drawn = list(drawn)
 
     def _draw(self, at, drawn, n):
-        """Which corpus each of the next n samples comes from, given each corpus's position and tokens so far."""
-        ahead = [c.sample_tokens(e * c.samples_per_epoch + p, n) for c, (e, p, _) in zip(self.corpora, at)]
-        taken, drawn, choice = [0] * len(at), list(drawn), np.empty(n, dtype=np.int64)
+        """Which corpus each of the next n samples comes from, given each corpus's position and tokens so far; the
+        tokens so far after them, and their token counts."""
+        ahead = [Loader.sample_tokens(c, e * c.samples_per_epoch + p, n) for c, (e, p, _) in zip(self.corpora, at)]
+        taken, drawn, choice, counts = [0] * len(at), list(drawn), np.empty(n, dtype=np.int64), np.empty(n, np.int64)
         heap = [(d / w, c) for c, (d, w) in enumerate(zip(drawn, self.weights.tolist()))]
         heapq.heapify(heap)
         for i in range(n):
             _, c = heapq.heappop(heap)
-            choice[i], drawn[c] = c, drawn[c] + int(ahead[c][taken[c]])
+            choice[i], counts[i] = c, ahead[c][taken[c]]
+            drawn[c] += int(counts[i])
             taken[c] += 1
             heapq.heappush(heap, (drawn[c] / self.weights[c], c))
-        return choice, drawn
+        return choice, drawn, counts
+
+    def sample_tokens(self, first, n):
+        """Token counts of the n samples from position `first` of the mixture's stream (drawn from its start)."""
+        start = tuple((0, 0, (0, 0)) for _ in self.corpora)
+        return self._draw(start, [0] * len(self.corpora), first + n)[2][first:]
 
     def _build(self, state):
         at, drawn, seen = state
         n = batch = self.global_batch(seen)
-        choice, drawn = self._draw(at, drawn, n)
+        choice, drawn, _ = self._draw(at, drawn, n)
         sample_epoch, sample_index = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
         tokens, taken, after = np.empty(n, dtype=np.int64), [], []
         for c, corpus in enumerate(self.corpora):
