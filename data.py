@@ -1203,7 +1203,7 @@ class Loader:
         self.micro_batch_tokens = micro_batch_tokens
         self.batch_size_start, self.batch_warmup_tokens = batch_size_start, batch_warmup_tokens
         self.vocab_size = info["vocab_size"]
-        self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
+        self.masker = _masker(tuple(sorted(info["special_ids"])), info["mask_id"], info["vocab_size"], mlm_probability)
         self.masking = masking_scheme(mlm_probability)
         self.n_docs = len(self.shards)
         self.stream_tokens = self.shards.n_tokens + 2 * self.n_docs  # an epoch of "<CLS> doc <SEP>" (packed)
@@ -1477,12 +1477,16 @@ class Mixture(Loader):
     def _draw(self, at, drawn, n):
         """Which corpus each of the next n samples comes from, given each corpus's position and tokens so far; the
         tokens so far after them, and their token counts."""
-        ahead = [Loader.sample_tokens(c, e * c.samples_per_epoch + p, n) for c, (e, p, _) in zip(self.corpora, at)]
+        first = [e * c.samples_per_epoch + p for c, (e, p, _) in zip(self.corpora, at)]
+        ahead = [np.empty(0, dtype=np.int64)] * len(at)  # the next samples' token counts, read as the draw needs them
         taken, drawn, choice, counts = [0] * len(at), list(drawn), np.empty(n, dtype=np.int64), np.empty(n, np.int64)
         heap = [(d / w, c) for c, (d, w) in enumerate(zip(drawn, self.weights.tolist()))]
         heapq.heapify(heap)
         for i in range(n):
             _, c = heapq.heappop(heap)
+            if taken[c] == len(ahead[c]):  # a corpus's share of the samples, then twice as many
+                more = max(16, len(ahead[c]), int(n * self.weights[c] / self.weights.sum()))
+                ahead[c] = np.concatenate([ahead[c], Loader.sample_tokens(self.corpora[c], first[c] + taken[c], more)])
             choice[i], counts[i] = c, ahead[c][taken[c]]
             drawn[c] += int(counts[i])
             taken[c] += 1
