@@ -1069,7 +1069,7 @@ def data_scale_mixture(args, n_docs=None, corpora=None, n_shards=None, steps=Non
     the stage shapes as rank 0 of 16, with data_scale's columns (loader_probe). Target: Loader() + first batch, open
     files and memory within 2x of one corpus's (startup reads O(shards) either way; nothing is kept per document)."""
     corpora = corpora or args.mixture
-    n_docs = n_docs or (100_000 if args.quick else 5_000_000)
+    n_docs = n_docs or (100_000 if args.quick else 25_000_000)
     n_shards, steps = n_shards or 100, steps or (10 if args.quick else 50)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
