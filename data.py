@@ -1,7 +1,7 @@
 """
 Data for llm-jp-modernbert: tokenizer training, parallel sharding, and a memory-mapped MLM loader whose
-batches depend on the seed alone; and the jsonl readers (records checked field by field, MIRACL's pairs) that
-evaluate.py and train.py share.
+batches depend on the seed alone (Loader; Mixture draws them from several corpora by weight); and the jsonl
+readers (records checked field by field, MIRACL's pairs) that evaluate.py and train.py share.
 
     python data.py tokenizer --input corpus.jsonl --vocab_size 8000 --out tokenizer.model
     python data.py prepare --input 'corpus/*.jsonl.gz' --tokenizer tokenizer.model --out shards --workers 8
@@ -1203,7 +1203,8 @@ class Loader:
         self.micro_batch_tokens = micro_batch_tokens
         self.batch_size_start, self.batch_warmup_tokens = batch_size_start, batch_warmup_tokens
         self.vocab_size = info["vocab_size"]
-        self.masker = _masker(tuple(sorted(info["special_ids"])), info["mask_id"], info["vocab_size"], mlm_probability)
+        self.masker = _masker(tuple(sorted(info["special_ids"])), info["mask_id"], info["vocab_size"],
+                              mlm_probability)  # shared by the loaders of one tokenizer (a mixture's corpora)
         self.masking = masking_scheme(mlm_probability)
         self.n_docs = len(self.shards)
         self.stream_tokens = self.shards.n_tokens + 2 * self.n_docs  # an epoch of "<CLS> doc <SEP>" (packed)
@@ -1295,8 +1296,9 @@ class Loader:
             if epoch > 0:
                 return None
             n_samples = min(n_samples, self.samples_per_epoch - position)
+        counted = bool(self.micro_batch_tokens or seen < self.batch_warmup_tokens)  # token counts needed
         (sample_epoch, sample_index, walks, docs, spans, tokens), (epoch, position, cursor) = self._take(
-            (epoch, position, cursor), n_samples, tokens=bool(self.micro_batch_tokens or seen < self.batch_warmup_tokens))
+            (epoch, position, cursor), n_samples, tokens=counted)
         if seen < self.batch_warmup_tokens:
             seen += int(tokens.sum())
         groups = self._groups(tokens, batch, n_samples)

@@ -13,7 +13,7 @@ arguments override the file. Unknown names and wrong types stop the run. A confi
 is looked up by file name in configs/ (`train.py stage2` runs configs/stage2.py).
 
 out_dir receives log.txt (the resolved config, commit and versions, then progress), metrics.jsonl (one JSON
-line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
+line per logged step and per evaluation; with a mixture of corpora, each one's tokens and epochs so far), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
 the model in hf/, a directory that transformers (model, tokenizer, pipelines) and sentence-transformers open
 (checkpoint.export_hf lists its files). Running the same
 command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
@@ -643,7 +643,8 @@ def same_input(key, theirs, mine):
     if key == "mode" or not theirs or not mine:
         return theirs == mine
     if isinstance(theirs, dict) or isinstance(mine, dict):  # mixtures: the same corpora with the same weights
-        resolved = lambda m: {str(Path(d).resolve()): w for d, w in m.items()} if isinstance(m, dict) else m  # noqa: E731
+        def resolved(m):
+            return {str(Path(d).resolve()): w for d, w in m.items()} if isinstance(m, dict) else m
         return resolved(theirs) == resolved(mine)
     return Path(theirs).resolve() == Path(mine).resolve()
 

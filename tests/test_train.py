@@ -997,8 +997,12 @@ def test_mixture_errors_are_one_line(config, mixture, monkeypatch, capsys, tmp_p
     proc = run(TORCHRUN, out, mixture, f"--data_dir={{{big!r}: 1, {str(tmp_path / 'other')!r}: 1}}", check=False)
     assert proc.returncode != 0 and "does not match the one" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # one line per machine
-    assert len(errors) == 1 and re.fullmatch(r"error: rank 0 \(\S+\): tokenizer \S+ \(sha256 \w+\) does not match the one "
-                                             r"\S+other was prepared with \(other\.model, sha256 \w+\)", errors[0]), errors
+    assert len(errors) == 1 and re.fullmatch(r"error: rank 0 \(\S+\): tokenizer \S+ \(sha256 \w+\) does not match "
+                                             r"the one \S+other was prepared with \(other\.model, sha256 \w+\)",
+                                             errors[0]), errors
+    assert train.same_input("data_dir", {big: 3, small: 1}, {str(Path(big) / ".." / Path(big).name): 3, small: 1})
+    assert not train.same_input("data_dir", {big: 3, small: 1}, {big: 3, small: 2})
+    assert not train.same_input("data_dir", {big: 3, small: 1}, big)
     assert not list(out.glob("ckpt_*"))
 
 
