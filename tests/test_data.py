@@ -1358,6 +1358,9 @@ def test_mixture_shares_follow_the_weights_and_epochs_stay_whole(world, small):
     assert order[:n] != order[n:2 * n]  # each epoch in its own order
     progress = mix.progress()
     assert [p["tokens"] for p in progress.values()] == tokens
+    fresh = data.Mixture({world["shards"]: 3, small: 1}, batch_size=G, micro_batch_size=4, max_seqlen=L, seed=5)
+    lengths = [len(seq) for step in take(fresh, 3) for mb in step for seq in sequences(mb)]  # in sample order
+    assert fresh.sample_tokens(G, 2 * G).tolist() == lengths[G:]  # what train.py plans micro-batches from
     assert progress[str(small)]["epochs"] == pytest.approx(len(order) / n)
 
 
