@@ -1369,7 +1369,7 @@ class Loader:
 
     def _micro_batch(self, group, pieces, sample_epoch, sample_index):
         """One micro-batch dict from the samples `group` (positions in the global batch, ascending)."""
-        sample, doc, start, kept, a, b = pieces
+        sample, doc, start, kept, a, b = pieces[:6]
         first, last = np.searchsorted(sample, group, side="left"), np.searchsorted(sample, group, side="right")
         p = _ranges(first, last)
         seqlens = b[p] - a[p]
@@ -1525,14 +1525,13 @@ class Mixture(Loader):
         pieces = tuple(np.concatenate(p) for p in zip(*parts))
         order = np.argsort(pieces[0], kind="stable")  # a sample's pieces stay in order
         pieces = tuple(p[order] for p in pieces)
-        self._corpus_of_piece = pieces[1]
-        pieces = (pieces[0], *pieces[2:])
+        pieces = (pieces[0], *pieces[2:], pieces[1])  # Loader's pieces, then each one's corpus
         micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
                  for g in groups]
         return micro, (tuple(after), tuple(drawn), seen)
 
     def _read(self, source, piece, pieces):
-        corpus = self._corpus_of_piece[piece]
+        corpus = pieces[6][piece]
         ids = np.empty(len(source), dtype=np.int64)
         for c in np.unique(corpus).tolist():
             mine = corpus == c

@@ -160,10 +160,13 @@ def test_data_budget_tokens_per_micro_step_and_fill(monkeypatch):
 def test_data_scale_a_mixture_costs_what_one_corpus_of_the_same_documents_does():
     """bench.py data --scale --mixture at test scale: a mixture of 4 corpora against the same documents and shards as
     one corpus, in processes of their own. Open files: the same; Loader() + first batch and anonymous memory within
-    2x (plus 50 ms and 1 MB: a timer's and the allocator's grain on a shared machine). Every step delivered tokens."""
-    results = bench.data_scale_mixture(argparse.Namespace(quick=True, mixture=4), n_docs=50_000, n_shards=10, steps=5)
+    2x (plus 50 ms and 1 MB: a timer's and the allocator's grain on a shared machine), each figure the least of two
+    runs of both, as other jobs on the machine can stall one process. Every step delivered tokens."""
+    runs = [bench.data_scale_mixture(argparse.Namespace(quick=True, mixture=4), n_docs=50_000, n_shards=10, steps=5)
+            for _ in range(2)]
     for stage in bench.STAGES:
-        one, mix = results[f"{stage}_one"], results[f"{stage}_mixture"]
+        one, mix = ({key: min(r[f"{stage}_{which}"][key] for r in runs) for key in runs[0][f"{stage}_{which}"]}
+                    for which in ("one", "mixture"))
         assert mix["open_files"] == one["open_files"]
         assert mix["startup_s"] + mix["first_batch_s"] <= 2 * (one["startup_s"] + one["first_batch_s"]) + 0.05
         for key in ("anonymous_mb_first", "anonymous_mb_steps"):
