@@ -6,6 +6,7 @@ Benchmarks, each measured side by side with its baseline in one run and printed 
     python bench.py data        # prepare and loader throughput
     python bench.py data --budget  # micro-batches by token budget vs by sequence count, stage 1 and 2
     python bench.py data --scale   # the loader on 1M-100M documents and 2,000 shards vs the design before it
+    python bench.py data --scale --mixture 20   # a mixture of 20 corpora vs one of them alone
     python bench.py train       # tokens/s, MFU, peak memory of the stage-1/2 shapes (GPU)
     python bench.py gpu --out DIR   # all of the GPU checks below in one call, < 8 min
     python bench.py ppl         # pseudo-perplexity vs the same method computed with transformers
@@ -943,12 +944,18 @@ def loader_probe(spec):
     import data
     torch.set_num_threads(1)
     L, G, micro = STAGES[spec["stage"]]
-    manifest = json.loads((Path(spec["dir"]) / "manifest.json").read_text())
-    n_docs, itemsize = manifest["splits"]["train"]["docs"], 2 if manifest["dtype"] == "uint16" else 4
-    bins = [Path(spec["dir"]) / e["bin"] for e in manifest["splits"]["train"]["shards"]]
-    make = lambda: data.Loader(spec["dir"], batch_size=G, micro_batch_size=micro, max_seqlen=L, rank=0,  # noqa: E731
-                               world_size=spec["world"], micro_batch_tokens=micro * L, verify=False)
-    indexes = [Path(spec["dir"]) / e["idx"] for e in manifest["splits"]["train"]["shards"]]
+    dirs = spec.get("mixture") or [spec["dir"]]  # a mixture: its corpora, equal weights
+    manifests = {d: json.loads((Path(d) / "manifest.json").read_text()) for d in dirs}
+    n_docs = sum(m["splits"]["train"]["docs"] for m in manifests.values())
+    itemsize = 2 if manifests[dirs[0]]["dtype"] == "uint16" else 4
+    bins = [Path(d) / e["bin"] for d, m in manifests.items() for e in m["splits"]["train"]["shards"]]
+    indexes = [Path(d) / e["idx"] for d, m in manifests.items() for e in m["splits"]["train"]["shards"]]
+    shapes = dict(batch_size=G, micro_batch_size=micro, max_seqlen=L, rank=0, world_size=spec["world"],
+                  micro_batch_tokens=micro * L, verify=False)
+    if spec.get("mixture"):
+        make = lambda: data.Mixture({d: 1 for d in dirs}, **shapes)  # noqa: E731
+    else:
+        make = lambda: data.Loader(spec["dir"], **shapes)  # noqa: E731
     evict(bins + indexes)
     if spec.get("cached_index"):  # as a while into a run, when every .idx page has been read once
         for path in indexes:
@@ -1105,6 +1112,43 @@ def data_scale(args):
     return results
 
 
+def data_scale_mixture(args, n_docs=None, corpora=None, n_shards=None, steps=None):
+    """bench.py data --scale --mixture K: the loader on a mixture of K corpora (synthetic_shards, sparse, equal
+    weights) of n_docs documents in n_shards shards each, against the same documents and shards as one corpus, at
+    the stage shapes as rank 0 of 16, with data_scale's columns (loader_probe). Target: Loader() + first batch, open
+    files and memory within 2x of one corpus's (startup reads O(shards) either way; nothing is kept per document)."""
+    corpora = corpora or args.mixture
+    n_docs = n_docs or (100_000 if args.quick else 25_000_000)
+    n_shards, steps = n_shards or 100, steps or (10 if args.quick else 50)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        dirs = [str(synthetic_shards(Path(tmp) / f"c{k}", n_docs, n_shards, sparse=True, seed=k))
+                for k in range(corpora)]
+        one = str(synthetic_shards(Path(tmp) / "one", corpora * n_docs, corpora * n_shards, sparse=True))
+        print(f"{corpora} corpora of {n_docs:,} documents in {n_shards:,} shards each, and one of {corpora * n_docs:,} "
+              f"in {corpora * n_shards:,} (sparse, lognormal lengths, mean {SCALE_MEAN_TOKENS}), built in "
+              f"{time.perf_counter() - t:.0f} s; rank 0 of 16, by token budget, the shards evicted before Loader(); "
+              f"{steps} steps, the .bin files evicted before each")
+        print(f"{'':26}{'Loader()':>9}{'1st batch':>10}{'files':>6}{'MB 1st':>8}{'MB +' + str(steps):>8}"
+              f"{'ms/step':>8}{'Mtok/s':>7}")
+        for stage in STAGES:
+            for name, extra in (("one corpus", {"dir": one}), (f"mixture of {corpora}", {"mixture": dirs})):
+                spec = {"cold": True, "hide": 0, "steps": steps, "world": 16, "stage": stage, "baseline": None,
+                        **extra}
+                run = "import bench, json, sys; bench.loader_probe(json.loads(sys.argv[1]))"
+                proc = subprocess.run([sys.executable, "-c", run, json.dumps(spec)], cwd=REPO, capture_output=True,
+                                      text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                if proc.returncode:
+                    raise Problem(f"loader probe {name} failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(proc.stdout.splitlines()[-1])
+                results[f"{stage}_{'one' if 'dir' in extra else 'mixture'}"] = r
+                print(f"  {stage} {name:<18}{r['startup_s']:>9.2f}{r['first_batch_s']:>10.2f}{r['open_files']:>6}"
+                      f"{r['anonymous_mb_first']:>8.1f}{r['anonymous_mb_steps']:>8.1f}{r['step_ms']:>8.1f}"
+                      f"{r['tokens_per_s'] / 1e6:>7.1f}")
+    return results
+
+
 def read_ahead():
     """The read-ahead of the disk holding the temporary directory."""
     device = os.stat(tempfile.gettempdir()).st_dev
@@ -1123,6 +1167,8 @@ def bench_data(args):
     With --budget: data_budget above; with --scale: data_scale."""
     if args.budget:
         return data_budget(args)
+    if args.scale and args.mixture:
+        return data_scale_mixture(args)
     if args.scale:
         return data_scale(args)
     import shutil
@@ -1191,6 +1237,7 @@ def main():
     parser.add_argument("--out", default=None, help="append results as one JSON line to this file (gpu: the "
                                                     "directory for gpu.jsonl and the part logs, required)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
+    parser.add_argument("--mixture", type=int, default=0, help="data --scale: a mixture of this many corpora vs one")
     parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
     parser.add_argument("--scale", action="store_true", help="data: the loader on 1M-100M documents vs the old design")
     parser.add_argument("--tokenizer", help="data: the sentencepiece model to measure with (default: a demo one "

@@ -1,7 +1,7 @@
 """
 Data for llm-jp-modernbert: tokenizer training, parallel sharding, and a memory-mapped MLM loader whose
-batches depend on the seed alone; and the jsonl readers (records checked field by field, MIRACL's pairs) that
-evaluate.py and train.py share.
+batches depend on the seed alone (Loader; Mixture draws them from several corpora by weight); and the jsonl
+readers (records checked field by field, MIRACL's pairs) that evaluate.py and train.py share.
 
     python data.py tokenizer --input corpus.jsonl --vocab_size 8000 --out tokenizer.model
     python data.py prepare --input 'corpus/*.jsonl.gz' --tokenizer tokenizer.model --out shards --workers 8
@@ -32,6 +32,7 @@ import functools
 import glob
 import gzip
 import hashlib
+import heapq
 import io
 import json
 import math
@@ -1012,11 +1013,13 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
     return None
 
 
-def verify_in_background(data_dir, record_dir, rank=0, world_size=1):
-    """verify_shards in a thread (hashing releases the GIL), e.g. while a checkpoint is loaded: a Future
-    whose result() is its answer."""
+def verify_in_background(data_dirs, record_dir, rank=0, world_size=1):
+    """verify_shards of each of data_dirs (one, or a list) in a thread (hashing releases the GIL), e.g. while a
+    checkpoint is loaded: a Future whose result() is the first problem found, or None."""
+    dirs = data_dirs if isinstance(data_dirs, list) else [data_dirs]
     pool = ThreadPoolExecutor(1)
-    future = pool.submit(verify_shards, data_dir, record_dir, rank, world_size)
+    future = pool.submit(lambda: next(filter(None, (verify_shards(d, record_dir, rank, world_size) for d in dirs)),
+                                      None))
     pool.shutdown(wait=False)
     return future
 
@@ -1200,7 +1203,8 @@ class Loader:
         self.micro_batch_tokens = micro_batch_tokens
         self.batch_size_start, self.batch_warmup_tokens = batch_size_start, batch_warmup_tokens
         self.vocab_size = info["vocab_size"]
-        self.masker = _Masker(info["special_ids"], info["mask_id"], info["vocab_size"], mlm_probability)
+        self.masker = _masker(tuple(sorted(info["special_ids"])), info["mask_id"], info["vocab_size"],
+                              mlm_probability)  # shared by the loaders of one tokenizer (a mixture's corpora)
         self.masking = masking_scheme(mlm_probability)
         self.n_docs = len(self.shards)
         self.stream_tokens = self.shards.n_tokens + 2 * self.n_docs  # an epoch of "<CLS> doc <SEP>" (packed)
@@ -1287,15 +1291,31 @@ class Loader:
         """This rank's micro-batches of the global batch at state = (epoch, position, cursor, seen), and the state
         after it; None past the end (shuffle=False)."""
         epoch, position, cursor, seen = state
-        per_epoch, seqlen = self.samples_per_epoch, self.max_seqlen
         n_samples = batch = self.global_batch(seen)
         if not self.shuffle:
             if epoch > 0:
                 return None
-            n_samples = min(n_samples, per_epoch - position)
+            n_samples = min(n_samples, self.samples_per_epoch - position)
+        counted = bool(self.micro_batch_tokens or seen < self.batch_warmup_tokens)  # token counts needed
+        (sample_epoch, sample_index, walks, docs, spans, tokens), (epoch, position, cursor) = self._take(
+            (epoch, position, cursor), n_samples, tokens=counted)
+        if seen < self.batch_warmup_tokens:
+            seen += int(tokens.sum())
+        groups = self._groups(tokens, batch, n_samples)
+        need = np.unique(np.concatenate(groups)) if groups else np.empty(0, dtype=np.int64)
+        pieces = self._pieces(need, sample_index, docs, spans, walks)
+        micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
+                 for g in groups]
+        return micro, (epoch, position, cursor, seen)
+
+    def _take(self, at, n_samples, tokens=True):
+        """The next n_samples samples of the stream from at = (epoch, position, cursor): (their epochs, their indices
+        in the epoch, the packed walks, line_by_line: their documents and spans (else None), their token counts
+        with <CLS> and <SEP> if `tokens` (else None)), and the (epoch, position, cursor) after them."""
+        (epoch, position, cursor), per_epoch, seqlen = at, self.samples_per_epoch, self.max_seqlen
         sample_epoch, sample_index = np.empty(n_samples, dtype=np.int64), np.empty(n_samples, dtype=np.int64)
         walks, filled = [], 0
-        while filled < n_samples:  # the global batch, one epoch at a time
+        while filled < n_samples:  # one epoch at a time
             end = min(position + n_samples - filled, per_epoch)
             here = slice(filled, filled + end - position)
             sample_epoch[here], sample_index[here] = epoch, np.arange(position, end)
@@ -1304,38 +1324,36 @@ class Loader:
                 walks.append((filled, filled + end - position, *found))
             filled += end - position
             epoch, position, cursor = (epoch + 1, 0, (0, 0)) if end == per_epoch else (epoch, end, cursor)
+        docs = spans = counts = None
         if self.mode == "line_by_line":
             docs = self._docs(sample_epoch, sample_index)
-            spans = self.shards.spans(docs) if self.micro_batch_tokens else None
-            tokens = None if spans is None else np.minimum(spans[1] - spans[0] + 2, seqlen)
-        else:
-            tokens = np.minimum(seqlen, self.stream_tokens - sample_index * seqlen)
-        if seen < self.batch_warmup_tokens:
-            if tokens is None:
+            if tokens:
                 spans = self.shards.spans(docs)
-            seen += int((np.minimum(spans[1] - spans[0] + 2, seqlen) if tokens is None else tokens).sum())
+                counts = np.minimum(spans[1] - spans[0] + 2, seqlen)
+        elif tokens:
+            counts = np.minimum(seqlen, self.stream_tokens - sample_index * seqlen)
+        return (sample_epoch, sample_index, walks, docs, spans, counts), (epoch, position, cursor)
+
+    def _groups(self, tokens, batch, n_samples):
+        """This rank's micro-batches of a global batch of n_samples (batch when full) samples: positions in it."""
         if self.micro_batch_tokens:
-            groups = [np.array(g, dtype=np.int64) for g in pack_by_tokens(tokens, self.micro_batch_tokens,
-                                                                          self.world_size)[self.rank]]
-        else:
-            per_rank = batch // self.world_size
-            lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n_samples)
-            groups = [np.arange(a, min(a + self.micro_batch_size, hi))
-                      for a in range(lo, hi, self.micro_batch_size)]
-        need = np.unique(np.concatenate(groups)) if groups else np.empty(0, dtype=np.int64)
-        # the pieces of the samples this rank needs, in order: sample, document, the document's first token in
-        # shards.tokens, its tokens kept, and the piece's range [a, b) of "<CLS> doc[:kept] <SEP>"
+            return [np.array(g, dtype=np.int64) for g in pack_by_tokens(tokens, self.micro_batch_tokens,
+                                                                        self.world_size)[self.rank]]
+        per_rank = batch // self.world_size
+        lo, hi = self.rank * per_rank, min((self.rank + 1) * per_rank, n_samples)
+        return [np.arange(a, min(a + self.micro_batch_size, hi)) for a in range(lo, hi, self.micro_batch_size)]
+
+    def _pieces(self, need, sample_index, docs, spans, walks):
+        """The pieces of the samples `need` (positions in the global batch, ascending), in order: sample, document,
+        the document's first token in shards.tokens, its tokens kept, and the piece's range [a, b) of
+        "<CLS> doc[:kept] <SEP>"."""
         if self.mode == "line_by_line":
             start, end = (spans[0][need], spans[1][need]) if spans is not None else self.shards.spans(docs[need])
-            kept = np.minimum(end - start, seqlen - 2)
-            pieces = (need, docs[need], start, kept, np.zeros_like(kept), kept + 2)
-        else:
-            pieces = tuple(np.concatenate(p) for p in zip(*(self._row_pieces(need[(need >= q0) & (need < q1)],
-                                                                              sample_index, *walk)
-                                                            for q0, q1, *walk in walks)))
-        micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
-                 for g in groups]
-        return micro, (epoch, position, cursor, seen)
+            kept = np.minimum(end - start, self.max_seqlen - 2)
+            return need, docs[need], start, kept, np.zeros_like(kept), kept + 2
+        return tuple(np.concatenate(p) for p in zip(*(self._row_pieces(need[(need >= q0) & (need < q1)],
+                                                                        sample_index, *walk)
+                                                      for q0, q1, *walk in walks)))
 
     def _row_pieces(self, qs, sample_index, docs, starts, a, b):
         """Packed: the pieces of rows qs (positions in the global batch, ascending), from their epoch's walk."""
@@ -1351,7 +1369,7 @@ class Loader:
 
     def _micro_batch(self, group, pieces, sample_epoch, sample_index):
         """One micro-batch dict from the samples `group` (positions in the global batch, ascending)."""
-        sample, doc, start, kept, a, b = pieces
+        sample, doc, start, kept, a, b = pieces[:6]
         first, last = np.searchsorted(sample, group, side="left"), np.searchsorted(sample, group, side="right")
         p = _ranges(first, last)
         seqlens = b[p] - a[p]
@@ -1360,10 +1378,8 @@ class Loader:
         source = np.repeat(start[p] + a[p] - 1 - offset, seqlens) + np.arange(int(seqlens.sum()))
         cls, sep = offset[a[p] == 0], (offset + seqlens - 1)[b[p] == kept[p] + 2]
         source[cls], source[sep] = 0, 0  # not read: <CLS> and <SEP> go there
-        ids = self.shards.tokens[source].astype(np.int64)
+        ids = self._read(source, np.repeat(p, seqlens), pieces)
         ids[cls], ids[sep] = self.cls_id, self.sep_id
-        if len(ids) and ids.max() >= self.vocab_size:  # only an altered shard; the masker would fail naming nothing
-            self.shards.check_ids(doc[p].tolist(), self.vocab_size)
         # counter-based randomness: key(seed, epoch, sample) + position, mixed
         sample_lens = np.add.reduceat(seqlens, np.cumsum(last - first) - (last - first))
         ek = sample_epoch[group].astype(np.uint64) * _GOLDEN + np.uint64(self.seed)
@@ -1375,6 +1391,13 @@ class Loader:
         np.cumsum(seqlens, out=cu[1:])
         return {"input_ids": input_ids, "labels": labels, "cu_seqlens": torch.from_numpy(cu),
                 "max_seqlen": int(seqlens.max())}
+
+    def _read(self, source, piece, pieces):
+        """The tokens at `source` in shards.tokens (piece: the piece each is of), checked against the vocabulary."""
+        ids = self.shards.tokens[source].astype(np.int64)
+        if len(ids) and ids.max() >= self.vocab_size:  # only an altered shard; the masker would fail naming nothing
+            self.shards.check_ids(pieces[1][np.unique(piece)].tolist(), self.vocab_size)
+        return ids
 
     def sample_tokens(self, first, n):
         """Token counts of the n samples from position `first` of the endless sample stream (<CLS> and <SEP>
@@ -1389,9 +1412,16 @@ class Loader:
         return {"input_ids": torch.tensor([self.cls_id, self.sep_id]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX]),
                 "cu_seqlens": torch.tensor([0, 2], dtype=torch.int32), "max_seqlen": 2, "empty": True}
 
+    def _state(self):
+        return self.epoch, self.position, self.cursor, self.seen
+
+    def _set_state(self, state):
+        self.epoch, self.position, self.cursor, self.seen = state
+
     def __iter__(self):
-        while (built := self._build((self.epoch, self.position, self.cursor, self.seen))) is not None:
-            micro, (self.epoch, self.position, self.cursor, self.seen) = built
+        while (built := self._build(self._state())) is not None:
+            micro, state = built
+            self._set_state(state)
             yield micro
 
     def prefetch(self, pin_memory=False):
@@ -1402,6 +1432,136 @@ class Loader:
         return _Prefetch(self, pin_memory)
 
 
+class Mixture(Loader):
+    """MLM batches drawn from several shard directories, {data_dir: weight, ...}, so that each corpus's share of the
+    tokens follows its weight. Each corpus is read by a Loader of its own (its own keyed order, epochs and packed
+    cursor), which gives the samples, in its stream's order; the mixture decides only which corpus each next sample
+    of a global batch comes from: the one whose tokens so far divided by its weight are the least, ties to the
+    first named. That rule needs no randomness and keeps every corpus's share within one sample of its target, and
+    a small corpus with a large weight is read again and again, epoch after epoch (upsampling). Global batches are
+    split into ranks and micro-batches as Loader's are, so they are the same for any number of ranks; state_dict()
+    holds every corpus's position and tokens so far, so a run resumes exactly. A token's mask is a function of
+    (seed, corpus, the corpus's epoch and sample, position). Memory, startup and open files are a Loader's for each
+    corpus: the maps and a few numbers per shard, nothing per document."""
+
+    def __init__(self, weights, split="train", batch_size=32, micro_batch_size=32, max_seqlen=1024, rank=0,
+                 world_size=1, seed=0, mode="line_by_line", mlm_probability=0.3, verify=True, tokenizer=None,
+                 micro_batch_tokens=0, batch_size_start=0, batch_warmup_tokens=0):
+        if not weights:
+            raise Problem("a mixture names no corpus")
+        for data_dir, weight in weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise Problem(f"mixture weight of {data_dir}: must be a number above 0, got {weight!r}")
+        super().__init__(next(iter(weights)), split, batch_size, micro_batch_size, max_seqlen, rank, world_size,
+                         seed, mode, mlm_probability, True, verify, tokenizer, micro_batch_tokens, batch_size_start,
+                         batch_warmup_tokens)
+        self.names, self.weights = [str(d) for d in weights], np.array([float(w) for w in weights.values()])
+        self.corpora = [self] + [Loader(d, split, 1, 1, max_seqlen, seed=seed, mode=mode,
+                                        mlm_probability=mlm_probability, verify=verify, tokenizer=tokenizer)
+                                 for d in self.names[1:]]
+        first = self.tokenizer_info
+        for name, corpus in zip(self.names[1:], self.corpora[1:]):
+            if corpus.tokenizer_info["sha256"] != first["sha256"]:
+                raise Problem(f"mixture: {name} was prepared with tokenizer {corpus.tokenizer_info['file']} (sha256 "
+                              f"{corpus.tokenizer_info['sha256'][:12]}), {self.names[0]} with {first['file']} "
+                              f"(sha256 {first['sha256'][:12]}); a mixture's corpora share one tokenizer")
+        self.drawn = [0] * len(self.corpora)  # tokens drawn from each corpus so far
+
+    def _state(self):
+        return tuple((c.epoch, c.position, c.cursor) for c in self.corpora), tuple(self.drawn), self.seen
+
+    def _set_state(self, state):
+        at, drawn, self.seen = state
+        for corpus, (epoch, position, cursor) in zip(self.corpora, at):
+            corpus.epoch, corpus.position, corpus.cursor = epoch, position, cursor
+        self.drawn = list(drawn)
+
+    def _draw(self, at, drawn, n):
+        """Which corpus each of the next n samples comes from, given each corpus's position and tokens so far; the
+        tokens so far after them, and their token counts."""
+        first = [e * c.samples_per_epoch + p for c, (e, p, _) in zip(self.corpora, at)]
+        ahead = [np.empty(0, dtype=np.int64)] * len(at)  # the next samples' token counts, read as the draw needs them
+        taken, drawn, choice, counts = [0] * len(at), list(drawn), np.empty(n, dtype=np.int64), np.empty(n, np.int64)
+        heap = [(d / w, c) for c, (d, w) in enumerate(zip(drawn, self.weights.tolist()))]
+        heapq.heapify(heap)
+        for i in range(n):
+            _, c = heapq.heappop(heap)
+            if taken[c] == len(ahead[c]):  # a corpus's share of the samples, then twice as many
+                more = max(16, len(ahead[c]), int(n * self.weights[c] / self.weights.sum()))
+                ahead[c] = np.concatenate([ahead[c], Loader.sample_tokens(self.corpora[c], first[c] + taken[c], more)])
+            choice[i], counts[i] = c, ahead[c][taken[c]]
+            drawn[c] += int(counts[i])
+            taken[c] += 1
+            heapq.heappush(heap, (drawn[c] / self.weights[c], c))
+        return choice, drawn, counts
+
+    def sample_tokens(self, first, n):
+        """Token counts of the n samples from position `first` of the mixture's stream (drawn from its start)."""
+        start = tuple((0, 0, (0, 0)) for _ in self.corpora)
+        return self._draw(start, [0] * len(self.corpora), first + n)[2][first:]
+
+    def _build(self, state):
+        at, drawn, seen = state
+        n = batch = self.global_batch(seen)
+        choice, drawn, _ = self._draw(at, drawn, n)
+        sample_epoch, sample_index = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+        tokens, taken, after = np.empty(n, dtype=np.int64), [], []
+        for c, corpus in enumerate(self.corpora):
+            where = np.flatnonzero(choice == c)
+            took, next_at = Loader._take(corpus, at[c], len(where))
+            taken.append((where, took))
+            after.append(next_at)
+            # the masks' key: (epoch, sample) of the corpus, its epochs kept apart from the other corpora's
+            sample_epoch[where], sample_index[where], tokens[where] = took[0] * len(self.corpora) + c, took[1], took[5]
+        if seen < self.batch_warmup_tokens:
+            seen += int(tokens.sum())
+        groups = self._groups(tokens, batch, n)
+        need = np.unique(np.concatenate(groups)) if groups else np.empty(0, dtype=np.int64)
+        parts = []
+        for c, (corpus, (where, (_, index, walks, docs, spans, _))) in enumerate(zip(self.corpora, taken)):
+            local = np.flatnonzero(np.isin(where, need))  # ascending, as where is
+            sample, *rest = Loader._pieces(corpus, local, index, docs, spans, walks)
+            parts.append((where[sample], np.full(len(sample), c), *rest))
+        pieces = tuple(np.concatenate(p) for p in zip(*parts))
+        order = np.argsort(pieces[0], kind="stable")  # a sample's pieces stay in order
+        pieces = tuple(p[order] for p in pieces)
+        pieces = (pieces[0], *pieces[2:], pieces[1])  # Loader's pieces, then each one's corpus
+        micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
+                 for g in groups]
+        return micro, (tuple(after), tuple(drawn), seen)
+
+    def _read(self, source, piece, pieces):
+        corpus = pieces[6][piece]
+        ids = np.empty(len(source), dtype=np.int64)
+        for c in np.unique(corpus).tolist():
+            mine = corpus == c
+            ids[mine] = Loader._read(self.corpora[c], source[mine], piece[mine], pieces)
+        return ids
+
+    def progress(self):
+        """{data_dir: {"tokens": drawn so far, "epochs": epochs read so far}} of every corpus."""
+        return {name: {"tokens": d, "epochs": c.epoch + c.position / c.samples_per_epoch}
+                for name, c, d in zip(self.names, self.corpora, self.drawn)}
+
+    def state_dict(self):
+        return {"mixture": [{"data_dir": name, "weight": float(w), "drawn": d, **Loader.state_dict(c)}
+                            for name, w, c, d in zip(self.names, self.weights.tolist(), self.corpora, self.drawn)],
+                "seen": self.seen}
+
+    def load_state_dict(self, state):
+        saved = state.get("mixture")
+        if saved is None:
+            raise Problem("cannot resume: the loader state is of one corpus, this run reads a mixture; start the run "
+                          "again in a new out_dir")
+        if [(s["data_dir"], s["weight"]) for s in saved] != list(zip(self.names, self.weights.tolist())):
+            raise Problem("cannot resume: the loader state is of the mixture " + ", ".join(
+                f"{s['data_dir']}: {s['weight']:g}" for s in saved) + "; this run reads " + ", ".join(
+                f"{n}: {w:g}" for n, w in zip(self.names, self.weights.tolist())))
+        for corpus, s in zip(self.corpora, saved):
+            Loader.load_state_dict(corpus, {**s, "seen": 0})
+        self.drawn, self.seen = [s["drawn"] for s in saved], state["seen"]
+
+
 class _Prefetch:
     """Loader.prefetch's iterator: a thread builds batches from the loader's state at the start, one ahead of
     those handed out; a Problem there is raised here, on the next batch."""
@@ -1410,7 +1570,7 @@ class _Prefetch:
 
     def __init__(self, loader, pin_memory):
         self.loader, self.queue, self.cancel = loader, queue.Queue(maxsize=1), threading.Event()
-        state = (loader.epoch, loader.position, loader.cursor, loader.seen)
+        state = loader._state()
         thread = threading.Thread(target=self._run, args=(loader, state, pin_memory, self.queue, self.cancel),
                                   daemon=True)
         _Prefetch.running.add((thread, self.cancel))
@@ -1452,7 +1612,8 @@ class _Prefetch:
         if built is None:
             self.queue.put(None)
             raise StopIteration
-        micro, (self.loader.epoch, self.loader.position, self.loader.cursor, self.loader.seen) = built
+        micro, state = built
+        self.loader._set_state(state)
         return micro
 
     def close(self):

@@ -13,7 +13,7 @@ arguments override the file. Unknown names and wrong types stop the run. A confi
 is looked up by file name in configs/ (`train.py stage2` runs configs/stage2.py).
 
 out_dir receives log.txt (the resolved config, commit and versions, then progress), metrics.jsonl (one JSON
-line per logged step and per evaluation), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
+line per logged step and per evaluation; with a mixture of corpora, each one's tokens and epochs so far), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
 the model in hf/, a directory that transformers (model, tokenizer, pipelines) and sentence-transformers open
 (checkpoint.export_hf lists its files). Running the same
 command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
@@ -81,7 +81,8 @@ class Config:
     init_from: str = ""          # start from these weights (a checkpoint dir or a Hugging Face dir), fresh optimizer
     resume_from: str = ""        # continue another run's checkpoint dir (weights, optimizer, step, data) in out_dir
     # data (data.py): shards prepared from a jsonl corpus with `tokenizer`
-    data_dir: str = "data/demo/shards"  # shard directory written by python data.py prepare
+    data_dir: str = "data/demo/shards"  # shard directory written by python data.py prepare, or a mixture of
+    # several, {shard_dir: weight, ...}: each corpus's share of the tokens follows its weight
     tokenizer: str = "data/demo/tokenizer.model"  # sentencepiece model the shards were made with
     demo_data: bool = False      # if data_dir is missing, build the demo corpus, tokenizer and shards in its parent
     mode: str = "line_by_line"   # one document per sequence, truncated; or "packed" into max_seqlen rows
@@ -147,7 +148,16 @@ def set_key(cfg, key, value, where):
     want = types[key]
     if want is float and type(value) is int:
         value = float(value)
-    if type(value) is not want:
+    if key == "data_dir" and type(value) is dict:  # a mixture
+        for d, w in value.items():
+            if type(d) is not str:
+                raise Problem(f"{where}: config key 'data_dir': a mixture's shard directories are strings, got "
+                              f"{type(d).__name__} {d!r}")
+            if type(w) not in (int, float) or not w > 0:
+                raise Problem(f"{where}: config key 'data_dir': the weight of {d} must be a number above 0, got {w!r}")
+        if not value:
+            raise Problem(f"{where}: config key 'data_dir': a mixture names no shard directory")
+    elif type(value) is not want:
         raise Problem(f"{where}: config key {key!r} must be {want.__name__}, got {type(value).__name__} {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
         raise Problem(f"{where}: config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
@@ -185,7 +195,7 @@ def load_config(args):
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):
             value = raw  # a bare word is a string
-        if want is str and not isinstance(value, str):
+        if want is str and not isinstance(value, str) and not (key == "data_dir" and isinstance(value, dict)):
             value = raw  # --out_dir=123 means the string "123"
         set_key(cfg, key, value, "command line")
     known = {f.name for f in fields(ModernBertConfig)}
@@ -218,6 +228,8 @@ def load_config(args):
     if cfg.batch_warmup_tokens and not 0 < cfg.batch_size_start <= cfg.batch_size:
         raise Problem(f"config key batch_size_start must be between 1 and batch_size {cfg.batch_size}, got "
                       f"{cfg.batch_size_start}")
+    if cfg.demo_data and isinstance(cfg.data_dir, dict):
+        raise Problem("config keys demo_data and data_dir: the demo data is one corpus, data_dir a mixture")
     if cfg.init_from and cfg.resume_from:
         raise Problem("config keys init_from and resume_from: give one (init_from: weights only; resume_from: a "
                       "checkpoint's full state)")
@@ -242,9 +254,10 @@ def missing_inputs(cfg):
     """Every input file or directory the config names that is not there, each with how to make it."""
     missing = []
     if not (cfg.demo_data and not Path(cfg.data_dir).exists()):  # otherwise the demo data is built below
-        if not Path(cfg.data_dir).is_dir():
-            missing.append(f"data_dir {located(cfg.data_dir)}: make it with python data.py prepare --input "
-                           f"'CORPUS/*.jsonl' --tokenizer {cfg.tokenizer} --out {cfg.data_dir}")
+        for d in data_dirs(cfg):
+            if not Path(d).is_dir():
+                missing.append(f"data_dir {located(d)}: make it with python data.py prepare --input "
+                               f"'CORPUS/*.jsonl' --tokenizer {cfg.tokenizer} --out {d}")
         if not Path(cfg.tokenizer).is_file():
             missing.append(f"tokenizer {located(cfg.tokenizer)}: put the llm-jp tokenizer there, or train one with "
                            f"python data.py tokenizer --input CORPUS.jsonl --vocab_size 100000 --out {cfg.tokenizer}")
@@ -262,6 +275,11 @@ def missing_inputs(cfg):
                else "the final export (OUT_DIR/hf) of a training run, or a Hugging Face ModernBERT directory")
         missing.append(f"init_from {located(cfg.init_from)}: make it with {how}")
     return missing
+
+
+def data_dirs(cfg):
+    """The shard directories data_dir names: one, or a mixture's."""
+    return list(cfg.data_dir) if isinstance(cfg.data_dir, dict) else [cfg.data_dir]
 
 
 def located(path):
@@ -295,13 +313,16 @@ def open_inputs(cfg, config_path, rank, world):
     if problem := check_inputs(replace(cfg, demo_data=False), config_path, world):  # the demo data is built now
         raise Problem(problem)
     tokenizer = data.Tokenizer(cfg.tokenizer)
-    loaders = [data.Loader(cfg.data_dir, split=split, batch_size=cfg.batch_size,
-                           micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen, rank=rank,
-                           world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
-                           shuffle=split == "train", verify=False, tokenizer=tokenizer,
-                           micro_batch_tokens=cfg.micro_batch_tokens,
-                           **(dict(batch_size_start=cfg.batch_size_start, batch_warmup_tokens=cfg.batch_warmup_tokens)
-                              if split == "train" else {})) for split in ("train", "val")]
+    common = dict(batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size, max_seqlen=cfg.max_seqlen,
+                  rank=rank, world_size=world, seed=cfg.seed, mode=cfg.mode, mlm_probability=cfg.mlm_probability,
+                  verify=False, tokenizer=tokenizer, micro_batch_tokens=cfg.micro_batch_tokens)
+    warmup = dict(batch_size_start=cfg.batch_size_start, batch_warmup_tokens=cfg.batch_warmup_tokens)
+    if isinstance(cfg.data_dir, dict):  # validation batches are drawn as training ones are, from the start each time
+        loaders = [data.Mixture(cfg.data_dir, split="train", **common, **warmup),
+                   data.Mixture(cfg.data_dir, split="val", **common)]
+    else:
+        loaders = [data.Loader(cfg.data_dir, split="train", **common, **warmup),
+                   data.Loader(cfg.data_dir, split="val", shuffle=False, **common)]
     pairs = data.read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
 
@@ -601,6 +622,9 @@ def setup(args):
              f"{cfg.batch_size // (world * cfg.micro_batch_size)} micro-steps of {cfg.micro_batch_size} sequences")
     run.log(f"{micro} x {world} processes = {cfg.batch_size} sequences of <= {cfg.max_seqlen} tokens per step; "
             f"{cfg.max_steps} steps; {DTYPES[cfg.dtype](device)} compute")
+    if isinstance(cfg.data_dir, dict):
+        total = sum(cfg.data_dir.values())
+        run.log("mixture of " + ", ".join(f"{d} ({w / total:.1%} of the tokens)" for d, w in cfg.data_dir.items()))
     if cfg.batch_warmup_tokens:
         run.log(f"batch-size warmup: {cfg.batch_size_start} sequences per step at first, growing in multiples of it "
                 f"to {cfg.batch_size} over the first {cfg.batch_warmup_tokens:,} tokens")
@@ -618,6 +642,10 @@ def same_input(key, theirs, mine):
     """Whether a checkpoint's data_dir, tokenizer or mode is this run's (paths compared where they point from here)."""
     if key == "mode" or not theirs or not mine:
         return theirs == mine
+    if isinstance(theirs, dict) or isinstance(mine, dict):  # mixtures: the same corpora with the same weights
+        def resolved(m):
+            return {str(Path(d).resolve()): w for d, w in m.items()} if isinstance(m, dict) else m
+        return resolved(theirs) == resolved(mine)
     return Path(theirs).resolve() == Path(mine).resolve()
 
 
@@ -667,7 +695,7 @@ def resume(run):
 
     # every shard is hashed once before its first use, this rank's share in the background meanwhile; out_dir
     # remembers what was verified, so a restart only stats the files
-    verifying = data.verify_in_background(cfg.data_dir, run.out_dir, rank, world)
+    verifying = data.verify_in_background(data_dirs(cfg), run.out_dir, rank, world)
     step = 0
     if ckpt:
         # the loader state is the same on every rank (a position in the global sample stream), so a run may
@@ -782,6 +810,8 @@ def train(run, model, optimizer, step):
                      "tokens": tokens, "tokens_per_s": tokens / dt,
                      "mfu": counts[2].item() / dt / (peak_flops * world) if peak_flops else None,
                      "peak_mem": peak_memory_gib(device)}
+            if isinstance(run.loader, data.Mixture):  # each corpus's tokens and epochs so far
+                entry["corpora"] = run.loader.progress()
             run.record(entry)
             run.log(f"step {step}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
                     f"{tokens} tokens, {tokens / dt:,.0f} tokens/s"

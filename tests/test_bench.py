@@ -155,3 +155,20 @@ def test_data_budget_tokens_per_micro_step_and_fill(monkeypatch):
             assert e["tokens_per_micro_step"] * world * steps[how] == pytest.approx(tokens, rel=1e-12), (name, how)
             assert e["fill"] == pytest.approx(e["tokens_per_micro_step"] / budget, rel=1e-12)
             assert 0 < e["fill"] <= 1 and e["tokens_per_micro_step"] <= e["peak_tokens"] <= budget, (name, how)
+
+
+def test_data_scale_a_mixture_costs_what_one_corpus_of_the_same_documents_does():
+    """bench.py data --scale --mixture at test scale: a mixture of 4 corpora against the same documents and shards as
+    one corpus, in processes of their own. Open files: the same; Loader() + first batch and anonymous memory within
+    2x (plus 50 ms and 1 MB: a timer's and the allocator's grain on a shared machine), each figure the least of two
+    runs of both, as other jobs on the machine can stall one process. Every step delivered tokens."""
+    runs = [bench.data_scale_mixture(argparse.Namespace(quick=True, mixture=4), n_docs=50_000, n_shards=10, steps=5)
+            for _ in range(2)]
+    for stage in bench.STAGES:
+        one, mix = ({key: min(r[f"{stage}_{which}"][key] for r in runs) for key in runs[0][f"{stage}_{which}"]}
+                    for which in ("one", "mixture"))
+        assert mix["open_files"] == one["open_files"]
+        assert mix["startup_s"] + mix["first_batch_s"] <= 2 * (one["startup_s"] + one["first_batch_s"]) + 0.05
+        for key in ("anonymous_mb_first", "anonymous_mb_steps"):
+            assert mix[key] <= 2 * max(one[key], 0) + 1, (stage, key, mix[key], one[key])
+        assert mix["tokens_per_step"] > 0 and one["tokens_per_step"] > 0

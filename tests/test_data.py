@@ -1311,3 +1311,110 @@ def test_token_budget_resumes_on_another_world_size(world, tiny, by_count, tmp_p
     assert 0 < sum(dealt) and (f"{sum(dealt) / len(dealt):.0%} of the micro-batches of <= 384 tokens empty on 2 "
                                f"processes (the first 8 global batches)\n") in proc.stdout, proc.stdout
     assert_same_curve(curve(one), curve(by_count))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mixtures of corpora
+
+@pytest.fixture(scope="module")
+def small(world, tmp_path_factory):
+    """A second corpus, made with the same tokenizer: 30 short documents (the demo's are long), each its own."""
+    d = tmp_path_factory.mktemp("small")
+    texts = [f"短い文書 {i} 番。" + "あ" * (i % 7) for i in range(30)]
+    write_jsonl(d / "small.jsonl", [{"text": t} for t in texts])
+    data.prepare([str(d / "small.jsonl")], world["tok"], d / "shards", val_fraction=0.0)
+    return d / "shards"
+
+
+def corpus_of(world, small, L):
+    """Each sequence a document of either corpus can give (<CLS> doc[:L-2] <SEP>) -> (corpus, document; the
+    small corpus's documents are all different, the large one's are not)."""
+    large, short = map(tuple, expected_docs(world, L)), list(map(tuple, expected_docs({"shards": small}, L)))
+    where = {doc: (0, None) for doc in large}
+    assert len(set(short)) == len(short) and not where.keys() & set(short)
+    return {**where, **{doc: (1, i) for i, doc in enumerate(short)}}
+
+
+def test_mixture_shares_follow_the_weights_and_epochs_stay_whole(world, small):
+    """Over 2,000 global batches of a 3:1 mixture: the tokens of each corpus, counted from the batches, are within 1%
+    of 0.75 / 0.25, and the small corpus's documents come once per epoch, every epoch (it is read many times)."""
+    L, G = 64, 8
+    mix = data.Mixture({world["shards"]: 3, small: 1}, batch_size=G, micro_batch_size=4, max_seqlen=L, seed=5)
+    where = corpus_of(world, small, L)
+    tokens, order = [0, 0], []
+    for step in take(mix, 2000):
+        for mb in step:
+            for seq in sequences(mb):
+                c, i = where[tuple(seq)]
+                tokens[c] += len(seq)
+                if c == 1:
+                    order.append(i)
+    share = tokens[0] / sum(tokens)
+    assert abs(share - 0.75) < 0.01 * 0.75 and abs((1 - share) - 0.25) < 0.01 * 0.25
+    n = len(Shards(small))
+    assert len(order) // n >= 10  # upsampled: many epochs of the small corpus
+    for e in range(len(order) // n):
+        assert sorted(order[e * n:(e + 1) * n]) == list(range(n))
+    assert order[:n] != order[n:2 * n]  # each epoch in its own order
+    progress = mix.progress()
+    assert [p["tokens"] for p in progress.values()] == tokens
+    fresh = data.Mixture({world["shards"]: 3, small: 1}, batch_size=G, micro_batch_size=4, max_seqlen=L, seed=5)
+    lengths = [len(seq) for step in take(fresh, 3) for mb in step for seq in sequences(mb)]  # in sample order
+    assert fresh.sample_tokens(G, 2 * G).tolist() == lengths[G:]  # what train.py plans micro-batches from
+    assert progress[str(small)]["epochs"] == pytest.approx(len(order) / n)
+
+
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_mixture_resume_and_world_sizes(world, small, mode):
+    """A mixture's global batches are the same on 1, 2 and 3 ranks (by count and by token budget), and a state saved
+    mid-way resumes to the same batches on another number of ranks."""
+    G, L, steps = 12, 48, 8
+    kw = dict(batch_size=G, max_seqlen=L, seed=7, mode=mode)
+    corpora = {small: 2, world["shards"]: 1.5}
+    ref = data.Mixture(corpora, micro_batch_size=4, **kw)
+    full = take(ref, steps)
+    assert sorted(flat([full[-1]])[0].tolist()) != sorted(flat([full[-2]])[0].tolist())
+    for world_size, extra in ((1, dict(micro_batch_size=12)), (2, dict(micro_batch_size=3)),
+                              (3, dict(micro_batch_tokens=100))):
+        make = lambda r: data.Mixture(corpora, rank=r, world_size=world_size, **extra, **kw)  # noqa: E731
+        ranks = [make(r) for r in range(world_size)]
+        got = [take(rk, steps) for rk in ranks]
+        for k in range(steps):
+            if "micro_batch_size" in extra:
+                union = flat([g[k] for g in got])  # rank 0's slice, then rank 1's, ...: the global batch
+                for a, b in zip(union, flat([full[k]])):
+                    assert torch.equal(a, b)
+            else:
+                seqs = lambda batches: sorted(  # noqa: E731
+                    (tuple(s), tuple(mb["labels"][a:b].tolist()))
+                    for step in batches for mb in step if not mb.get("empty")
+                    for s, a, b in zip(sequences(mb), mb["cu_seqlens"][:-1].tolist(), mb["cu_seqlens"][1:].tolist()))
+                assert seqs([g[k] for g in got]) == seqs([full[k]])
+        for r in range(world_size):  # resume after 3 steps of a 1-rank run, on this number of ranks
+            one = data.Mixture(corpora, micro_batch_size=4, **kw)
+            take(one, 3)
+            again = make(r)
+            again.load_state_dict(json.loads(json.dumps(one.state_dict())))  # as a checkpoint stores it
+            same_steps(take(again, steps - 3), got[r][3:])
+
+
+def test_mixture_bad_inputs(world, small, tmp_path):
+    for weights, message in (({world["shards"]: 1, small: -1}, "must be a number above 0, got -1"),
+                             ({world["shards"]: 1, small: 0}, "must be a number above 0, got 0"),
+                             ({world["shards"]: 1, small: "1"}, "must be a number above 0, got '1'"),
+                             ({world["shards"]: 1, tmp_path / "nowhere": 1}, "manifest.json: not found"),
+                             ({}, "names no corpus")):
+        with pytest.raises(Problem, match=re.escape(message)):
+            data.Mixture(weights, batch_size=8, micro_batch_size=8)
+    tok = data.train_tokenizer([world["inputs"][0]], 900, tmp_path / "other.model")
+    data.prepare([world["inputs"][2]], tok, tmp_path / "other", val_fraction=0.0)
+    with pytest.raises(Problem, match=r"other was prepared with tokenizer other\.model .*share one tokenizer"):
+        data.Mixture({world["shards"]: 1, tmp_path / "other": 1}, batch_size=8, micro_batch_size=8)
+    with pytest.raises(Problem, match="does not match the one"):
+        data.Mixture({world["shards"]: 1, tmp_path / "other": 1}, batch_size=8, micro_batch_size=8,
+                     tokenizer=world["tok"])
+    mix = data.Mixture({world["shards"]: 1, small: 1}, batch_size=8, micro_batch_size=8)
+    with pytest.raises(Problem, match="the loader state is of the mixture"):
+        data.Mixture({world["shards"]: 1, small: 2}, batch_size=8, micro_batch_size=8).load_state_dict(mix.state_dict())
+    with pytest.raises(Problem, match="of one corpus, this run reads a mixture"):
+        mix.load_state_dict(Loader(world["shards"], batch_size=8, micro_batch_size=8).state_dict())

@@ -8,6 +8,7 @@ Run as a script under torchrun, this file is the worker of the gradient, retriev
 checkpoint-loading tests, and runs train.py on a simulated small filesystem."""
 import contextlib
 import errno
+import itertools
 import json
 import math
 import operator
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
+from conftest import write_jsonl  # noqa: E402
 import ranks  # noqa: E402
 import train  # noqa: E402
 from evaluate import read_miracl_pairs, retrieval_scores  # noqa: E402
@@ -936,6 +938,72 @@ def test_batch_size_warmup_trains_and_resumes_mid_warmup_on_another_number_of_pr
     three = tmp_path / "three"  # by token budget: batches of 2 sequences on 3 processes
     run([*TORCHRUN[:-1], "--nproc_per_node=3"], three, warm, "--micro_batch_tokens=96")
     assert_same_curve(metrics(three), metrics(whole), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mixture(config, tmp_path_factory):
+    """The tiny config on a 3:1 mixture of its corpus and a small corpus of short documents (same tokenizer)."""
+    root = tmp_path_factory.mktemp("mixture")
+    cfg, _ = train.load_config([str(config)])
+    rows = [{"text": f"短い文書の {i} 番目。" + "いろは" * (i % 5)} for i in range(16)]
+    data.prepare([str(write_jsonl(root / "small.jsonl", rows))], cfg.tokenizer, root / "small", val_fraction=0.3)
+    path = root / "mixture.py"
+    path.write_text(config.read_text() + f"data_dir = {{{cfg.data_dir!r}: 3, {str(root / 'small')!r}: 1}}\n"
+                    "max_steps = 10\nlog_every = 1\neval_every = 5\neval_batches = 3\nretrieval_eval = ''\n"
+                    "checkpoint_every = 2\nmicro_batch_size = 1\n")
+    return path
+
+
+def test_a_mixture_trains_records_its_corpora_and_resumes_on_another_number_of_processes(mixture, tmp_path):
+    """Killed on 2 processes and resumed on 1, a mixture's run is the uninterrupted 1-process run (to 1e-5); its
+    metrics record each corpus's tokens (the step's tokens, summed) and epochs."""
+    whole = tmp_path / "whole"
+    proc = run([sys.executable], whole, mixture)
+    assert re.search(r"mixture of \S+ \(75\.0% of the tokens\), \S+small \(25\.0% of the tokens\)", proc.stdout)
+    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in lines if "loss" in m]
+    assert [sum(c["tokens"] for c in m["corpora"].values()) for m in steps] == \
+        list(itertools.accumulate(m["tokens"] for m in steps))
+    small = next(v for k, v in steps[-1]["corpora"].items() if k.endswith("small"))
+    assert small["epochs"] > 1  # upsampled: the small corpus was read more than once
+    assert 0.2 < small["tokens"] / sum(c["tokens"] for c in steps[-1]["corpora"].values()) < 0.3
+    killed = run_and_kill(TORCHRUN, tmp_path / "out", mixture, logged_step(5))
+    assert_same_curve(killed, metrics(whole)[:len(killed)], rel=1e-5)
+    proc = run([sys.executable], tmp_path / "out", mixture)
+    assert "resuming from" in proc.stdout and "written by 2 processes, now 1" in proc.stdout
+    assert_same_curve(metrics(tmp_path / "out"), metrics(whole), rel=1e-5)
+    three = tmp_path / "three"  # by token budget on 3 processes
+    run([*TORCHRUN[:-1], "--nproc_per_node=3"], three, mixture, "--micro_batch_tokens=96")
+    assert_same_curve(metrics(three), metrics(whole), rel=1e-5)
+
+
+def test_mixture_errors_are_one_line(config, mixture, monkeypatch, capsys, tmp_path):
+    cfg, _ = train.load_config([str(mixture)])
+    big, small = list(cfg.data_dir)
+    for weights, message in (({big: 3, small: -1}, f"the weight of {small} must be a number above 0, got -1"),
+                             ({big: 3, small: 0}, f"the weight of {small} must be a number above 0, got 0"),
+                             ({big: 3, 7: 1}, "a mixture's shard directories are strings, got int 7"),
+                             ({}, "a mixture names no shard directory")):
+        assert config_error(capsys, mixture, f"--data_dir={weights!r}") == \
+            f"error: command line: config key 'data_dir': {message}"
+    assert "demo_data and data_dir" in config_error(capsys, mixture, "--demo_data=True")
+    out = tmp_path / "out"
+    code, _, err = cli(monkeypatch, capsys, mixture, f"--out_dir={out}", f"--data_dir={{{big!r}: 1, 'nowhere': 1}}")
+    assert code == 1 and err.startswith(f"error: {mixture}: input missing: data_dir nowhere (= ") and \
+        len(err.splitlines()) == 1
+    tok = data.train_tokenizer([str(Path(big).parent / "demo" / "corpus.jsonl")], 900, tmp_path / "other.model")
+    data.prepare([str(write_jsonl(tmp_path / "o.jsonl", [{"text": "別の文書"}] * 5))], tok, tmp_path / "other",
+                 val_fraction=0.5)
+    proc = run(TORCHRUN, out, mixture, f"--data_dir={{{big!r}: 1, {str(tmp_path / 'other')!r}: 1}}", check=False)
+    assert proc.returncode != 0 and "does not match the one" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]  # one line per machine
+    assert len(errors) == 1 and re.fullmatch(r"error: rank 0 \(\S+\): tokenizer \S+ \(sha256 \w+\) does not match "
+                                             r"the one \S+other was prepared with \(other\.model, sha256 \w+\)",
+                                             errors[0]), errors
+    assert train.same_input("data_dir", {big: 3, small: 1}, {str(Path(big) / ".." / Path(big).name): 3, small: 1})
+    assert not train.same_input("data_dir", {big: 3, small: 1}, {big: 3, small: 2})
+    assert not train.same_input("data_dir", {big: 3, small: 1}, big)
+    assert not list(out.glob("ckpt_*"))
 
 
 # ---- configuration ----------------------------------------------------------------------------------------
