@@ -1512,8 +1512,9 @@ def provenance(name):
         kind, where = checkpoint.resolve(name)
         meta = json.loads((where / ("training.json" if kind == "hf" else "meta.json")).read_text())
         config = meta["config"]
+        dirs = config["data_dir"] if isinstance(config["data_dir"], dict) else [config["data_dir"]]  # a mixture's
         return {"step": meta["step"], "stage": 2 if config["max_seqlen"] > 1024 else 1,
-                "demo": Path(config["data_dir"]).parts[-3:-1] == ("data", "demo") or config.get("demo_data", False)}
+                "demo": any(Path(d).parts[-3:-1] == ("data", "demo") for d in dirs) or config.get("demo_data", False)}
     except (Problem, OSError, ValueError, KeyError, TypeError):
         return {}
 
