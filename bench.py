@@ -1116,20 +1116,26 @@ def data_scale_mixture(args, n_docs=None, corpora=None, n_shards=None, steps=Non
     """bench.py data --scale --mixture K: the loader on a mixture of K corpora (synthetic_shards, sparse, equal
     weights) of n_docs documents in n_shards shards each, against the same documents and shards as one corpus, at
     the stage shapes as rank 0 of 16, with data_scale's columns (loader_probe). Target: Loader() + first batch, open
-    files and memory within 2x of one corpus's (startup reads O(shards) either way; nothing is kept per document)."""
+    files and memory within 2x of one corpus's (startup reads O(shards) either way; nothing is kept per document).
+    With --mixture_docs N: corpora of N documents each, against one of them alone (bench.py data --scale's
+    measurement of N documents), so that corpora too large to hold twice on the disk can be measured."""
     corpora = corpora or args.mixture
-    n_docs = n_docs or (100_000 if args.quick else 25_000_000)
+    alone = bool(getattr(args, "mixture_docs", None)) and not n_docs
+    n_docs = n_docs or getattr(args, "mixture_docs", None) or (100_000 if args.quick else 25_000_000)
     n_shards, steps = n_shards or 100, steps or (10 if args.quick else 50)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         dirs = [str(synthetic_shards(Path(tmp) / f"c{k}", n_docs, n_shards, sparse=True, seed=k))
                 for k in range(corpora)]
-        one = str(synthetic_shards(Path(tmp) / "one", corpora * n_docs, corpora * n_shards, sparse=True))
-        print(f"{corpora} corpora of {n_docs:,} documents in {n_shards:,} shards each, and one of {corpora * n_docs:,} "
-              f"in {corpora * n_shards:,} (sparse, lognormal lengths, mean {SCALE_MEAN_TOKENS}), built in "
-              f"{time.perf_counter() - t:.0f} s; rank 0 of 16, by token budget, the shards evicted before Loader(); "
-              f"{steps} steps, the .bin files evicted before each")
+        if alone:
+            one, baseline = dirs[0], f"one of them alone ({n_docs:,} documents in {n_shards:,} shards)"
+        else:
+            one = str(synthetic_shards(Path(tmp) / "one", corpora * n_docs, corpora * n_shards, sparse=True))
+            baseline = f"one of {corpora * n_docs:,} in {corpora * n_shards:,}"
+        print(f"{corpora} corpora of {n_docs:,} documents in {n_shards:,} shards each, and {baseline} (sparse, "
+              f"lognormal lengths, mean {SCALE_MEAN_TOKENS}), built in {time.perf_counter() - t:.0f} s; rank 0 of 16, "
+              f"by token budget, the shards evicted before Loader(); {steps} steps, the .bin files evicted before each")
         print(f"{'':26}{'Loader()':>9}{'1st batch':>10}{'files':>6}{'MB 1st':>8}{'MB +' + str(steps):>8}"
               f"{'ms/step':>8}{'Mtok/s':>7}")
         for stage in STAGES:
@@ -1238,6 +1244,8 @@ def main():
                                                     "directory for gpu.jsonl and the part logs, required)")
     parser.add_argument("--quick", action="store_true", help="smaller shapes, for a smoke test")
     parser.add_argument("--mixture", type=int, default=0, help="data --scale: a mixture of this many corpora vs one")
+    parser.add_argument("--mixture_docs", type=int, default=0, help="data --scale --mixture: documents per corpus, "
+                        "compared with one of the corpora alone (default: 25M each, against the same documents as one)")
     parser.add_argument("--budget", action="store_true", help="data: micro-batches by token budget vs by count")
     parser.add_argument("--scale", action="store_true", help="data: the loader on 1M-100M documents vs the old design")
     parser.add_argument("--tokenizer", help="data: the sentencepiece model to measure with (default: a demo one "
