@@ -218,24 +218,32 @@ def test_flash_attn_rejects_bad_arguments():
         modernbert_kernels.flash_attn_varlen(q, k, v, cu.long(), 4)
 
 
+def small_model_batch(lengths, masked, seed, **config):
+    """A small model (3 layers, local window 8) on DEVICE and a packed batch of these lengths, `masked` of its
+    tokens labelled: (model, its keyword arguments, ids)."""
+    import model
+    config = model.ModernBertConfig.preset("tiny", vocab_size=97, hidden_size=64, num_attention_heads=2,
+                                           intermediate_size=96, num_hidden_layers=3, local_attention=8, **config)
+    torch.manual_seed(0)
+    net = model.ModernBERT(config).to(DEVICE)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(7, 97, (sum(lengths),), generator=g).to(DEVICE)
+    labels = torch.where(torch.rand(ids.shape, generator=g).to(DEVICE) < masked, ids, model.IGNORE_INDEX)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    return net, dict(labels=labels, cu_seqlens=cu, max_seqlen=max(lengths)), ids
+
+
 def test_model_on_kernels_matches_reference(monkeypatch):
     # the model's way into the kernels (q, k, v as strided views of one projection, per-token RoPE tables,
     # window = local_attention // 2 on local layers) against the same model on the PyTorch reference, in
     # fp32: in half precision the two paths' rounding differs by as much as a wrong window would
     import model
-    config = model.ModernBertConfig.preset("tiny", vocab_size=97, hidden_size=64, num_attention_heads=2,
-                                           intermediate_size=96, num_hidden_layers=3, local_attention=8)
-    net = model.ModernBERT(config).to(DEVICE)
-    lengths = [5, 0, 40, 17, 1]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(7, 97, (sum(lengths),), generator=g).to(DEVICE)
-    labels = torch.where(torch.rand(ids.shape, generator=g).to(DEVICE) < 0.5, ids, model.IGNORE_INDEX)
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
+    net, batch, ids = small_model_batch([5, 0, 40, 17, 1], masked=0.5, seed=0)
     runs = {}
     for mode in ("reference", "kernels"):
         monkeypatch.setattr(model, "ATTENTION", mode)
         net.zero_grad()
-        logits, loss = net(ids, labels=labels, cu_seqlens=cu, max_seqlen=max(lengths))
+        logits, loss = net(ids, **batch)
         loss.backward()
         runs[mode] = [logits, *(p.grad.clone() for p in net.parameters())]
     for i, (a, b) in enumerate(zip(runs["kernels"], runs["reference"])):
@@ -243,18 +251,7 @@ def test_model_on_kernels_matches_reference(monkeypatch):
         assert err <= 1e-5, f"tensor {i} (0 = logits, then parameter grads): relative error {err:.3g}"
 
 
-def small_model_batch(**config):
-    import model
-    config = model.ModernBertConfig.preset("tiny", vocab_size=97, hidden_size=64, num_attention_heads=2,
-                                           intermediate_size=96, num_hidden_layers=3, local_attention=8, **config)
-    torch.manual_seed(0)
-    net = model.ModernBERT(config).to(DEVICE)
-    lengths = [5, 40, 17, 1, 29]
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(7, 97, (sum(lengths),), generator=g).to(DEVICE)
-    labels = torch.where(torch.rand(ids.shape, generator=g).to(DEVICE) < 0.3, ids, model.IGNORE_INDEX)
-    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=DEVICE)
-    return net, dict(labels=labels, cu_seqlens=cu, max_seqlen=max(lengths)), ids
+BATCH = [5, 40, 17, 1, 29]
 
 
 def test_model_on_kernels_with_attention_dropout_takes_the_reference(monkeypatch):
@@ -264,7 +261,7 @@ def test_model_on_kernels_with_attention_dropout_takes_the_reference(monkeypatch
     calls = []
     kernel = modernbert_kernels.flash_attn_varlen
     monkeypatch.setattr(modernbert_kernels, "flash_attn_varlen", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    net, batch, ids = small_model_batch(attention_dropout=0.5)
+    net, batch, ids = small_model_batch(BATCH, masked=0.3, seed=1, attention_dropout=0.5)
     runs = {}
     for training in (True, False):
         net.train(training)
@@ -290,7 +287,7 @@ def test_model_on_kernels_bf16_training_steps_track_fp32(monkeypatch, bf16_inter
     losses = {}
     for mode, dtype in (("reference", torch.float32), ("reference", torch.bfloat16), ("kernels", torch.bfloat16)):
         monkeypatch.setattr(model, "ATTENTION", mode)
-        net, batch, ids = small_model_batch()
+        net, batch, ids = small_model_batch(BATCH, masked=0.3, seed=1)
         optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
         curve = []
         for _ in range(5):
