@@ -317,7 +317,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) not in METADATA_GLOBALS:
             raise Problem(f"{self.file}: refused {module}.{name}, not a type checkpoint metadata is made of "
-                                  f"(loading it could run code); nothing of this checkpoint is used")
+                          f"(loading it could run code); nothing of this checkpoint is used")
         return super().find_class(module, name)
 
 
@@ -373,7 +373,7 @@ class Planner(DefaultLoadPlanner):
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
             what = found.group(1) if found else "what torch.load(weights_only=True) refuses"
             raise Problem(f"{self.path}: refused the value of {read_item.dest_index.fqn}: it loads {what}, "
-                                  f"not plain data (loading it could run code); nothing of this checkpoint is used"
+                          f"not plain data (loading it could run code); nothing of this checkpoint is used"
                                   ) from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
@@ -444,7 +444,7 @@ def resolve(path):
     if complete:
         return "ckpt", complete[-1]
     raise Problem(f"{path}: neither a Hugging Face model directory (config.json), a checkpoint (meta.json) "
-                          f"nor a run directory (hf/ or ckpt_STEP/)")
+                  f"nor a run directory (hf/ or ckpt_STEP/)")
 
 
 def load_weights(model, path):

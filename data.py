@@ -383,7 +383,7 @@ def _parse_line(path, pos, line, kind, text_field):
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise Problem(f"{path}:{_line_number(path, pos)}: field {text_field!r} holds a lone surrogate "
-                            f"\\u{ord(text[e.start]):04x} (character {e.start + 1}), not text") from None
+                          f"\\u{ord(text[e.start]):04x} (character {e.start + 1}), not text") from None
     return text
 
 
@@ -795,7 +795,7 @@ def _check_same_dataset(out_dir, tok, files, sizes, text_field, val_fraction):
         first = old["inputs"][0]["path"] if old["inputs"] else "?"
         more = f" and {len(old['inputs']) - 1} more" if len(old["inputs"]) > 1 else ""
         raise Problem(f"{out_dir} holds another dataset (made from {first}{more}, with other inputs or "
-                        "settings); use a new output directory, or --replace to replace it")
+                      "settings); use a new output directory, or --replace to replace it")
 
 
 def _check_tokenizer_matches(out_dir, tok):
@@ -810,7 +810,7 @@ def _check_tokenizer_matches(out_dir, tok):
             continue  # not one of ours
         if sha != tok.sha256:
             raise Problem(f"{out_dir} holds shards made with another tokenizer (sha256 {sha[:12]}, not "
-                            f"{tok.sha256[:12]} of {tok.path}); use a new output directory")
+                          f"{tok.sha256[:12]} of {tok.path}); use a new output directory")
 
 
 def load_manifest(data_dir, tokenizer=None):
@@ -827,7 +827,7 @@ def load_manifest(data_dir, tokenizer=None):
         want = manifest["tokenizer"]
         if tok.sha256 != want["sha256"]:
             raise Problem(f"tokenizer {tok.path} (sha256 {tok.sha256[:12]}) does not match the one {data_dir} "
-                            f"was prepared with ({want['file']}, sha256 {want['sha256'][:12]})")
+                          f"was prepared with ({want['file']}, sha256 {want['sha256'][:12]})")
     return manifest
 
 # ---------------------------------------------------------------------------------------------------------
@@ -857,7 +857,7 @@ def _map_files(paths, sizes, dtype):
     base = _libc.mmap(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)  # reserve the range
     if base == failed:
         raise Problem(f"{Path(paths[0]).parent}: cannot reserve {total:,} bytes of address space for its shards "
-                        f"({os.strerror(ctypes.get_errno())})")
+                      f"({os.strerror(ctypes.get_errno())})")
     buffer = (ctypes.c_char * total).from_address(base)
     # unmapped with the last view; not at exit, where a thread may still be reading (the process ends anyway)
     weakref.finalize(buffer, _libc.munmap, base, total).atexit = False
@@ -868,7 +868,7 @@ def _map_files(paths, sizes, dtype):
         try:
             if os.fstat(fd).st_size != size:  # replaced since it was checked: a map past its end would crash
                 raise Problem(f"{path}: changed while it was being opened (now {os.fstat(fd).st_size} bytes, "
-                                f"{size} expected); rerun `python data.py prepare` to rebuild it")
+                              f"{size} expected); rerun `python data.py prepare` to rebuild it")
             address = _libc.mmap(base + offset, size, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
             err = ctypes.get_errno()
         finally:
@@ -929,8 +929,8 @@ class Shards:
         first, last = self.offsets[self.offset_start], self.offsets[self.offset_start + np.diff(self.first_doc)]
         for s in np.flatnonzero((first != 0) | (last != self.shard_tokens))[:1]:  # cheap, unlike a hash
             raise Problem(f"{self.idx_files[s]}: document offsets are damaged (they run from {first[s]} to "
-                            f"{last[s]}, the .bin holds {self.shard_tokens[s]} tokens); rerun `python data.py "
-                            "prepare` to rebuild it")
+                          f"{last[s]}, the .bin holds {self.shard_tokens[s]} tokens); rerun `python data.py "
+                          "prepare` to rebuild it")
         self.n_tokens = int(self.shard_tokens.sum())
         if self.n_tokens == 0:
             raise Problem(f"{self.data_dir}: split {split!r} holds no tokens")
@@ -946,8 +946,8 @@ class Shards:
         a, b = self.offsets[self.offset_start[s] + j], self.offsets[self.offset_start[s] + j + 1]
         for k in np.flatnonzero((a < 0) | (b < a) | (b > self.shard_tokens[s]))[:1]:
             raise Problem(f"{self.idx_files[s[k]]}: the offsets of document {j[k]} are damaged ({a[k]} to "
-                            f"{b[k]}, the .bin holds {self.shard_tokens[s[k]]} tokens); rerun `python data.py "
-                            "prepare` to rebuild it")
+                          f"{b[k]}, the .bin holds {self.shard_tokens[s[k]]} tokens); rerun `python data.py "
+                          "prepare` to rebuild it")
         return self.token_start[s] + a, self.token_start[s] + b
 
     def __getitem__(self, i):
@@ -963,8 +963,8 @@ class Shards:
             if len(ids) and ids.max() >= vocab_size:
                 s = int(np.searchsorted(self.first_doc, i, side="right")) - 1
                 raise Problem(f"{self.files[s]}: document {i - int(self.first_doc[s])} holds token id {ids.max()}, "
-                                f"outside the vocabulary of {vocab_size} (the shard was altered); rerun "
-                                "`python data.py prepare` to rebuild it")
+                              f"outside the vocabulary of {vocab_size} (the shard was altered); rerun "
+                              "`python data.py prepare` to rebuild it")
 
 
 def verify_shards(data_dir, record_dir, rank=0, world_size=1):
@@ -1234,8 +1234,8 @@ class Loader:
     def load_state_dict(self, state):
         if state.get("order") != ORDER_VERSION:
             raise Problem(f"cannot resume: the loader state was saved with document order "
-                            f"{state.get('order', 1)}, this data.py makes order {ORDER_VERSION} (other batches); "
-                            "start the run again in a new out_dir")
+                          f"{state.get('order', 1)}, this data.py makes order {ORDER_VERSION} (other batches); "
+                          "start the run again in a new out_dir")
         if state.get("masking", self.masking) != self.masking:  # a state from before masking was recorded: as now
             raise Problem(f"cannot resume: the loader state was saved masking {_describe_masking(state['masking'])}, "
                           f"this loader masks {_describe_masking(self.masking)} (other masks); start the run again "
@@ -1243,7 +1243,7 @@ class Loader:
         for key in ("seed", "samples_per_epoch", "max_seqlen"):
             if state[key] != getattr(self, key):
                 raise Problem(f"cannot resume: the loader state has {key}={state[key]}, "
-                                f"this loader {getattr(self, key)}")
+                              f"this loader {getattr(self, key)}")
         if self.batch_warmup_tokens and "seen" not in state and (state["epoch"], state["position"]) != (0, 0):
             raise Problem("cannot resume: the loader state was saved without a count of the tokens so far, which the "
                           "batch-size warmup needs; start the run again in a new out_dir")

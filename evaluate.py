@@ -373,11 +373,11 @@ def load_tokenizer(path, model, model_path, stated=None):
         raise Problem(f"tokenizer {path}: no such file (give --tokenizer X.model)")
     if tok.vocab_size > model.config.vocab_size:
         raise Problem(f"tokenizer {path} has {tok.vocab_size} pieces but model {model_path} only "
-                   f"{model.config.vocab_size} embeddings")
+                      f"{model.config.vocab_size} embeddings")
     for name, theirs in (stated or {}).items():
         if getattr(tok, f"{name}_id") != theirs:
             raise Problem(f"tokenizer {path} has {name} id {getattr(tok, f'{name}_id')} but model {model_path} expects "
-                       f"{theirs}: wrong tokenizer?")
+                          f"{theirs}: wrong tokenizer?")
     return tok
 
 

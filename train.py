@@ -13,10 +13,10 @@ arguments override the file. Unknown names and wrong types stop the run. A confi
 is looked up by file name in configs/ (`train.py stage2` runs configs/stage2.py).
 
 out_dir receives log.txt (the resolved config, commit and versions, then progress), metrics.jsonl (one JSON
-line per logged step and per evaluation; with a mixture of corpora, each one's tokens and epochs so far), checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end,
-the model in hf/, a directory that transformers (model, tokenizer, pipelines) and sentence-transformers open
-(checkpoint.export_hf lists its files). Running the same
-command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
+line per logged step and per evaluation; with a mixture of corpora, each one's tokens and epochs so far),
+checkpoints ckpt_STEP/ (the last `keep_last`) and, at the end, the model in hf/, a directory that transformers
+(model, tokenizer, pipelines) and sentence-transformers open (checkpoint.export_hf lists its files). Running the
+same command again resumes from the newest checkpoint that verifies (checkpoint.py): the same batches, masks and
 losses as an uninterrupted run, on any number of processes. `resume_from` continues another run's checkpoint in
 this out_dir the same way (until this run has checkpoints of its own): with `schedule = "wsd"` (warmup, lr held,
 a decay over the last decay_steps), a decay branched from any checkpoint of the stable phase, or the run extended.
@@ -396,8 +396,8 @@ def evaluate_mlm(run, model, step):
 @torch.no_grad()
 def evaluate_retrieval(run, model, step):
     """Zero-shot Recall@10 and MRR@10 as evaluate.retrieval_scores computes them (model.embed, model.recall_mrr),
-    with the texts shared over the ranks: batches of at most a micro-batch's tokens, planned alike on every rank (longest texts first), dealt
-    round-robin, as many to each rank (an empty text fills up: every rank takes part in every sharded forward);
+    with the texts shared over the ranks: batches of at most a micro-batch's tokens, planned alike on every rank
+    (longest texts first), dealt round-robin, as many to each rank (an empty text fills up: every rank takes part in every sharded forward);
     rank 0 gathers the embeddings and scores. -> the scores on rank 0, None elsewhere."""
     cfg, rank, world = run.cfg, run.rank, run.world
     texts = [q for q, _ in run.pairs] + [p for _, p in run.pairs]
