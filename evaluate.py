@@ -1749,7 +1749,7 @@ def main_torchrun(argv):
         if watchdog:
             watchdog.barrier("done")  # rank 0 may still be writing
             watchdog.close()
-        dist.destroy_process_group()
+        ranks.end()
     except Problem as e:
         ranks.exit_with(str(e))
     except RuntimeError as e:

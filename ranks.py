@@ -4,6 +4,7 @@ The processes of a job, and the errors that stop it: what every entry point that
     Problem                 the one error type for people: raised anywhere, turned by each entry point into
                             `error: ...` (one line, `rank R (HOST): ` first under torchrun) and exit status 1
     start                   the process group (torchrun's, or one of a single process) with its timeout
+    end                     leave after the last collective (gloo's threads may still hold the interpreter's objects)
     stop_if_any             every rank's problem gathered: one rank with a problem stops all of them
     Watchdog                heartbeats in the job's store; a rank whose work stops moving ends the job, naming
                             the ranks not heard from
@@ -103,6 +104,20 @@ def start(timeout):
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return device
+
+
+def end():
+    """Leave after the job's last collective: the process group destroyed, the output flushed, the process ended with
+    status 0 without Python's teardown. gloo's worker threads release a finished collective's tensors after the ranks
+    have moved on, and that takes the interpreter lock; once DTensors exist (FSDP's parameters), torch keeps the
+    process group and its threads alive past destroy_process_group, so a teardown that overlaps such a release aborts
+    the process ("terminate called without an active exception", SIGABRT) after a job that succeeded. Files the
+    caller wrote must be closed first."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def stop_if_any(problem):

@@ -821,7 +821,7 @@ def train(run, model, optimizer, step):
 
 
 def finish(run, model, step):
-    """The final model in Hugging Face format (gathered to rank 0), then every rank leaves together."""
+    """The final model in Hugging Face format (gathered to rank 0), then every rank leaves together (ranks.end)."""
     run.at(step, "exporting the final model")
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # rank 0 only
     if run.master:
@@ -837,7 +837,10 @@ def finish(run, model, step):
     dist.barrier()
     if run.watchdog:
         run.watchdog.close()
-    dist.destroy_process_group()
+    if run.master:
+        run.log_file.close()
+        run.metrics_file.close()
+    ranks.end()
 
 
 def main():

@@ -177,6 +177,41 @@ def rewind(run_dir, out, step):
     return out
 
 
+# ---- leaving after the last collective -----------------------------------------------------------------------
+
+
+def late_release_worker():
+    """Under torchrun: all-reduces whose tensors gloo's threads can release only after this process has gone on (it
+    keeps the interpreter lock meanwhile), with a DTensor alive as FSDP's parameters are; then ranks.end(). -> the
+    DTensor and its mesh, which the caller keeps (freeing them would give those threads the lock)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    sharded = DTensor.from_local(torch.ones(4), mesh, [Shard(0)], run_check=False)
+    dist.barrier()
+    sys.setswitchinterval(100)  # this thread keeps the interpreter lock until it blocks
+    tensors = [torch.ones(1000) for _ in range(4)]
+    works = [dist.all_reduce(t, async_op=True) for t in tensors]
+    del works, tensors
+    sum(range(30_000_000))  # the all-reduces finish meanwhile; releasing their tensors waits for the lock
+    ranks.end()
+    return sharded, mesh
+
+
+def test_a_job_that_succeeded_leaves_with_status_0_while_gloo_still_holds_its_tensors(tmp_path):
+    """With a DTensor alive, destroy_process_group leaves gloo's threads running, and an interpreter teardown that
+    overlaps their release of a finished collective's tensors aborts the process (SIGABRT): ranks.end() leaves
+    without a teardown, and flushes what was printed."""
+    proc = subprocess.run([*TORCHRUN, __file__, "late_release"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, "-c", "import ranks; print('unflushed', end=''); ranks.end()"], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stdout) == (0, "unflushed"), proc.stderr
+
+
 # ---- one computation on any number of processes -----------------------------------------------------------
 
 
@@ -218,8 +253,8 @@ def gradient_worker(out):
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
-    dist.barrier()  # a rank that left with its all-gathers still pending would abort in gloo's teardown
-    dist.destroy_process_group()
+    dist.barrier()
+    ranks.end()
 
 
 def test_gradients_on_1_2_3_processes_equal_plain_pytorch(tmp_path):
@@ -361,7 +396,7 @@ def retrieval_worker(config, model_dir, out, *pair_files):
     if rank == 0:
         Path(out).write_text(json.dumps(scores))
     dist.barrier()
-    dist.destroy_process_group()
+    ranks.end()
 
 
 def long_passages(config, out):
@@ -575,7 +610,7 @@ def latest_worker(out, *run_dirs):
         path, _ = checkpoint.latest(run_dir, report=reports.append)
         chosen[run_dir] = [str(path), reports]
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(chosen))
-    dist.destroy_process_group()
+    ranks.end()
 
 
 def test_a_file_damaged_in_any_rank_s_share_is_loaded_by_no_rank(reference2, tmp_path):
@@ -1547,7 +1582,7 @@ def load_worker(ckpt, out):
     if dist.get_rank() == 0:
         torch.save({"weights": weights, "optim": optim, "own": own}, out)
     dist.barrier()
-    dist.destroy_process_group()
+    ranks.end()
 
 
 def test_a_checkpoint_of_2_processes_loads_on_1_and_3(reference2, tmp_path):
@@ -1827,7 +1862,9 @@ def test_the_start_warning_counts_the_checkpoints_there(tmp_path, monkeypatch):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "retrieval":
+    if sys.argv[1] == "late_release":
+        kept = late_release_worker()
+    elif sys.argv[1] == "retrieval":
         retrieval_worker(*sys.argv[2:])
     elif sys.argv[1] == "latest":
         latest_worker(*sys.argv[2:])
