@@ -1711,7 +1711,7 @@ def settings_line(args):
     shown = ", ".join(f"{k} {v}" for k, v in (PAPER if args.profile == "paper" else SMALL).items())
     if args.profile == "paper":
         return f"settings: the paper's ({shown})"
-    why = "--quick" if args.quick else f"no GPU"
+    why = "--quick" if args.quick else "no GPU"
     return f"settings: small, for a CPU ({why}: {shown}); the paper's: --full"
 
 
@@ -1827,7 +1827,7 @@ def parse_args(argv):
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.baselines = [] if args.baselines == "none" else [u.strip() for u in args.baselines.split(",")]
     if not set(args.baselines) <= set(UNITS):
-        raise Problem(f"--baselines: expected char, word, both separated by a comma, or none")
+        raise Problem("--baselines: expected char, word, both separated by a comma, or none")
     if args.task == "all" and args.data:
         raise Problem("--data names one task's data set; with --task all every task reads its demo set")
     if min(args.epochs) < 1 or args.limit is not None and args.limit < 1 or args.timeout <= 0:
