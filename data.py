@@ -1520,12 +1520,14 @@ class Mixture(Loader):
         parts = []
         for c, (corpus, (where, (_, index, walks, docs, spans, _))) in enumerate(zip(self.corpora, taken)):
             local = np.flatnonzero(np.isin(where, need))  # ascending, as where is
-            sample, *rest = Loader._pieces(corpus, local, index, docs, spans, walks)
-            parts.append((where[sample], np.full(len(sample), c), *rest))
-        pieces = tuple(np.concatenate(p) for p in zip(*parts))
-        order = np.argsort(pieces[0], kind="stable")  # a sample's pieces stay in order
-        pieces = tuple(p[order] for p in pieces)
-        pieces = (pieces[0], *pieces[2:], pieces[1])  # Loader's pieces, then each one's corpus
+            if len(local):  # else this rank's share holds no sample of this corpus (or the batch none at all)
+                sample, *rest = Loader._pieces(corpus, local, index, docs, spans, walks)
+                parts.append((where[sample], np.full(len(sample), c), *rest))
+        if parts:  # else every micro-batch of this rank is empty (by tokens, a rank short of data)
+            pieces = tuple(np.concatenate(p) for p in zip(*parts))
+            order = np.argsort(pieces[0], kind="stable")  # a sample's pieces stay in order
+            pieces = tuple(p[order] for p in pieces)
+            pieces = (pieces[0], *pieces[2:], pieces[1])  # Loader's pieces, then each one's corpus
         micro = [self._micro_batch(g, pieces, sample_epoch, sample_index) if len(g) else self.empty_micro_batch()
                  for g in groups]
         return micro, (tuple(after), tuple(drawn), seen)
@@ -1667,6 +1669,46 @@ def pack_by_tokens(tokens, budget, world_size):
         for r, m in enumerate(group if g % 2 == 0 else group[::-1]):
             plan[r].append(m)
     return plan
+
+
+EMPTY_WARNING = 0.25  # share of empty micro-batches above which micro_batch_report warns
+PLANNED = 8           # global batches whose micro-batches it plans to estimate that share
+
+
+def empty_share(loader, budget, world_size, batch_size, batches=PLANNED):
+    """(empty micro-batches, all micro-batches) when the loader's first `batches` global batches are packed into
+    micro-batches of at most `budget` tokens and dealt to world_size ranks by pack_by_tokens: every rank runs as many
+    micro-steps, so a rank short of data computes a lone <CLS> <SEP> while the others learn."""
+    empty = total = 0
+    for k in range(batches):
+        plan = pack_by_tokens(loader.sample_tokens(k * batch_size, batch_size), budget, world_size)
+        empty += sum(1 for steps in plan for m in steps if len(m) == 0)
+        total += sum(len(steps) for steps in plan)
+    return empty, total
+
+
+def micro_batch_report(loader, batch_size, micro_batch_tokens, max_seqlen, world_size):
+    """One line for the start of a run: the share of empty micro-batches of <= micro_batch_tokens on world_size
+    processes, and above EMPTY_WARNING the settings that would fill them (smaller micro-batches, larger global batches,
+    or fewer processes)."""
+    empty, total = empty_share(loader, micro_batch_tokens, world_size, batch_size)
+    line = (f"{empty / total:.0%} of the micro-batches of <= {micro_batch_tokens} tokens empty on {world_size} "
+            f"processes (the first {PLANNED} global batches)")
+    if empty / total <= EMPTY_WARNING:
+        return line
+    filled = (total - empty) / PLANNED  # micro-batches with data per global batch
+    steps = total / PLANNED / world_size  # micro-steps each process runs
+    budgets = range(micro_batch_tokens - max_seqlen, max_seqlen - 1, -max_seqlen)  # largest first
+    smaller = next(((b, e / t) for b in budgets for e, t in [empty_share(loader, b, world_size, batch_size)]
+                    if e / t <= EMPTY_WARNING), None)
+    ways = ([f"lower micro_batch_tokens to {smaller[0]} ({smaller[1]:.0%} empty)"] if smaller else []) + [
+        f"raise batch_size to about {math.ceil(batch_size * steps * world_size / filled)}"] + (
+        [f"run on about {int(filled)} processes"] if filled < world_size else [])
+    if smaller is None:
+        e, t = empty_share(loader, max_seqlen, world_size, batch_size)
+    return (f"warning: {line}: a global batch of {batch_size} sequences fills about {filled:.0f} micro-batches "
+            f"and each process runs {steps:.0f}; to fill them, {', '.join(ways[:-1])} or {ways[-1]}"
+            + ("" if smaller else f" (even micro_batch_tokens={max_seqlen} leaves {e / t:.0%} empty)"))
 
 # ---------------------------------------------------------------------------------------------------------
 # command line

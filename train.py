@@ -123,8 +123,6 @@ POSITIVE = ("max_steps", "log_every", "checkpoint_every", "keep_last", "batch_si
             "collective_timeout")
 DTYPES = {"auto": lambda device: torch.bfloat16 if device.type == "cuda" else torch.float32,
           "float32": lambda device: torch.float32, "bfloat16": lambda device: torch.bfloat16}
-EMPTY_WARNING = 0.25  # share of empty micro-batches above which the start of a run warns
-PLANNED = 8           # global batches whose micro-batches are planned at start to estimate that share
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -325,45 +323,6 @@ def open_inputs(cfg, config_path, rank, world):
                    data.Loader(cfg.data_dir, split="val", shuffle=False, **common)]
     pairs = data.read_miracl_pairs(cfg.retrieval_eval) if cfg.retrieval_eval else []
     return tokenizer, *loaders, pairs
-
-
-# -----------------------------------------------------------------------------------------------------------
-# micro-batches by tokens: how many are empty
-
-
-def empty_share(loader, budget, world, batch_size, batches=PLANNED):
-    """(empty micro-batches, all micro-batches) when the first `batches` global batches are packed into micro-batches
-    of at most `budget` tokens and dealt to `world` ranks (data.pack_by_tokens): every rank runs as many micro-steps,
-    so a rank short of data computes a lone <CLS> <SEP> while the others learn."""
-    empty = total = 0
-    for k in range(batches):
-        plan = data.pack_by_tokens(loader.sample_tokens(k * batch_size, batch_size), budget, world)
-        empty += sum(1 for steps in plan for m in steps if len(m) == 0)
-        total += sum(len(steps) for steps in plan)
-    return empty, total
-
-
-def micro_batch_report(loader, cfg, world):
-    """One line: the share of empty micro-batches on `world` processes, and above EMPTY_WARNING what would fill them
-    (smaller micro-batches, larger global batches, or fewer processes)."""
-    empty, total = empty_share(loader, cfg.micro_batch_tokens, world, cfg.batch_size)
-    line = (f"{empty / total:.0%} of the micro-batches of <= {cfg.micro_batch_tokens} tokens empty on {world} "
-            f"processes (the first {PLANNED} global batches)")
-    if empty / total <= EMPTY_WARNING:
-        return line
-    filled = (total - empty) / PLANNED  # micro-batches with data per global batch
-    steps = total / PLANNED / world  # micro-steps each process runs
-    budgets = range(cfg.micro_batch_tokens - cfg.max_seqlen, cfg.max_seqlen - 1, -cfg.max_seqlen)  # largest first
-    smaller = next(((b, e / t) for b in budgets for e, t in [empty_share(loader, b, world, cfg.batch_size)]
-                    if e / t <= EMPTY_WARNING), None)
-    ways = ([f"lower micro_batch_tokens to {smaller[0]} ({smaller[1]:.0%} empty)"] if smaller else []) + [
-        f"raise batch_size to about {math.ceil(cfg.batch_size * steps * world / filled)}"] + (
-        [f"run on about {int(filled)} processes"] if filled < world else [])
-    if smaller is None:
-        e, t = empty_share(loader, cfg.max_seqlen, world, cfg.batch_size)
-    return (f"warning: {line}: a global batch of {cfg.batch_size} sequences fills about {filled:.0f} micro-batches "
-            f"and each process runs {steps:.0f}; to fill them, {', '.join(ways[:-1])} or {ways[-1]}"
-            + ("" if smaller else f" (even micro_batch_tokens={cfg.max_seqlen} leaves {e / t:.0%} empty)"))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -629,7 +588,8 @@ def setup(args):
         run.log(f"batch-size warmup: {cfg.batch_size_start} sequences per step at first, growing in multiples of it "
                 f"to {cfg.batch_size} over the first {cfg.batch_warmup_tokens:,} tokens")
     if cfg.micro_batch_tokens and run.master:
-        run.log(micro_batch_report(run.loader, cfg, world))
+        run.log(data.micro_batch_report(run.loader, cfg.batch_size, cfg.micro_batch_tokens, cfg.max_seqlen,
+                                        world))
     return run
 
 

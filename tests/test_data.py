@@ -1398,6 +1398,21 @@ def test_mixture_resume_and_world_sizes(world, small, mode):
             same_steps(take(again, steps - 3), got[r][3:])
 
 
+@pytest.mark.parametrize("mode", ["line_by_line", "packed"])
+def test_mixture_batches_without_a_corpus_and_ranks_without_a_sample(world, small, mode):
+    """Global batches of 3 samples, 1 in 20 tokens from the small corpus: most batches hold none of it. By tokens on 8
+    ranks, most ranks hold no sample at all and run empty micro-batches; the ranks together hold the 1-rank batch."""
+    kw = dict(batch_size=3, max_seqlen=48, seed=7, mode=mode)
+    corpora = {small: 1, world["shards"]: 20}
+    full = take(data.Mixture(corpora, micro_batch_size=3, **kw), 6)
+    got = [take(data.Mixture(corpora, rank=r, world_size=8, micro_batch_tokens=48, **kw), 6) for r in range(8)]
+    for k in range(6):
+        assert len({len(g[k]) for g in got}) == 1  # as many micro-steps on every rank
+        assert sum(all(mb.get("empty") for mb in g[k]) for g in got) >= 5
+        union = sorted(tuple(s) for g in got for mb in g[k] if not mb.get("empty") for s in sequences(mb))
+        assert union == sorted(tuple(s) for mb in full[k] for s in sequences(mb)), k
+
+
 def test_mixture_bad_inputs(world, small, tmp_path):
     for weights, message in (({world["shards"]: 1, small: -1}, "must be a number above 0, got -1"),
                              ({world["shards"]: 1, small: 0}, "must be a number above 0, got 0"),

@@ -868,12 +868,16 @@ def test_a_constant_run_is_extended_and_a_decay_branched_from_it(config, tmp_pat
 WARM = dict(batch_size=8, batch_size_start=2, batch_warmup_tokens=700)
 
 
+def loader_class(cfg):
+    return data.Mixture if isinstance(cfg.data_dir, dict) else data.Loader
+
+
 def warm_batches(cfg, steps, mode="line_by_line"):
     """The plain reference: samples one at a time from the stream (a loader of batches of 1: the same samples and
     masks), grouped into global batches whose sizes grow from 2 by 2 up to 8 with the tokens of the batches before,
     linearly over the first 700 tokens. -> [(size, tokens, sorted sequences (input_ids, labels), the samples)]"""
-    one = data.Loader(cfg.data_dir, batch_size=1, micro_batch_size=1, max_seqlen=cfg.max_seqlen, seed=cfg.seed,
-                      mode=mode, mlm_probability=cfg.mlm_probability, tokenizer=data.Tokenizer(cfg.tokenizer))
+    one = loader_class(cfg)(cfg.data_dir, batch_size=1, micro_batch_size=1, max_seqlen=cfg.max_seqlen, seed=cfg.seed,
+                            mode=mode, mlm_probability=cfg.mlm_probability, tokenizer=data.Tokenizer(cfg.tokenizer))
     samples, seen, out = iter(one), 0, []
     for _ in range(steps):
         grown = Fraction(2) + Fraction(8 - 2) * seen / 700
@@ -896,17 +900,19 @@ def sequences(micro_batches):
     return sorted(found)
 
 
-@pytest.mark.parametrize("world,micro,budget,mode", [(1, 2, 0, "line_by_line"), (2, 1, 0, "line_by_line"),
-                                                     (3, 1, 96, "line_by_line"), (2, 1, 0, "packed")])
-def test_batch_size_warmup_gives_the_plain_loops_batches(config, world, micro, budget, mode):
-    cfg, _ = train.load_config([str(config)])
+@pytest.mark.parametrize("world,micro,budget,mode,corpora", [
+    (1, 2, 0, "line_by_line", "config"), (2, 1, 0, "line_by_line", "config"), (3, 1, 96, "line_by_line", "config"),
+    (2, 1, 0, "packed", "config"), (2, 1, 0, "line_by_line", "mixture"), (3, 1, 96, "packed", "mixture")])
+def test_batch_size_warmup_gives_the_plain_loops_batches(request, world, micro, budget, mode, corpora):
+    cfg, _ = train.load_config([str(request.getfixturevalue(corpora))])  # one corpus, or a 3:1 mixture of two
     expected = warm_batches(cfg, 12, mode)
     assert [size for size, *_ in expected][:2] == [2, 2] and expected[-1][0] == 8  # it grows within 12 steps
     assert len({size for size, *_ in expected}) == 4
-    loaders = [data.Loader(cfg.data_dir, batch_size=8, micro_batch_size=micro, max_seqlen=cfg.max_seqlen, rank=r,
-                           world_size=world, seed=cfg.seed, mode=mode, mlm_probability=cfg.mlm_probability,
-                           micro_batch_tokens=budget, batch_size_start=2, batch_warmup_tokens=700,
-                           tokenizer=data.Tokenizer(cfg.tokenizer)) for r in range(world)]
+    loaders = [loader_class(cfg)(cfg.data_dir, batch_size=8, micro_batch_size=micro, max_seqlen=cfg.max_seqlen,
+                                 rank=r, world_size=world, seed=cfg.seed, mode=mode,
+                                 mlm_probability=cfg.mlm_probability, micro_batch_tokens=budget, batch_size_start=2,
+                                 batch_warmup_tokens=700, tokenizer=data.Tokenizer(cfg.tokenizer))
+               for r in range(world)]
     for step, (size, tokens, seqs, _) in enumerate(expected):
         assert all(loader.global_batch(loader.seen) == size for loader in loaders), step
         got = [next(iter(loader)) for loader in loaders]
@@ -1484,18 +1490,17 @@ class Lengths:
 
 def test_empty_share_counts_what_pack_by_tokens_leaves_empty():
     # every sample fills a micro-batch: 384 micro-batches on 128 ranks fit exactly, on 100 ranks 4 x 100 - 384
-    assert train.empty_share(Lengths(100), 100, 128, 384, batches=2) == (0, 2 * 384)
-    assert train.empty_share(Lengths(100), 100, 100, 384, batches=2) == (2 * 16, 2 * 400)
+    assert data.empty_share(Lengths(100), 100, 128, 384, batches=2) == (0, 2 * 384)
+    assert data.empty_share(Lengths(100), 100, 100, 384, batches=2) == (2 * 16, 2 * 400)
     # two samples per micro-batch: 192 micro-batches, 2 micro-steps on each of 128 ranks, 64 of them empty
-    assert train.empty_share(Lengths(50), 100, 128, 384, batches=1) == (64, 256)
+    assert data.empty_share(Lengths(50), 100, 128, 384, batches=1) == (64, 256)
 
 
 def test_more_than_a_quarter_empty_is_a_warning_with_what_to_change():
-    cfg = train.Config(batch_size=384, max_seqlen=30, micro_batch_tokens=150)
-    assert train.micro_batch_report(Lengths(30), cfg, 16) == (  # 77 micro-batches: 5 steps on 16 ranks, 3 empty
+    assert data.micro_batch_report(Lengths(30), 384, 150, 30, 16) == (  # 77 micro-batches: 5 steps on 16 ranks, 3 empty
         "4% of the micro-batches of <= 150 tokens empty on 16 processes (the first 8 global batches)")
     # on 128 ranks 51 of the 77 + 51 are empty; 4 samples of 30 tokens per micro-batch would make 96 (25% empty)
-    assert train.micro_batch_report(Lengths(30), cfg, 128) == (
+    assert data.micro_batch_report(Lengths(30), 384, 150, 30, 128) == (
         "warning: 40% of the micro-batches of <= 150 tokens empty on 128 processes (the first 8 global batches): a "
         "global batch of 384 sequences fills about 77 micro-batches and each process runs 1; to fill them, lower "
         "micro_batch_tokens to 120 (25% empty), raise batch_size to about 639 or run on about 77 processes")
@@ -1514,10 +1519,10 @@ def test_stage2_batch_splits_over_128_processes_by_tokens(config):
         _, loader, val, _ = train.open_inputs(cfg, config, rank, 128)
         steps.add((len(next(iter(loader))), len(next(iter(val)))))
     assert len(steps) == 1, steps
-    empty, total = train.empty_share(loader, 96, 128, 384)
-    report = train.micro_batch_report(loader, cfg, 128)
+    empty, total = data.empty_share(loader, 96, 128, 384)
+    report = data.micro_batch_report(loader, cfg.batch_size, cfg.micro_batch_tokens, cfg.max_seqlen, 128)
     assert f"{empty / total:.0%} of the micro-batches of <= 96 tokens empty on 128 processes" in report
-    assert report.startswith("warning: ") == (empty / total > train.EMPTY_WARNING), report
+    assert report.startswith("warning: ") == (empty / total > data.EMPTY_WARNING), report
 
 
 # ---- retention on a network filesystem --------------------------------------------------------------------------
