@@ -2,10 +2,10 @@
 processes and resumes across process counts, exact resume after SIGKILL, damaged checkpoints, bf16 compute,
 NaN detection, export, config checking and the command line; two nodes simulated by two torchrun launchers
 (a killed, a stuck and a misconfigured node); micro-batch planning for 128 processes; checkpoints that would
-run code refused wherever they are read, and a full disk.
+run code refused wherever they are read, a full disk, and a job that succeeded ending with status 0.
 
-Run as a script under torchrun, this file is the worker of the gradient, retrieval, checkpoint-choice and
-checkpoint-loading tests, and runs train.py on a simulated small filesystem."""
+Run as a script under torchrun, this file is the worker of the gradient, retrieval, checkpoint-choice,
+checkpoint-loading and leaving tests, and runs train.py on a simulated small filesystem."""
 import contextlib
 import errno
 import itertools
@@ -200,7 +200,7 @@ def late_release_worker():
     return sharded, mesh
 
 
-def test_a_job_that_succeeded_leaves_with_status_0_while_gloo_still_holds_its_tensors(tmp_path):
+def test_a_job_that_succeeded_leaves_with_status_0_while_gloo_still_holds_its_tensors():
     """With a DTensor alive, destroy_process_group leaves gloo's threads running, and an interpreter teardown that
     overlaps their release of a finished collective's tensors aborts the process (SIGABRT): ranks.end() leaves
     without a teardown, and flushes what was printed."""
