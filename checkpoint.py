@@ -46,7 +46,6 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
 
 import data
 import ranks
-from data import _write_atomic
 from model import ModernBERT, ModernBertConfig
 from ranks import Problem
 
@@ -373,8 +372,7 @@ class Planner(DefaultLoadPlanner):
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
             what = found.group(1) if found else "what torch.load(weights_only=True) refuses"
             raise Problem(f"{self.path}: refused the value of {read_item.dest_index.fqn}: it loads {what}, "
-                          f"not plain data (loading it could run code); nothing of this checkpoint is used"
-                                  ) from None
+                          f"not plain data (loading it could run code); nothing of this checkpoint is used") from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -489,7 +487,7 @@ def export_hf(model, out, tokenizer_path, meta, normalize=True):
     positions, hidden = model.config.max_position_embeddings, model.config.hidden_size
     if tokenizer_path and Path(tokenizer_path).is_file():
         tok = data.Tokenizer(tokenizer_path)
-        _write_atomic(out / "tokenizer.model", Path(tokenizer_path).read_bytes())
+        data.write_atomic(out / "tokenizer.model", Path(tokenizer_path).read_bytes())
         for name, obj in data.hf_tokenizer(tok, positions).items():
             _write_json(out / name, obj)
         missing = None
@@ -518,4 +516,4 @@ def export_hf(model, out, tokenizer_path, meta, normalize=True):
 
 
 def _write_json(path, obj):
-    _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))
+    data.write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False))

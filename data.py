@@ -73,7 +73,7 @@ def sha256_file(path):
     return h.hexdigest()
 
 
-def _write_atomic(path, data):
+def write_atomic(path, data):
     """Write bytes or str to path via a temporary file and rename, so readers never see half a file. An
     identical file is left alone, keeping its modification time (shards made from it stay valid)."""
     path = Path(path)
@@ -194,7 +194,7 @@ def train_tokenizer(inputs, vocab_size, out_path, text_field="text", input_sente
     if failure:
         raise failure[0]
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_path, model.getvalue())
+    write_atomic(out_path, model.getvalue())
     return Path(out_path)
 
 
@@ -552,7 +552,7 @@ class _ShardWriter:
             return None
         idx = np.asarray(self.offsets, dtype=np.int64).tobytes()
         binary, index = f"{self.name}.bin", f"{self.name}.idx"
-        _write_atomic(self.out_dir / index, idx)
+        write_atomic(self.out_dir / index, idx)
         os.replace(self.tmp, self.out_dir / binary)
         itemsize = np.dtype(self.dtype).itemsize
         return {"bin": binary, "idx": index, "docs": docs, "tokens": self.offsets[-1],
@@ -664,7 +664,7 @@ def _run_task(task):
                     raise Problem("stopped: another shard failed")
         flush()
         record = {"spec": spec, "train": writers["train"].finish(), "val": writers["val"].finish(), "empty": empty}
-        _write_atomic(record_path, json.dumps(record, indent=1))
+        write_atomic(record_path, json.dumps(record, indent=1))
     except BaseException as e:
         for w in writers.values():
             w.abort()
@@ -766,7 +766,7 @@ def _prepare(files, tok, out_dir, workers, text_field, val_fraction, chunk_bytes
                 "val_fraction": val_fraction, "inputs": [{"path": p, "bytes": n} for p, n in zip(files, sizes)],
                 "empty_texts": sum(r["empty"] for r in records), "splits": splits}
     try:
-        _write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
+        write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=1))
     except OSError as e:
         raise Problem(f"{out_dir}: cannot write manifest.json ({e.strerror or e})") from None
     if replace:  # the replaced dataset's shards and records
@@ -1004,12 +1004,12 @@ def verify_shards(data_dir, record_dir, rank=0, world_size=1):
             done[key] = value
             if time.monotonic() - saved > 10:  # progress survives a kill
                 record_dir.mkdir(parents=True, exist_ok=True)
-                _write_atomic(own, json.dumps({**known, **done}))
+                write_atomic(own, json.dumps({**known, **done}))
                 saved = time.monotonic()
     finally:
         if done:
             record_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(own, json.dumps({**known, **done}))
+            write_atomic(own, json.dumps({**known, **done}))
     return None
 
 
