@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import ranks
-from data import _write_atomic, prepare, summary, train_tokenizer
+from data import write_atomic, prepare, summary, train_tokenizer
 from ranks import Problem
 
 # entity tables: (name, height m, where)
@@ -286,7 +286,7 @@ def _document(rng, facts, by_kind, by_subject, n_chars):
 def _jsonl(path, records):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _corrupt(rng, sentence):
@@ -413,7 +413,7 @@ def write_demo(out_dir="data/demo", n_docs=3000, seed=0):
     cut = len(jcola) * 4 // 5
     _jsonl(paths["jcola"] / "in_domain_train-v1.0.json", jcola[:cut])
     _jsonl(paths["jcola"] / "in_domain_valid-v1.0.json", jcola[cut:])
-    _write_atomic(paths["fillmask"], "".join(p + "\n" for p in FILLMASK_PROMPTS))
+    write_atomic(paths["fillmask"], "".join(p + "\n" for p in FILLMASK_PROMPTS))
     return paths
 
 
